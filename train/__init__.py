@@ -1,0 +1,1 @@
+"""Fine-tuning: loss, train step, balancing-bias update, data, loop (installed as ``zaya_jax.train``)."""

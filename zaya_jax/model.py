@@ -1,0 +1,504 @@
+"""ZAYA1 as Flax Linen modules over one params dict, plus the pure forward.
+
+One decoder block = CCA attention + top-1 MoE with an MLP router. Blocks are stacked along a leading
+``layers`` axis and run with ``nn.scan``, so compile time stays flat in depth. Per-layer differences
+(RoPE theta, sliding window) are per-layer arrays scanned alongside the params, not Python branches.
+
+Numerics: residual stream, router, attention softmax and RoPE in float32; matmuls in the params'
+dtype. Shapes: B batch, S new tokens, T key slots, D hidden, Hq/Hkv heads, Dh head dim, R router
+hidden, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import moe
+from .cache import KVCache
+from .config import ZayaConfig
+
+Array = jax.Array
+# Sliding window of a full-attention layer: larger than any sequence.
+FULL_WINDOW = np.iinfo(np.int32).max
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _normal(config: ZayaConfig):
+    return nn.initializers.normal(stddev=config.initializer_range)
+
+
+def _param(module: nn.Module, name: str, init, shape, axes):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def rms_norm(x: Array, scale: Array, eps: float, dtype) -> Array:
+    """``scale * x / rms(x)``, normalised in float32; ``x`` is first rounded to ``dtype`` (as HF does)."""
+    x32 = x.astype(dtype).astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(dtype) * y.astype(dtype)
+
+
+def rope(x: Array, positions: Array, theta: Array, rotary_dim: int) -> Array:
+    """Partial NeoX rotary embedding on the first ``rotary_dim`` dims of each head.
+
+    x: [B, S, H, Dh]; positions: [B, S] int; theta: [] float32.
+    """
+    exponent = jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim
+    inv_freq = 1.0 / (theta ** exponent)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, rot/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x32 = x.astype(jnp.float32)
+    rot, rest = x32[..., :rotary_dim], x32[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    return jnp.concatenate([rot * cos + rotated * sin, rest], axis=-1).astype(x.dtype)
+
+
+@flax.struct.dataclass
+class AttentionContext:
+    """Where the new tokens sit, shared by all layers.
+
+    positions:  [B, S] int32  RoPE positions of the new tokens
+    token_valid:[B, S] bool   real (non-padding) new tokens
+    q_slot:     [S]    int32  key slot of each new token
+    key_valid:  [B, T] bool   slots holding real tokens (before causality)
+    index:      []     int32  slot of the first new token (cache write offset); None without a cache
+    """
+
+    positions: Array
+    token_valid: Array
+    q_slot: Array
+    key_valid: Array
+    index: Array | None = None
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,))
+        return rms_norm(x, scale, self.eps, self.dtype)
+
+
+class ResidualScale(nn.Module):
+    """``(h + hb) * hs + (r + rb) * rs`` in float32: the learned affine residual merge."""
+
+    @nn.compact
+    def __call__(self, h, residual):
+        d = residual.shape[-1]
+        hs = _param(self, "hidden_scale", nn.initializers.ones, (d,), ("embed",))
+        hb = _param(self, "hidden_bias", nn.initializers.zeros, (d,), ("embed",))
+        rs = _param(self, "residual_scale", nn.initializers.ones, (d,), ("embed",))
+        rb = _param(self, "residual_bias", nn.initializers.zeros, (d,), ("embed",))
+        f32 = jnp.float32
+        return (h.astype(f32) + hb) * hs + (residual.astype(f32) + rb) * rs
+
+
+class Dense(nn.Module):
+    """``x @ kernel (+ bias)`` with an in-features-first kernel ``[in, out]``."""
+
+    features: int
+    axes: tuple[str | None, str | None]
+    dtype: Any
+    init: Any
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = _param(self, "kernel", self.init, (x.shape[-1], self.features), self.axes)
+        y = x @ kernel.astype(self.dtype)
+        if self.use_bias:
+            y = y + _param(self, "bias", nn.initializers.zeros, (self.features,), (self.axes[1],)).astype(self.dtype)
+        return y
+
+
+class CCAProjection(nn.Module):
+    """CCA's q/k/v construction: projections, q/k-mean residual, causal two-stage conv, value shift."""
+
+    config: ZayaConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, token_valid, conv_state=None, v_prev=None):
+        """x: [B, S, D] normed; token_valid: [B, S]; conv_state: [B, Kc, C] raw q/k frames before ``x``
+        (zeros when None); v_prev: [B, kv_dim/2] delayed-value projection of the token before ``x``.
+
+        Returns q [B, S, Hq, Dh], k [B, S, Hkv, Dh], v [B, S, Hkv, Dh] (before q/k norm and RoPE), and
+        the state after ``x``: conv_state [B, Kc, C], v_prev [B, kv_dim/2].
+        """
+        c, dt = self.config, self.dtype
+        B, S, _ = x.shape
+        Hq, Hkv, Dh, G = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.conv_groups
+        group = Hq // Hkv
+        init = _normal(c)
+
+        # Padding is zeroed before the projections, so conv and value shift see a clean zero state.
+        x = x * token_valid[..., None].astype(x.dtype)
+        ql = Dense(c.q_dim, ("embed", "q_dim"), dt, init, name="q_proj")(x)
+        kl = Dense(c.kv_dim, ("embed", "kv_dim"), dt, init, name="k_proj")(x)
+        v_cur = Dense(c.kv_dim // 2, ("embed", "kv_dim"), dt, init, name="v_current")(x)
+        v_del = Dense(c.kv_dim // 2, ("embed", "kv_dim"), dt, init, name="v_delayed")(x)
+
+        # q/k-mean residual: each query head averaged with its KV head; keys get the group mean.
+        q_res = 0.5 * (ql.reshape(B, S, Hq, Dh) + jnp.repeat(kl.reshape(B, S, Hkv, Dh), group, axis=2))
+        k_res = q_res.reshape(B, S, Hkv, group, Dh).mean(axis=3)
+
+        # Causal two-stage convolution over raw [q, k] frames: pad (or past frames) -> depthwise -> grouped.
+        # The pad goes in before the first conv, so its output over pad frames is the bias, as in HF.
+        k0, k1, kc = c.cca_time0, c.cca_time1, c.conv_state_len
+        dw = _param(self, "conv_depthwise", init, (k0, c.conv_channels), ("conv_taps", "conv_channels"))
+        dw_b = _param(self, "conv_depthwise_bias", nn.initializers.zeros, (c.conv_channels,), ("conv_channels",))
+        gw = _param(self, "conv_grouped", init, (k1, G, Dh, Dh), ("conv_taps", "conv_groups", None, None))
+        gw_b = _param(self, "conv_grouped_bias", nn.initializers.zeros, (c.conv_channels,), ("conv_channels",))
+        qk = jnp.concatenate([ql, kl], axis=-1)
+        past = jnp.zeros((B, kc, c.conv_channels), dt) if conv_state is None else conv_state.astype(dt)
+        frames = jnp.concatenate([past, qk], axis=1)  # [B, S + Kc, C]
+        mid_len = S + k1 - 1
+        mid = dw_b.astype(dt) + sum(frames[:, i : i + mid_len] * dw[i].astype(dt) for i in range(k0))
+        mid = mid.reshape(B, mid_len, G, Dh)
+        conv = sum(jnp.einsum("bsgi,gio->bsgo", mid[:, i : i + S], gw[i].astype(dt)) for i in range(k1))
+        conv = conv + gw_b.astype(dt).reshape(G, Dh)
+        q = conv[:, :, :Hq] + q_res
+        k = conv[:, :, Hq:] + k_res
+
+        # Value shift: KV head 0 reads the current token, KV head 1 the previous token's projection.
+        prev = jnp.zeros((B, 1, c.kv_dim // 2), dt) if v_prev is None else v_prev.astype(dt)[:, None]
+        v_shift = jnp.concatenate([prev, v_del[:, :-1]], axis=1)
+        v = jnp.concatenate([v_cur, v_shift], axis=-1).reshape(B, S, Hkv, Dh)
+        return q, k, v, frames[:, frames.shape[1] - kc :], v_del[:, -1]
+
+
+class CCAttention(nn.Module):
+    """Compressed Convolutional Attention with GQA (CCGQA)."""
+
+    config: ZayaConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, theta, window, ctx: AttentionContext, cache: dict | None):
+        """x: [B, S, D] (normed). cache: this layer's slice of KVCache.layer_slices() or None.
+
+        Returns (out [B, S, D], new cache slice or None).
+        """
+        c, dt = self.config, self.dtype
+        conv_state = cache["conv"] if cache is not None else None
+        v_prev = cache["v_prev"] if cache is not None else None
+        q, k, v, conv_state, v_prev = CCAProjection(c, dt, name="cca")(x, ctx.token_valid, conv_state, v_prev)
+
+        # L2 q/k norm to sqrt(Dh), learned per-KV-head key temperature, then partial RoPE.
+        temp = _param(self, "temp", nn.initializers.zeros, (c.num_key_value_heads,), ("kv_heads",))
+        q, k = qk_norm(q, k, temp, c.head_dim)
+        q = rope(q.astype(dt), ctx.positions, theta, c.rotary_dim)
+        k = rope(k.astype(dt), ctx.positions, theta, c.rotary_dim)
+
+        if cache is not None:
+            start = (0, ctx.index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            new_cache = {
+                "k": k_all,
+                "v": v_all,
+                "conv": conv_state.astype(cache["conv"].dtype),
+                "v_prev": v_prev.astype(cache["v_prev"].dtype),
+            }
+            k, v = k_all.astype(dt), v_all.astype(dt)
+        else:
+            new_cache = None
+
+        out = attention(q, k, v, ctx, window)  # [B, S, Hq * Dh]
+        return Dense(c.hidden_size, ("q_dim", "embed"), dt, _normal(c), name="o_proj")(out), new_cache
+
+
+def qk_norm(q, k, temp, head_dim):
+    """q, k: [B, S, H, Dh]; L2-normalised to sqrt(Dh) in float32; keys scaled by temp [Hkv]."""
+    eps = jnp.finfo(q.dtype).eps
+    scale = math.sqrt(head_dim)
+
+    def l2(x):
+        x = x.astype(jnp.float32)
+        return x * (scale / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps))
+
+    return l2(q), l2(k) * temp[None, None, :, None]
+
+
+def attention(q, k, v, ctx: AttentionContext, window):
+    """Causal GQA with an optional sliding window; softmax in float32.
+
+    q: [B, S, Hq, Dh]; k, v: [B, T, Hkv, Dh]; window: [] int32 (keys within ``window`` slots of the
+    query, the query included). Returns [B, S, Hq * Dh].
+    """
+    B, S, Hq, Dh = q.shape
+    T, Hkv = k.shape[1], k.shape[2]
+    qg = q.reshape(B, S, Hkv, Hq // Hkv, Dh)
+    logits = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) / math.sqrt(Dh)
+    k_slot = jnp.arange(T)
+    distance = ctx.q_slot[:, None] - k_slot[None, :]  # [S, T]
+    allowed = (distance >= 0) & (distance < window)
+    mask = allowed[None] & ctx.key_valid[:, None, :]  # [B, S, T]
+    # A fully masked row (a padding query) gets uniform weights rather than NaN.
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(B, S, Hq * Dh)
+
+
+class Router(nn.Module):
+    """MLP router with exponential depth averaging (EDA); float32 throughout.
+
+    Returns (route [N] int32 in [0, E], gate [N] float32 unbiased prob of the route, next state [N, R]).
+    """
+
+    config: ZayaConfig
+
+    @nn.compact
+    def __call__(self, x, prev_state):
+        c = self.config
+        f32 = jnp.float32
+        init = _normal(c)
+        R, C = c.router_hidden_size, c.num_router_classes
+        h = Dense(R, ("embed", "router"), f32, init, use_bias=True, name="down")(x.astype(f32))
+        # Layer 0 receives a zero state, so a scale of ones there is exact.
+        h = h + prev_state * _param(self, "state_scale", nn.initializers.ones, (R,), ("router",))
+        z = RMSNorm(c.rms_norm_eps, f32, axis_name="router", name="norm")(h)
+        z = jax.nn.gelu(Dense(R, ("router", "router_out"), f32, init, use_bias=True, name="fc1")(z), approximate=False)
+        z = jax.nn.gelu(Dense(R, ("router", "router_out"), f32, init, use_bias=True, name="fc2")(z), approximate=False)
+        probs = jax.nn.softmax(Dense(C, ("router", "router_classes"), f32, init, name="out")(z), axis=-1)
+        biases = _param(self, "balancing_biases", _balancing_init(C), (C,), ("router_classes",))
+        # Biases steer the choice only; the gate is the unbiased probability.
+        route = jnp.argmax(probs + biases, axis=-1).astype(jnp.int32)
+        gate = jnp.take_along_axis(probs, route[..., None], axis=-1)[..., 0]
+        return route, gate, h
+
+
+def _balancing_init(classes):
+    def init(key, shape, dtype=jnp.float32):
+        return jnp.zeros(shape, dtype).at[classes - 1].set(-1.0)
+
+    return init
+
+
+class Experts(nn.Module):
+    config: ZayaConfig
+    dtype: Any
+    moe_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, route, gate):
+        """x: [N, D]; route, gate: [N] -> [N, D]."""
+        c = self.config
+        E, D, F = c.num_experts, c.hidden_size, c.moe_intermediate_size
+        gate_up = _param(self, "gate_up", _normal(c), (E, D, 2 * F), ("experts", "embed", "moe_ffw"))
+        down = _param(self, "down", _normal(c), (E, F, D), ("experts", "moe_ffw", "embed"))
+        skip_scale = gate if c.mod_skip == "scaled_identity" else jnp.zeros_like(gate)
+        skip_scale = jnp.where(route == E, skip_scale, 0.0)
+        return moe.experts(x, route, gate, skip_scale, gate_up.astype(self.dtype), down.astype(self.dtype), self.moe_impl)
+
+
+class Block(nn.Module):
+    """One ZAYA1 decoder block: CCA attention + routed MoE with learned residual merges."""
+
+    config: ZayaConfig
+    dtype: Any
+    moe_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, carry, layer_xs, ctx: AttentionContext):
+        residual, router_state = carry  # [B, S, D] f32, [B, S, R] f32
+        theta, window, cache = layer_xs
+        c, dt = self.config, self.dtype
+        B, S, D = residual.shape
+
+        x = RMSNorm(c.rms_norm_eps, dt, name="input_norm")(residual)
+        a, new_cache = CCAttention(c, dt, name="attn")(x, theta, window, ctx, cache)
+        residual = ResidualScale(name="post_attn_scale")(a, residual)
+
+        x = RMSNorm(c.rms_norm_eps, dt, name="post_attn_norm")(residual)
+        route, gate, router_state = Router(c, name="router")(x, router_state)
+        m = Experts(c, dt, self.moe_impl, name="experts")(
+            x.reshape(B * S, D), route.reshape(-1), gate.reshape(-1)
+        ).reshape(B, S, D)
+        residual = ResidualScale(name="post_mlp_scale")(m, residual)
+
+        # Route counts over real tokens: expert load for training metrics and bias balancing.
+        counts = jnp.sum(jax.nn.one_hot(route, c.num_router_classes, dtype=jnp.int32) * ctx.token_valid[..., None], axis=(0, 1))
+        return (residual, router_state), (new_cache, counts)
+
+
+class ZayaModel(nn.Module):
+    """The whole ZAYA1 causal LM.
+
+    ``__call__(tokens [B, S], ctx, cache) -> (logits [B, S, V] f32 | hidden [B, S, D], new cache, aux)``.
+    """
+
+    config: ZayaConfig
+    dtype: Any = jnp.float32
+    moe_impl: str = "auto"
+    remat_policy: str = "none"
+
+    @nn.compact
+    def __call__(self, tokens, ctx: AttentionContext, cache: dict | None = None, return_hidden: bool = False):
+        c, dt = self.config, self.dtype
+        embedding = _param(self, "embed", _embed_init(c), (c.vocab_size, c.hidden_size), ("vocab", "embed"))
+        in_scale = _param(self, "input_scale", nn.initializers.ones, (c.hidden_size,), ("embed",))
+        in_bias = _param(self, "input_bias", nn.initializers.zeros, (c.hidden_size,), ("embed",))
+        e = embedding.astype(dt)[tokens]
+        residual = ((e + in_bias.astype(dt)) * in_scale.astype(dt)).astype(jnp.float32)
+        router_state = jnp.zeros(tokens.shape + (c.router_hidden_size,), jnp.float32)
+
+        block = Block
+        if REMAT_POLICIES.get(self.remat_policy, "missing") == "missing":
+            raise ValueError(f"unknown remat policy {self.remat_policy!r}; choose one of {tuple(REMAT_POLICIES)}")
+        if self.remat_policy != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast),
+            length=c.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, dt, self.moe_impl, name="layers")
+        thetas, windows = layer_constants(c)
+        (residual, _), (new_cache, counts) = layers((residual, router_state), (thetas, windows, cache), ctx)
+
+        h = RMSNorm(c.rms_norm_eps, dt, name="final_norm")(residual)
+        aux = {"route_counts": counts}  # [layers, E + 1]
+        if return_hidden:
+            return h, new_cache, aux
+        if c.tie_word_embeddings:
+            head = embedding.T
+        else:
+            head = _param(self, "lm_head", _normal(c), (c.hidden_size, c.vocab_size), ("embed", "vocab"))
+        logits = jnp.einsum("bsd,dv->bsv", h, head.astype(dt), preferred_element_type=jnp.float32)
+        return logits, new_cache, aux
+
+
+def _embed_init(config: ZayaConfig):
+    normal = _normal(config)
+
+    def init(key, shape, dtype=jnp.float32):
+        table = normal(key, shape, dtype)
+        if config.pad_token_id is not None and 0 <= config.pad_token_id < shape[0]:
+            table = table.at[config.pad_token_id].set(0.0)  # as nn.Embedding(padding_idx=...)
+        return table
+
+    return init
+
+
+def layer_constants(config: ZayaConfig) -> tuple[Array, Array]:
+    """Per-layer RoPE theta [L] float32 and attention window [L] int32 (FULL_WINDOW when unlimited)."""
+    thetas = np.array([config.rope_theta_for(t) for t in config.layer_types], np.float32)
+    windows = np.array(
+        [config.sliding_window if t == "hybrid_sliding" else FULL_WINDOW for t in config.layer_types], np.int32
+    )
+    return jnp.asarray(thetas), jnp.asarray(windows)
+
+
+def head_kernel(params: dict, config: ZayaConfig) -> Array:
+    """The LM head ``[D, V]``: the transposed embedding when tied."""
+    return params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure functional API over the plain params dict.
+
+
+def uncached_context(attention_mask: Array) -> AttentionContext:
+    """Context for a forward without cache. attention_mask: [B, S] of 1/0 (left padding is exact).
+
+    Positions count real tokens only, so a left-padded row equals the same row unpadded.
+    """
+    valid = attention_mask.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+    S = attention_mask.shape[1]
+    return AttentionContext(positions=positions, token_valid=valid, q_slot=jnp.arange(S, dtype=jnp.int32), key_valid=valid)
+
+
+def cached_context(cache: KVCache, num_new: int) -> AttentionContext:
+    """Context for writing ``num_new`` tokens into ``cache`` at ``cache.index`` (left-padded rows)."""
+    q_slot = cache.index + jnp.arange(num_new, dtype=jnp.int32)
+    key_valid = jnp.arange(cache.max_len)[None, :] >= cache.starts[:, None]
+    token_valid = q_slot[None, :] >= cache.starts[:, None]
+    positions = jnp.maximum(q_slot[None, :] - cache.starts[:, None], 0)
+    return AttentionContext(positions=positions, token_valid=token_valid, q_slot=q_slot, key_valid=key_valid, index=cache.index)
+
+
+def compute_dtype(params: dict):
+    """Matmuls run in the dtype the weights are stored in."""
+    return params["embed"].dtype
+
+
+def apply(params, config: ZayaConfig, tokens, ctx: AttentionContext, cache: KVCache | None = None, *,
+          moe_impl: str = "auto", remat_policy: str = "none", return_hidden: bool = False):
+    """Runs the model. tokens: [B, S] int32.
+
+    Returns (logits [B, S, V] float32 — or final hidden [B, S, D] with ``return_hidden`` —, the updated
+    KVCache or None, aux {"route_counts": [L, E + 1]}).
+    """
+    model = ZayaModel(config, compute_dtype(params), moe_impl, remat_policy)
+    layer_cache = cache.layer_slices() if cache is not None else None
+    out, new_layers, aux = model.apply({"params": params}, tokens, ctx, layer_cache, return_hidden)
+    new_cache = None
+    if cache is not None:
+        new_cache = cache.replace(index=cache.index + tokens.shape[1], **new_layers)
+    return out, new_cache, aux
+
+
+def forward(params, config: ZayaConfig, input_ids, attention_mask=None, *, moe_impl: str = "auto") -> Array:
+    """Logits ``[B, S, V]`` float32 for ``input_ids [B, S]``; ``attention_mask [B, S]`` is 1/0, left-padded."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    attention_mask = jnp.asarray(attention_mask)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+    return _forward_jit(params, config, input_ids, attention_mask, moe_impl)
+
+
+@jax.jit(static_argnums=(1, 4))
+def _forward_jit(params, config, input_ids, attention_mask, moe_impl):
+    logits, _, _ = apply(params, config, input_ids, uncached_context(attention_mask), moe_impl=moe_impl)
+    return logits
+
+
+def _boxed_init(config: ZayaConfig, key):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    ctx = uncached_context(jnp.ones((1, 1), jnp.int32))
+    return ZayaModel(config, jnp.float32).init(key, tokens, ctx)["params"]
+
+
+def init(config: ZayaConfig, key, dtype=jnp.float32) -> dict:
+    """Random params with the reference's distributions; ``balancing_biases`` stay float32."""
+    params = nn.meta.unbox(jax.jit(_boxed_init, static_argnums=0)(config, key))
+    return cast_params(params, dtype)
+
+
+def cast_params(params: dict, dtype) -> dict:
+    """Casts every leaf to ``dtype`` except the router's balancing biases (always float32)."""
+    def cast(path, leaf):
+        keep = any(getattr(p, "key", None) == "balancing_biases" for p in path)
+        return leaf.astype(jnp.float32 if keep else dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def logical_axes(config: ZayaConfig) -> dict:
+    """A pytree like the params whose leaves are PartitionSpecs of logical axis names."""
+    return nn.get_partition_spec(jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0))))
