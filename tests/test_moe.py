@@ -1,0 +1,111 @@
+"""Every MoE dispatch path against the loop-over-experts oracle, and the oracle against transformers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from zaya_jax import moe
+
+E, D, F = 5, 24, 16
+IMPLS = ("gather", "grouped", "tiled", "auto")
+
+
+def _weights(seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return jax.random.normal(k1, (E, D, 2 * F)) / np.sqrt(D), jax.random.normal(k2, (E, F, D)) / np.sqrt(F)
+
+
+def _routes(kind, T, seed=1):
+    rng = np.random.default_rng(seed)
+    if kind == "random":  # includes skip-route tokens (idx == E)
+        return rng.integers(0, E + 1, T)
+    if kind == "one_expert":
+        return np.full(T, 3)
+    if kind == "all_skip":
+        return np.full(T, E)
+    if kind == "empty_experts":  # experts 0, 2, 4 get nothing
+        return rng.choice([1, 3, E], T)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["random", "one_expert", "all_skip", "empty_experts"])
+@pytest.mark.parametrize("T", [1, 7, 200])
+@pytest.mark.parametrize("skip", ["zero", "scaled_identity"])
+def test_paths_match_oracle(impl, kind, T, skip):
+    gate_up, down = _weights()
+    x = jax.random.normal(jax.random.key(2), (T, D))
+    idx = jnp.asarray(_routes(kind, T), jnp.int32)
+    gate = jax.random.uniform(jax.random.key(3), (T,))
+    skip_scale = jnp.where(idx == E, gate, 0.0) if skip == "scaled_identity" else jnp.zeros(T)
+    want = moe.experts_oracle(x, idx, gate, skip_scale, gate_up, down)
+    got = jax.jit(lambda *a: moe.experts(*a, impl=impl))(x, idx, gate, skip_scale, gate_up, down)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    if kind == "all_skip":
+        np.testing.assert_allclose(got, skip_scale[:, None] * x, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["gather", "grouped", "tiled"])
+def test_gradients_match_oracle(impl):
+    gate_up, down = _weights()
+    T = 40
+    x = jax.random.normal(jax.random.key(2), (T, D))
+    idx = jnp.asarray(_routes("random", T), jnp.int32)
+    gate = jax.random.uniform(jax.random.key(3), (T,))
+    skip_scale = jnp.zeros(T)
+
+    def loss(fn, x, gate, gate_up, down):
+        return jnp.sum(jnp.sin(fn(x, idx, gate, skip_scale, gate_up, down)))
+
+    want = jax.grad(lambda *a: loss(moe.experts_oracle, *a), argnums=(0, 1, 2, 3))(x, gate, gate_up, down)
+    fn = lambda *a: moe.experts(*a, impl=impl)  # noqa: E731
+    got = jax.jit(jax.grad(lambda *a: loss(fn, *a), argnums=(0, 1, 2, 3)))(x, gate, gate_up, down)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_tiled_explicit_tile_sizes():
+    gate_up, down = _weights()
+    T = 100
+    x = jax.random.normal(jax.random.key(2), (T, D))
+    idx = jnp.asarray(_routes("random", T), jnp.int32)
+    gate, skip_scale = jnp.ones(T), jnp.zeros(T)
+    want = moe.experts_oracle(x, idx, gate, skip_scale, gate_up, down)
+    for tile in (1, 3, 16, 64, 1000):
+        got = moe.experts_tiled(x, idx, gate, skip_scale, gate_up, down, tile=tile)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"tile={tile}")
+
+
+def test_auto_choice():
+    assert moe.auto_impl(1, "cpu") == "gather"
+    assert moe.auto_impl(512, "cpu") == "tiled"
+    assert moe.auto_impl(4, "gpu") == "gather"
+    assert moe.auto_impl(512, "gpu") == "grouped"
+    with pytest.raises(ValueError, match="unknown MoE implementation"):
+        moe.experts(jnp.zeros((1, D)), jnp.zeros(1, jnp.int32), jnp.ones(1), jnp.zeros(1), *_weights(), impl="nope")
+
+
+def test_oracle_matches_transformers_experts():
+    """Gate columns first, [E, D, 2F] / [E, F, D] layout, zero output on the skip route."""
+    config = transformers.ZayaConfig(hidden_size=D, moe_intermediate_size=F, num_experts=E)
+    ref = transformers.models.zaya.modeling_zaya.ZayaExperts(config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        ref.gate_up_proj.copy_(torch.randn(ref.gate_up_proj.shape, generator=g) / np.sqrt(D))
+        ref.down_proj.copy_(torch.randn(ref.down_proj.shape, generator=g) / np.sqrt(F))
+    T = 30
+    x = np.random.default_rng(0).standard_normal((T, D)).astype(np.float32)
+    idx = _routes("random", T)
+    gate = np.random.default_rng(1).uniform(size=T).astype(np.float32)
+    # transformers' router rewrites a skip choice to expert 0 with weight 0.
+    hf_idx = np.where(idx == E, 0, idx)
+    hf_gate = np.where(idx == E, 0.0, gate).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.as_tensor(x), torch.as_tensor(hf_idx)[:, None], torch.as_tensor(hf_gate)[:, None]).numpy()
+    gate_up = jnp.asarray(ref.gate_up_proj.detach().numpy().transpose(0, 2, 1))
+    down = jnp.asarray(ref.down_proj.detach().numpy().transpose(0, 2, 1))
+    got = moe.experts_oracle(jnp.asarray(x), jnp.asarray(idx, jnp.int32), jnp.asarray(gate), jnp.zeros(T), gate_up, down)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
