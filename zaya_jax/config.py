@@ -238,7 +238,8 @@ class ZayaConfig:
         if factors:
             kwargs["partial_rotary_factor"] = factors.pop()
         kwargs["rope_theta"] = tuple(sorted(thetas.items()))
-        known = fields | {"rope_parameters", "partial_rotary_factor", "attention_bias", "lm_head_bias"}
+        known = fields | {"rope_parameters", "partial_rotary_factor", "attention_bias", "lm_head_bias", "model_type",
+                          "architectures"}
         kwargs["extra"] = tuple(sorted((k, _freeze(v)) for k, v in data.items() if k not in known))
         try:
             return cls(**kwargs)
