@@ -1,5 +1,9 @@
-"""HF safetensors <-> zaya-jax param pytree (installed as ``zaya_jax.convert``)."""
+"""HF safetensors <-> zaya-jax param pytree, streaming (installed as ``zaya_jax.convert``)."""
 
-from .hf_reader import CheckpointError, read_native
+from .hf_reader import CheckpointError, HFCheckpoint
+from .pipeline import Summary, convert, export, is_converted, read_hf, restore, save, save_hf
 
-__all__ = ["CheckpointError", "read_native"]
+__all__ = [
+    "CheckpointError", "HFCheckpoint", "Summary", "convert", "export", "is_converted", "read_hf", "restore", "save",
+    "save_hf",
+]

@@ -1,34 +1,40 @@
-"""Reads an HF ZAYA checkpoint directory (native layout) into the stacked param pytree.
+"""Reads an HF ZAYA checkpoint directory, native or legacy layout, as a stream of native tensors.
 
-Tensors are read one at a time with safetensors' numpy path (no torch) and written into preallocated
-stacked leaves in the target dtype, so peak host memory is the output plus one source tensor. Every
-problem is reported with the tensor, key or file it concerns.
+The whole checkpoint is validated from the safetensors headers before any tensor data is read:
+missing, unexpected, misshapen or unsupported-dtype tensors, truncated or corrupt files, an index
+naming a missing shard. Tensors are then read one at a time with safetensors' numpy path (no torch);
+each file is opened per tensor, so no memory map keeps already-read pages resident. Every problem is
+reported with the tensor, key or file it concerns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 from typing import Iterator
 
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from zaya_jax.config import ZayaConfig
+from zaya_jax.config import ZayaConfig, is_legacy_dict
 
-from . import layout
+from . import layout, legacy
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SUPPORTED_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read as a ZAYA model; the message names the tensor, key or file."""
 
 
-def resolve_dtype(dtype) -> np.dtype:
+def resolve_dtype(dtype) -> np.dtype | None:
+    """``None``, a numpy/jax dtype or a name (``"bfloat16"``, ``"bf16"``, ...) -> numpy dtype or None."""
     if dtype is None:
         return None
     name = getattr(dtype, "name", None) or getattr(dtype, "__name__", None) or str(dtype)
@@ -45,8 +51,8 @@ def tensor_files(path: str) -> dict[str, str]:
         try:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e!r}") from e
         files = {}
         for name, shard in weight_map.items():
             file = os.path.join(path, shard)
@@ -56,80 +62,129 @@ def tensor_files(path: str) -> dict[str, str]:
         return files
     single = os.path.join(path, SINGLE_FILE)
     if os.path.exists(single):
-        return {name: single for name in _keys(single)}
+        return {name: single for name in _headers(single)}
     raise CheckpointError(f"no {INDEX_FILE} or {SINGLE_FILE} in {path}")
 
 
-def _keys(file: str) -> list[str]:
+def _headers(file: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, safetensors dtype string) from a file's header; rejects truncated/corrupt files."""
     try:
         with safe_open(file, framework="numpy") as f:
-            return list(f.keys())
+            out = {}
+            for name in f.keys():
+                sl = f.get_slice(name)
+                out[name] = (tuple(sl.get_shape()), sl.get_dtype())
+            return out
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
         raise CheckpointError(f"cannot read safetensors file {file}: {e}") from e
 
 
-def iter_tensors(files: dict[str, str], names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (name, array) for ``names``, opening each shard once, in shard order."""
-    by_file: dict[str, list[str]] = {}
-    for name in names:
-        by_file.setdefault(files[name], []).append(name)
-    for file, file_names in by_file.items():
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One native HF tensor to read: its layout entry, block, source tensor(s) and stored dtype."""
+
+    name: str
+    entry: layout.Entry
+    layer: int | None
+    sources: tuple[str, ...]  # several: per-expert legacy tensors stacked on a new axis 0
+    shape: tuple[int, ...]  # native HF shape
+    dtype: np.dtype  # stored dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+class HFCheckpoint:
+    """An HF checkpoint directory (native 40-block or legacy 80-layer layout), validated on opening.
+
+    ``items`` lists every native tensor; ``read(item)`` returns it in native HF layout and stored dtype.
+    """
+
+    def __init__(self, path: str, config: ZayaConfig):
+        self.path, self.config = path, config
+        with open(os.path.join(path, "config.json")) as f:
+            self.legacy = is_legacy_dict(json.load(f))
+        self.files = tensor_files(path)
+        per_file = {file: _headers(file) for file in sorted(set(self.files.values()))}
+        headers = {}
+        for name, file in self.files.items():
+            if name not in per_file[file]:
+                raise CheckpointError(f"{INDEX_FILE} maps tensor {name!r} to {os.path.basename(file)}, which lacks it")
+            headers[name] = per_file[file][name]
+        self.items = self._plan(headers)
+
+    def _plan(self, headers: dict[str, tuple[tuple[int, ...], str]]) -> list[Item]:
+        config = self.config
+        expected = list(layout.expected_tensors(config))
+        sources = legacy.sources(config) if self.legacy else {name: (name,) for name, _, _ in expected}
+        known = {s for srcs in sources.values() for s in srcs}
+        if config.tie_word_embeddings:
+            known.add("lm_head.weight")  # tied: a stored head is the embedding again; ignored
+        missing = sorted(s for srcs in sources.values() for s in srcs if s not in self.files)
+        if missing:
+            raise CheckpointError(f"checkpoint {self.path} is missing tensor(s): {_preview(missing)}")
+        unexpected = sorted(set(self.files) - known)
+        if unexpected:
+            raise CheckpointError(
+                f"checkpoint {self.path} has unexpected tensor(s): {_preview(unexpected)}{self._layer_hint(unexpected)}"
+            )
+        items = []
+        for name, entry, layer in expected:
+            want = entry.hf_shape(config)
+            srcs = sources[name]
+            each = want[1:] if len(srcs) > 1 else want
+            dtypes = set()
+            for src in srcs:
+                shape, dtype = headers[src]
+                if shape != each:
+                    raise CheckpointError(f"tensor {src!r} has shape {shape}, config.json implies {each}")
+                if dtype not in _SAFETENSORS_DTYPES:
+                    raise CheckpointError(
+                        f"tensor {src!r} has unsupported dtype {dtype}; supported: {sorted(_SAFETENSORS_DTYPES)}"
+                    )
+                dtypes.add(dtype)
+            if len(dtypes) > 1:
+                raise CheckpointError(f"the per-expert tensors of {name!r} mix dtypes {sorted(dtypes)}")
+            items.append(Item(name, entry, layer, srcs, want, resolve_dtype(_SAFETENSORS_DTYPES[dtypes.pop()])))
+        return items
+
+    def _layer_hint(self, names: list[str]) -> str:
+        layers = [int(m.group(1)) for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))]
+        if not layers:
+            return ""
+        count = 2 * self.config.num_hidden_layers if self.legacy else self.config.num_hidden_layers
+        return f" (config.json says num_hidden_layers={count}, the weights reach layer {max(layers)})"
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        """The checkpoint's dtype: that of its embedding."""
+        return self.items[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(item.nbytes for item in self.items)
+
+    def read(self, item: Item) -> np.ndarray:
+        """``item`` in native HF layout and its stored dtype (legacy experts stacked on axis 0)."""
+        if len(item.sources) == 1:
+            return self._read_one(item.sources[0])
+        out = np.empty(item.shape, item.dtype)
+        for e, src in enumerate(item.sources):
+            out[e] = self._read_one(src)
+        return out
+
+    def _read_one(self, name: str) -> np.ndarray:
+        file = self.files[name]
         try:
             with safe_open(file, framework="numpy") as f:
-                for name in file_names:
-                    yield name, f.get_tensor(name)
-        except CheckpointError:
-            raise
+                return f.get_tensor(name)
         except Exception as e:
-            raise CheckpointError(f"cannot read tensor(s) from {file}: {e}") from e
+            raise CheckpointError(f"cannot read tensor {name!r} from {file}: {e}") from e
 
-
-def read_native(path: str, config: ZayaConfig, dtype=None) -> dict:
-    """Native-layout HF tensors -> param pytree of numpy arrays (``dtype`` default: the stored one)."""
-    files = tensor_files(path)
-    target = resolve_dtype(dtype)
-    expected = {name: (entry, layer) for name, entry, layer in layout.expected_tensors(config)}
-    ignored = set()
-    if config.tie_word_embeddings and "lm_head.weight" in files:
-        ignored.add("lm_head.weight")  # tied: the embedding is the head
-    missing = sorted(set(expected) - set(files))
-    if missing:
-        raise CheckpointError(f"checkpoint {path} is missing tensor(s): {_preview(missing)}")
-    unexpected = sorted(set(files) - set(expected) - ignored)
-    if unexpected:
-        raise CheckpointError(f"checkpoint {path} has unexpected tensor(s): {_preview(unexpected)}")
-
-    params: dict = {}
-    for name, array in iter_tensors(files, list(expected)):
-        entry, layer = expected[name]
-        want = entry.hf_shape(config)
-        if tuple(array.shape) != want:
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(array.shape)}, config expects {want}")
-        if target is None:  # keep the stored dtype, if it is one we compute in
-            try:
-                target = resolve_dtype(array.dtype.name)
-            except CheckpointError as e:
-                raise CheckpointError(f"tensor {name!r}: {e}") from e
-        leaf_dtype = np.float32 if entry.path in layout.FLOAT32_PATHS else target
-        leaf = _leaf(params, entry, config, leaf_dtype)
-        value = entry.to_jax(array, config).astype(leaf_dtype)
-        if entry.per_layer:
-            leaf[layer] = value
-        else:
-            leaf[...] = value
-    return params
-
-
-def _leaf(params: dict, entry: layout.Entry, config: ZayaConfig, dtype) -> np.ndarray:
-    """The preallocated stacked leaf of ``entry``, created on first use."""
-    try:
-        return layout.get_path(params, entry.path)
-    except KeyError:
-        shape = layout.param_shape(entry, config)
-        fill = layout.fill_value(entry)
-        leaf = np.full(shape, fill, dtype) if fill is not None else np.empty(shape, dtype)
-        layout.set_path(params, entry.path, leaf)
-        return leaf
+    def __iter__(self) -> Iterator[tuple[Item, np.ndarray]]:
+        for item in self.items:
+            yield item, self.read(item)
 
 
 def _preview(names: list[str], limit: int = 8) -> str:

@@ -143,6 +143,17 @@ def fill_value(entry: Entry) -> float | None:
     return 1.0 if entry.first_layer else None
 
 
+def leaf_dtype(entry: Entry, dtype) -> np.dtype:
+    """The dtype of ``entry``'s param leaf when the model is held in ``dtype``."""
+    return np.dtype(np.float32) if entry.path in FLOAT32_PATHS else np.dtype(dtype)
+
+
+def leaves(config: ZayaConfig, dtype) -> Iterator[tuple[Entry, tuple[int, ...], np.dtype]]:
+    """Every param leaf of ``config`` held in ``dtype``: (entry, stacked shape, leaf dtype)."""
+    for entry in entries(config):
+        yield entry, param_shape(entry, config), leaf_dtype(entry, dtype)
+
+
 def get_path(tree: dict, path: ParamPath):
     for key in path:
         tree = tree[key]

@@ -1,4 +1,4 @@
-"""Loading a model directory into (config, params)."""
+"""Model directories <-> (config, params): HF checkpoints (native or legacy) and converted ones."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from .config import ZayaConfig
 
 
 def load(path: str | os.PathLike, *, dtype=None, mesh=None) -> tuple[ZayaConfig, dict]:
-    """Loads an HF checkpoint directory (native layout) as ``(config, params)``.
+    """Loads a model directory as ``(config, params)``.
 
-    ``dtype`` (e.g. ``jnp.bfloat16``) casts every weight but the router's balancing biases, which stay
-    float32; ``None`` keeps the stored dtype.
+    ``path``: an HF checkpoint directory (native 40-block or legacy 80-layer layout) or a directory
+    written by ``zaya convert`` / :func:`save` (orbax). ``dtype`` (e.g. ``jnp.bfloat16``) casts every
+    weight but the router's balancing biases, which stay float32; ``None`` keeps the stored dtype.
     """
-    from zaya_jax.convert import read_native
+    from zaya_jax import convert
 
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -24,5 +25,17 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None) -> tuple[ZayaConfig,
     if mesh is not None:
         raise NotImplementedError("sharded loading (mesh=...) is not implemented yet")
     config = ZayaConfig.from_pretrained(path)
-    params = read_native(path, config, dtype)
+    if convert.is_converted(path):
+        return config, convert.restore(path, config, dtype)
+    params = convert.read_hf(path, config, dtype)
     return config, jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def save(path: str | os.PathLike, config: ZayaConfig, params: dict, *, force: bool = False) -> None:
+    """Saves ``params`` with orbax under ``path/params`` and ``config.json`` beside it; :func:`load` reads it.
+
+    Written to a temporary directory and renamed: an existing ``path`` is replaced only with ``force``.
+    """
+    from zaya_jax import convert
+
+    convert.save(params, config, os.fspath(path), force=force)

@@ -1,0 +1,235 @@
+"""Whole conversions: HF checkpoint -> converted directory, params -> HF checkpoint, and back.
+
+A converted directory holds ``params/`` (an orbax checkpoint of the stacked param pytree),
+``config.json`` (native schema), a ``zaya_convert.json`` manifest and the tokenizer files and chat
+template of the source. Every output is built in a temporary sibling directory and renamed into place
+at the end, so a failed run leaves nothing behind and an existing output is only replaced on request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from zaya_jax.config import ZayaConfig
+
+from . import layout
+from .hf_reader import CheckpointError, HFCheckpoint, resolve_dtype
+from .hf_writer import DEFAULT_MAX_SHARD_BYTES, Tensor, write_safetensors
+from .orbax_store import OrbaxReader, OrbaxWriter, save_tree
+from .orbax_store import restore as restore_tree
+from .tree import TreeReader, TreeWriter
+
+PARAMS_DIR = "params"
+MANIFEST = "zaya_convert.json"
+ASSET_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "generation_config.json",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """What a conversion did: tensors and bytes moved, wall time, the process's peak resident memory."""
+
+    tensors: int
+    bytes: int
+    seconds: float
+    peak_rss_bytes: int
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / max(self.seconds, 1e-9)
+
+    def __str__(self) -> str:
+        return (f"{self.tensors} tensors, {self.bytes / 2**30:.2f} GiB in {self.seconds:.1f} s "
+                f"({self.mb_per_s:.0f} MB/s); peak RSS {self.peak_rss_bytes / 2**30:.2f} GiB")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class _Meter:
+    """A progress bar over bytes that ends as a Summary."""
+
+    def __init__(self, total_bytes: int, desc: str, progress: bool):
+        self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                        disable=not progress, leave=False)
+        self.start, self.tensors, self.bytes = time.perf_counter(), 0, 0
+
+    def step(self, nbytes: int) -> None:
+        self.tensors += 1
+        self.bytes += nbytes
+        self.bar.update(nbytes)
+
+    def close(self) -> Summary:
+        self.bar.close()
+        return Summary(self.tensors, self.bytes, time.perf_counter() - self.start, peak_rss_bytes())
+
+
+def is_converted(path: str) -> bool:
+    """Whether ``path`` is a directory written by ``zaya convert`` (or ``checkpoint.save``)."""
+    return os.path.isfile(os.path.join(path, PARAMS_DIR, "_METADATA"))
+
+
+@contextlib.contextmanager
+def staged(dst: str, force: bool) -> Iterator[str]:
+    """A temporary directory beside ``dst`` that becomes ``dst`` if the block succeeds, else vanishes."""
+    dst = os.path.abspath(dst)
+    if os.path.exists(dst) and not force:
+        raise FileExistsError(f"{dst} already exists; pass --force (force=True) to overwrite it")
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(dst):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
+        os.rename(dst, os.path.join(old, "dst"))
+        os.rename(tmp, dst)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, dst)
+
+
+def _check_paths(src: str, dst: str) -> None:
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"source directory {src} does not exist")
+    s, d = os.path.realpath(src), os.path.realpath(dst)
+    if d == s or d.startswith(s + os.sep) or s.startswith(d + os.sep):
+        raise CheckpointError(f"destination {dst} must lie outside the source {src} (and not contain it)")
+
+
+def _write_config(directory: str, config: ZayaConfig, dtype: np.dtype) -> None:
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(dict(config.to_hf_dict(), dtype=np.dtype(dtype).name), f, indent=2)
+
+
+def _copy_assets(src: str | None, dst: str) -> list[str]:
+    copied = []
+    for name in ASSET_FILES:
+        if src is not None and os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+            copied.append(name)
+    return copied
+
+
+def _fill(ckpt: HFCheckpoint, writer, meter: _Meter) -> Summary:
+    """Streams every tensor of ``ckpt`` into ``writer`` (TreeWriter or OrbaxWriter) in param layout."""
+    for item, array in ckpt:
+        writer.put(item.entry, item.layer, item.entry.to_jax(array, ckpt.config))
+        del array
+        meter.step(item.nbytes)
+    return meter.close()
+
+
+def read_hf(path: str, config: ZayaConfig, dtype=None, progress: bool = False) -> dict:
+    """An HF checkpoint directory (native or legacy) -> param pytree of numpy arrays in host memory.
+
+    ``dtype`` default: the stored one. Peak memory: the params plus one source tensor.
+    """
+    ckpt = HFCheckpoint(path, config)
+    meter = _Meter(ckpt.nbytes, "reading", progress)
+    writer = TreeWriter(config, resolve_dtype(dtype) or ckpt.stored_dtype)
+    _fill(ckpt, writer, meter)
+    return writer.params
+
+
+def convert(src: str, dst: str, *, dtype=None, force: bool = False, progress: bool = True) -> Summary:
+    """HF checkpoint directory (native or legacy layout) -> converted directory ``dst``.
+
+    Streams tensor by tensor into the orbax checkpoint: memory stays at about one source tensor
+    whatever the model size. ``dtype`` default: the stored one (``balancing_biases``: float32).
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    _check_paths(src, dst)
+    config = ZayaConfig.from_pretrained(src)
+    ckpt = HFCheckpoint(src, config)  # validates every header before anything is written
+    target = resolve_dtype(dtype) or ckpt.stored_dtype
+    with staged(dst, force) as tmp:
+        meter = _Meter(ckpt.nbytes, "converting", progress)
+        writer = OrbaxWriter(os.path.join(tmp, PARAMS_DIR), config, target)
+        summary = _fill(ckpt, writer, meter)
+        _write_config(tmp, config, target)
+        assets = _copy_assets(src, tmp)
+        manifest = {"source": os.path.abspath(src), "layout": "legacy" if ckpt.legacy else "native",
+                    "dtype": target.name, "assets": assets, **dataclasses.asdict(summary)}
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2)
+    return summary
+
+
+def save(params: dict, config: ZayaConfig, dst: str, *, force: bool = False) -> None:
+    """Saves an in-memory param pytree as a converted directory (orbax + config.json)."""
+    dtype = np.dtype(layout.get_path(params, layout.ENTRIES[0].path).dtype)
+    with staged(os.fspath(dst), force) as tmp:
+        save_tree(os.path.join(tmp, PARAMS_DIR), params)
+        _write_config(tmp, config, dtype)
+
+
+def restore(path: str, config: ZayaConfig, dtype=None) -> dict:
+    """The params of a converted directory as jax arrays (see ``orbax_store.restore``)."""
+    return restore_tree(os.path.join(path, PARAMS_DIR), config, resolve_dtype(dtype))
+
+
+def _param_tensors(reader, config: ZayaConfig) -> list[Tensor]:
+    """Every native HF tensor of a param reader (TreeReader or OrbaxReader), globals then by layer."""
+    tensors = []
+    for name, entry, layer in sorted(layout.expected_tensors(config), key=lambda t: -1 if t[2] is None else t[2]):
+        itemsize = layout.leaf_dtype(entry, reader.dtype).itemsize
+        nbytes = int(np.prod(entry.hf_shape(config))) * itemsize
+        tensors.append(Tensor(name, nbytes, lambda e=entry, l=layer: e.to_hf(reader.read(e, l), config)))
+    return tensors
+
+
+def _write_hf(tensors: list[Tensor], config: ZayaConfig, dtype: np.dtype, dst: str, assets_src: str | None,
+              force: bool, max_shard_bytes: int, progress: bool) -> Summary:
+    with staged(dst, force) as tmp:
+        meter = _Meter(sum(t.nbytes for t in tensors), "exporting", progress)
+        write_safetensors(tmp, tensors, max_shard_bytes, on_tensor=lambda t: meter.step(t.nbytes))
+        summary = meter.close()
+        _write_config(tmp, config, dtype)
+        _copy_assets(assets_src, tmp)
+    return summary
+
+
+def export(src: str, dst: str, *, force: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+           progress: bool = True) -> Summary:
+    """A converted directory (or any HF checkpoint, legacy included) -> native HF checkpoint ``dst``.
+
+    Sharded safetensors (``max_shard_bytes`` each) + index + config.json, loadable by
+    ``transformers.ZayaForCausalLM.from_pretrained``. Memory: one shard.
+    """
+    src, dst = os.fspath(src), os.fspath(dst)
+    _check_paths(src, dst)
+    config = ZayaConfig.from_pretrained(src)
+    if is_converted(src):
+        reader = OrbaxReader(os.path.join(src, PARAMS_DIR), config)
+        tensors, dtype = _param_tensors(reader, config), reader.dtype
+    else:
+        ckpt = HFCheckpoint(src, config)
+        tensors = [Tensor(item.name, item.nbytes, lambda i=item: ckpt.read(i)) for item in ckpt.items]
+        dtype = ckpt.stored_dtype
+    return _write_hf(tensors, config, dtype, dst, src, force, max_shard_bytes, progress)
+
+
+def save_hf(params: dict, config: ZayaConfig, dst: str, *, force: bool = False,
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Summary:
+    """An in-memory param pytree -> native HF checkpoint ``dst`` (as ``export``)."""
+    reader = TreeReader(params, config)
+    return _write_hf(_param_tensors(reader, config), config, reader.dtype, os.fspath(dst), None, force,
+                     max_shard_bytes, progress=False)

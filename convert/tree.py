@@ -1,0 +1,42 @@
+"""The param pytree in host memory, filled or read one HF tensor (one layer slice) at a time."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from zaya_jax.config import ZayaConfig
+
+from . import layout
+
+
+class TreeWriter:
+    """Preallocates ``config``'s params in ``dtype`` (numpy); ``put`` fills one slice in place."""
+
+    def __init__(self, config: ZayaConfig, dtype):
+        self.params: dict = {}
+        for entry, shape, leaf_dtype in layout.leaves(config, dtype):
+            fill = layout.fill_value(entry)
+            leaf = np.full(shape, fill, leaf_dtype) if fill is not None else np.empty(shape, leaf_dtype)
+            layout.set_path(self.params, entry.path, leaf)
+
+    def put(self, entry: layout.Entry, layer: int | None, value: np.ndarray) -> None:
+        leaf = layout.get_path(self.params, entry.path)
+        if entry.per_layer:
+            leaf[layer] = value
+        else:
+            leaf[...] = value
+
+
+class TreeReader:
+    """Reads layer slices of an in-memory param pytree (numpy or jax leaves) as numpy arrays."""
+
+    def __init__(self, params: dict, config: ZayaConfig):
+        self.params, self.config = params, config
+
+    def read(self, entry: layout.Entry, layer: int | None) -> np.ndarray:
+        leaf = layout.get_path(self.params, entry.path)
+        return np.asarray(leaf[layer] if entry.per_layer else leaf)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(layout.get_path(self.params, layout.ENTRIES[0].path).dtype)
