@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import moe
+from . import expert_parallel, moe
 from .cache import KVCache
 from .config import ZayaConfig
 
@@ -306,7 +306,9 @@ class Experts(nn.Module):
         down = _param(self, "down", _normal(c), (E, F, D), ("experts", "moe_ffw", "embed"))
         skip_scale = gate if c.mod_skip == "scaled_identity" else jnp.zeros_like(gate)
         skip_scale = jnp.where(route == E, skip_scale, 0.0)
-        return moe.experts(x, route, gate, skip_scale, gate_up.astype(self.dtype), down.astype(self.dtype), self.moe_impl)
+        # Under a sharding mesh (jax.set_mesh) the MoE runs expert/tensor/data-parallel in a shard_map.
+        run = moe.experts if expert_parallel.active_mesh() is None else expert_parallel.experts
+        return run(x, route, gate, skip_scale, gate_up.astype(self.dtype), down.astype(self.dtype), self.moe_impl)
 
 
 class Block(nn.Module):

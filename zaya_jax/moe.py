@@ -33,6 +33,16 @@ def _swiglu(h: jax.Array, ffn: int) -> jax.Array:
     return jax.nn.silu(h[..., :ffn]) * h[..., ffn:]
 
 
+def _activation(act, two_f: int):
+    """The SwiGLU ``[.., 2F] -> [.., F]`` unless ``act`` replaces it (tensor parallelism does)."""
+    return act if act is not None else (lambda h: _swiglu(h, two_f // 2))
+
+
+def add_skip(y, x, skip_scale):
+    """``y + skip_scale * x``: the skip route's contribution. y, x: [T, D]; skip_scale: [T]."""
+    return y + (skip_scale[:, None] * x).astype(y.dtype)
+
+
 def _finish(y, x, idx, gate, skip_scale, num_experts):
     """Applies the gate to expert outputs and the skip route's contribution.
 
@@ -40,29 +50,30 @@ def _finish(y, x, idx, gate, skip_scale, num_experts):
     """
     is_skip = idx == num_experts
     y = jnp.where(is_skip[:, None], 0, y * gate[:, None].astype(y.dtype))
-    return y + (skip_scale[:, None] * x).astype(y.dtype)
+    return add_skip(y, x, skip_scale)
 
 
-def experts_oracle(x, idx, gate, skip_scale, gate_up, down):
+def experts_oracle(x, idx, gate, skip_scale, gate_up, down, act=None):
     """Loop over experts: ``[T, D] -> [T, D]``. Reference for tests."""
     num_experts, _, two_f = gate_up.shape
+    act = _activation(act, two_f)
     y = jnp.zeros_like(x)
     for e in range(num_experts):
-        out = _swiglu(x @ gate_up[e], two_f // 2) @ down[e]
+        out = act(x @ gate_up[e]) @ down[e]
         y = y + jnp.where((idx == e)[:, None], out, 0)
     return _finish(y, x, idx, gate, skip_scale, num_experts)
 
 
-def experts_gather(x, idx, gate, skip_scale, gate_up, down):
+def experts_gather(x, idx, gate, skip_scale, gate_up, down, act=None):
     """Per-token weight gather: ``[T, D] -> [T, D]``; reads ``T`` experts' weights at most."""
     num_experts, _, two_f = gate_up.shape
     safe = jnp.minimum(idx, num_experts - 1)
     h = jnp.einsum("td,tdf->tf", x, gate_up[safe])
-    y = jnp.einsum("tf,tfd->td", _swiglu(h, two_f // 2), down[safe])
+    y = jnp.einsum("tf,tfd->td", _activation(act, two_f)(h), down[safe])
     return _finish(y, x, idx, gate, skip_scale, num_experts)
 
 
-def experts_grouped(x, idx, gate, skip_scale, gate_up, down):
+def experts_grouped(x, idx, gate, skip_scale, gate_up, down, act=None):
     """Sort by expert + ``ragged_dot`` grouped matmul: ``[T, D] -> [T, D]``; dropless.
 
     Skip-route tokens (``idx == E``) sort last and fall outside every group.
@@ -72,7 +83,7 @@ def experts_grouped(x, idx, gate, skip_scale, gate_up, down):
     xs = x[order]
     sizes = jnp.bincount(idx, length=num_experts + 1)[:num_experts].astype(jnp.int32)
     h = jax.lax.ragged_dot(xs, gate_up, sizes)
-    ys = jax.lax.ragged_dot(_swiglu(h, two_f // 2), down, sizes)
+    ys = jax.lax.ragged_dot(_activation(act, two_f)(h), down, sizes)
     # Rows past the last group (skip-route tokens) are not defined by ragged_dot: zero them.
     in_group = jnp.arange(x.shape[0]) < jnp.sum(sizes)
     ys = jnp.where(in_group[:, None], ys, 0)
@@ -86,7 +97,7 @@ def tile_size(tokens: int, num_experts: int) -> int:
     return int(min(128, max(16, 1 << (share - 1).bit_length())))
 
 
-def experts_tiled(x, idx, gate, skip_scale, gate_up, down, tile: int | None = None):
+def experts_tiled(x, idx, gate, skip_scale, gate_up, down, act=None, tile: int | None = None):
     """Sort by expert into fixed-size tiles of one expert each, then scan over tiles: ``[T, D] -> [T, D]``.
 
     Each expert's tokens are padded up to a multiple of ``tile``, so at most ``ceil(T / tile) + E``
@@ -94,6 +105,7 @@ def experts_tiled(x, idx, gate, skip_scale, gate_up, down, tile: int | None = No
     """
     T, D = x.shape
     num_experts, _, two_f = gate_up.shape
+    act = _activation(act, two_f)
     tile = max(1, min(tile or tile_size(T, num_experts), T))
     order = jnp.argsort(idx, stable=True)
     sorted_idx = idx[order]
@@ -116,7 +128,7 @@ def experts_tiled(x, idx, gate, skip_scale, gate_up, down, tile: int | None = No
     def step(_, xs):
         x_tile, e, used = xs
         def run(x_tile):
-            return _swiglu(x_tile @ gate_up[e], two_f // 2) @ down[e]
+            return act(x_tile @ gate_up[e]) @ down[e]
         return None, jax.lax.cond(used, run, jnp.zeros_like, x_tile)
 
     _, out = jax.lax.scan(step, None, (buf.reshape(num_tiles, tile, D), tile_expert, tile_used))
@@ -133,11 +145,15 @@ def auto_impl(tokens: int, backend: str | None = None) -> str:
     return "tiled" if backend == "cpu" else "grouped"
 
 
-def experts(x, idx, gate, skip_scale, gate_up, down, impl: str = "auto"):
-    """Dispatches to one implementation; ``auto`` picks by the (static) token count."""
+def experts(x, idx, gate, skip_scale, gate_up, down, impl: str = "auto", act=None):
+    """Dispatches to one implementation; ``auto`` picks by the (static) token count.
+
+    ``act`` replaces the SwiGLU ``h [.., 2F] -> [.., F]`` between the two expert matmuls (the
+    tensor-parallel path of ``expert_parallel.py`` passes one that exchanges activations).
+    """
     if impl == "auto":
         impl = auto_impl(x.shape[0])
     fn = {"oracle": experts_oracle, "gather": experts_gather, "grouped": experts_grouped, "tiled": experts_tiled}.get(impl)
     if fn is None:
         raise ValueError(f"unknown MoE implementation {impl!r}; choose one of {MOE_IMPLS}")
-    return fn(x, idx, gate, skip_scale, gate_up, down)
+    return fn(x, idx, gate, skip_scale, gate_up, down, act=act)
