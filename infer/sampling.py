@@ -1,0 +1,130 @@
+"""Sampling filters and token choice with per-row parameters (pure functions over arrays).
+
+Every knob is a per-row array, so rows (and RSA population members) differ without recompiling. The
+filters follow transformers' order and definitions: temperature, then top-k, then top-p, then min-p,
+each acting on what the previous one kept. Each filter keeps a prefix of the descending-sorted
+logits, so the result is one cut-off value per row; tokens tied with the cut-off are all kept (an
+exact tie is the only case where transformers, which drops by sort position, may keep fewer).
+
+Shapes: B rows, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class SamplingParams:
+    """Per-row sampling knobs.
+
+    temperature: [B] float32  0 means greedy (argmax of the raw logits)
+    top_k:       [B] int32    0 disables
+    top_p:       [B] float32  1 disables
+    min_p:       [B] float32  0 disables
+    """
+
+    temperature: Array
+    top_k: Array
+    top_p: Array
+    min_p: Array
+
+    @classmethod
+    def create(cls, batch: int, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0) -> "SamplingParams":
+        """Validated params for ``batch`` rows; each knob is a scalar or one value per row."""
+        temperature = per_row("temperature", temperature, batch, np.float32)
+        top_k = per_row("top_k", top_k, batch, np.int32)
+        top_p = per_row("top_p", top_p, batch, np.float32)
+        min_p = per_row("min_p", min_p, batch, np.float32)
+        if (temperature < 0).any() or not np.isfinite(temperature).all():
+            raise ValueError(f"temperature must be finite and >= 0, got {temperature.tolist()}")
+        if (top_k < 0).any():
+            raise ValueError(f"top_k must be >= 0 (0 disables), got {top_k.tolist()}")
+        if ((top_p <= 0) | (top_p > 1)).any():
+            raise ValueError(f"top_p must be in (0, 1], got {top_p.tolist()}")
+        if ((min_p < 0) | (min_p > 1)).any():
+            raise ValueError(f"min_p must be in [0, 1], got {min_p.tolist()}")
+        return cls(*(jnp.asarray(a) for a in (temperature, top_k, top_p, min_p)))
+
+
+def per_row(name: str, value, batch: int, dtype) -> np.ndarray:
+    """A scalar or one value per row as a validated ``[batch]`` numpy array of ``dtype``."""
+    arr = np.asarray(value)
+    if np.issubdtype(dtype, np.integer) and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must be integers, got {arr.tolist()}")
+    if arr.ndim == 0:
+        return np.full((batch,), arr, dtype)
+    if arr.shape != (batch,):
+        raise ValueError(f"{name} must be a scalar or have one value per prompt ({batch}), got shape {arr.shape}")
+    return arr.astype(dtype)
+
+
+def pad_rows(params: SamplingParams, batch: int) -> SamplingParams:
+    """Extends every knob to ``batch`` rows by repeating the last row (for batch bucketing)."""
+    def pad(a):
+        return jnp.concatenate([a, jnp.repeat(a[-1:], batch - a.shape[0])])
+
+    return jax.tree.map(pad, params)
+
+
+def filter_logits(logits: Array, params: SamplingParams) -> Array:
+    """Temperature-scaled logits with the tokens that top-k, top-p and min-p remove set to -inf.
+
+    logits: [B, V] -> [B, V] float32. Rows with temperature 0 are filtered at temperature 1.
+    """
+    B, V = logits.shape
+    temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)
+    x = logits.astype(jnp.float32) / temperature[:, None]
+    ranked = -jnp.sort(-x, axis=-1)  # [B, V] descending
+    first = jnp.arange(V) == 0  # every filter keeps at least the best token
+
+    k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, V), V)
+    kth = jnp.take_along_axis(ranked, (k - 1)[:, None], axis=-1)
+    keep = ranked >= kth
+
+    probs = _masked_softmax(ranked, keep)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= (mass_before < params.top_p[:, None]) | (params.top_p[:, None] >= 1.0) | first
+
+    probs = _masked_softmax(ranked, keep)
+    keep &= (probs >= params.min_p[:, None] * probs[:, :1]) | first
+
+    cutoff = jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(x >= cutoff, x, -jnp.inf)
+
+
+def _masked_softmax(x: Array, keep: Array) -> Array:
+    return jax.nn.softmax(jnp.where(keep, x, -jnp.inf), axis=-1)
+
+
+def step_keys(keys: Array, step) -> Array:
+    """Per-row keys ``[B]`` for generation step ``step`` (a row's draws do not depend on the batch)."""
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+
+
+def row_keys(seed: int, batch: int) -> Array:
+    """Typed keys ``[batch]``: row ``b`` gets ``fold_in(key(seed), b)``."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.arange(batch))
+
+
+def sample(logits: Array, params: SamplingParams, keys: Array) -> Array:
+    """Next tokens ``[B]`` int32 from ``logits [B, V]``: greedy where temperature is 0, else a draw
+    from the filtered distribution with that row's key (``keys [B]``, e.g. from ``step_keys``).
+
+    The sort behind the filters is skipped when every row is greedy.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    hot = params.temperature > 0
+
+    def draw():
+        filtered = filter_logits(logits, params)
+        return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+
+    drawn = jax.lax.cond(jnp.any(hot), draw, lambda: greedy)
+    return jnp.where(hot, drawn, greedy)
+

@@ -1,0 +1,147 @@
+"""Generation mechanics on a small random model: greedy = argmax of the forward, stop reasons,
+streaming, reproducible sampling, bounded recompiles, donation, input errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hf_ref
+import zaya_jax
+from zaya_jax.infer import SamplingParams, engine, generate
+from zaya_jax.infer import generation
+from zaya_jax.infer.sampling import row_keys
+
+LENGTHS = [11, 6, 1]
+MAX_LEN = 20  # max_position_embeddings: an 11-token prompt has room for 9 new tokens
+TINY = zaya_jax.ZayaConfig(**dict(hf_ref.CONFIGS["sliding"], max_position_embeddings=MAX_LEN, tie_word_embeddings=False))
+# Every call below with 3 prompts shares one bucket (4 rows, 16 prompt slots, 16 output slots).
+
+
+@pytest.fixture(scope="module")
+def params():
+    return zaya_jax.init(TINY, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    ids, _ = hf_ref.left_padded(LENGTHS, TINY.vocab_size, seed=6)
+    return [ids[b, ids.shape[1] - n:].tolist() for b, n in enumerate(LENGTHS)]
+
+
+@pytest.fixture(scope="module")
+def greedy(params, prompts):
+    return generate(params, TINY, prompts, max_new_tokens=9, stop_token_ids=[])
+
+
+def test_greedy_equals_argmax_of_forward(params, prompts, greedy):
+    """Each greedy token is the argmax of the full forward over prompt + previous tokens."""
+    assert greedy.stop_reasons == ["max_new_tokens"] * 3 and [len(t) for t in greedy.tokens] == [9] * 3
+    seqs = [p + t for p, t in zip(prompts, greedy.tokens)]
+    ids, mask = np.zeros((3, MAX_LEN), np.int32), np.zeros((3, MAX_LEN), np.int32)
+    for b, seq in enumerate(seqs):
+        ids[b, MAX_LEN - len(seq):], mask[b, MAX_LEN - len(seq):] = seq, 1
+    logits = np.asarray(zaya_jax.forward(params, TINY, ids, mask))
+    for b, new in enumerate(greedy.tokens):
+        np.testing.assert_array_equal(np.argmax(logits[b, MAX_LEN - 10 : -1], axis=-1), new)
+
+
+def test_stop_tokens_end_rows(params, prompts, greedy):
+    stop = greedy.tokens[0][3]
+    result = generate(params, TINY, prompts, max_new_tokens=9, stop_token_ids=[stop])
+    for row, full, reason in zip(result.tokens, greedy.tokens, result.stop_reasons):
+        cut = full.index(stop) + 1 if stop in full else len(full)
+        assert row == full[:cut]
+        assert reason == ("stop_token" if stop in full else "max_new_tokens")
+    assert result.tokens[0][-1] == stop
+
+
+def test_stop_ids_default_to_eos():
+    np.testing.assert_array_equal(generation.stop_id_array(TINY.replace(eos_token_id=(5, 7)), None), [5, 7, -1, -1])
+    np.testing.assert_array_equal(generation.stop_id_array(TINY, []), [-1] * 4)
+    assert len(generation.stop_id_array(TINY, range(1, 6))) == 8
+
+
+def test_per_row_max_new_tokens(params, prompts, greedy):
+    result = generate(params, TINY, prompts, max_new_tokens=[5, 9, 1], stop_token_ids=[])
+    assert result.tokens == [g[:n] for g, n in zip(greedy.tokens, [5, 9, 1])]
+    assert result.stop_reasons == ["max_new_tokens"] * 3
+
+
+def test_cache_full_is_reported(params, prompts, greedy):
+    """Rows whose prompt plus output reaches the maximum length stop with "cache_full", never silently."""
+    # max_position_embeddings (20) caps the 11-token row at 9 new tokens.
+    result = generate(params, TINY, prompts, max_new_tokens=12, stop_token_ids=[])
+    assert result.stop_reasons == ["cache_full", "max_new_tokens", "max_new_tokens"]
+    assert len(result.tokens[0]) == MAX_LEN - 11 and result.tokens[0] == greedy.tokens[0]
+    # So does max_cache_len.
+    result = generate(params, TINY, prompts, max_new_tokens=9, stop_token_ids=[], max_cache_len=14)
+    assert result.stop_reasons == ["cache_full", "cache_full", "max_new_tokens"]
+    assert [len(p) + len(t) for p, t in zip(prompts, result.tokens)] == [14, 14, 10]
+    assert all(t == g[: len(t)] for t, g in zip(result.tokens, greedy.tokens))
+
+
+def test_streaming_delivers_every_token_once(params, prompts):
+    chunks = []
+    knobs = dict(max_new_tokens=[9, 4, 7], temperature=0.8, seed=2, stop_token_ids=[])
+    result = generate(params, TINY, prompts, stream=chunks.append, stream_interval=3, **knobs)
+    assert len(chunks) >= 3
+    assert [sum((c[b] for c in chunks), []) for b in range(3)] == result.tokens
+    assert generate(params, TINY, prompts, **knobs).tokens == result.tokens
+
+
+def test_sampling_is_reproducible(params, prompts, greedy):
+    knobs = dict(max_new_tokens=9, stop_token_ids=[], temperature=[1.0, 0.0, 0.7], top_k=[0, 0, 20], top_p=0.9)
+    a = generate(params, TINY, prompts, seed=11, **knobs)
+    b = generate(params, TINY, prompts, seed=11, **knobs)
+    c = generate(params, TINY, prompts, seed=12, **knobs)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+    assert a.tokens[1] == greedy.tokens[1]  # the temperature-0 row is greedy
+    assert a.tokens[0] != greedy.tokens[0]
+    # A row's draws depend on its index and the seed, not on the rest of the batch.
+    alone = generate(params, TINY, prompts[:1], seed=11, max_new_tokens=9, stop_token_ids=[], temperature=1.0)
+    assert alone.tokens[0] == a.tokens[0]
+
+
+def test_varied_requests_reuse_compiled_programs(params):
+    """Prompt lengths, knobs, limits, seeds and stop ids inside one bucket never recompile."""
+    programs = generation._prefill_and_start, generation._decode
+    generate(params, TINY, [[1, 2, 3]], max_new_tokens=3)
+    before = [p._cache_size() for p in programs]
+    assert min(before) >= 1
+    generate(params, TINY, [[4] * 16], max_new_tokens=3, temperature=1.0, top_k=5, seed=3)
+    generate(params, TINY, [[5, 6]], max_new_tokens=16, temperature=0.5, top_p=0.8, min_p=0.1,
+             stop_token_ids=[7, 8, 9, 10], max_cache_len=12)
+    generate(params, TINY, [[9]], max_new_tokens=1, temperature=0.0, top_k=3)
+    assert [p._cache_size() for p in programs] == before
+
+
+def test_decode_state_is_donated(params):
+    """The decode loop consumes its input state (cache included) instead of copying it."""
+    tokens = jnp.zeros((1, 16), jnp.int32).at[0, -4:].set(jnp.array([1, 2, 3, 4]))
+    state = generation._prefill_and_start(
+        params, TINY, tokens, jnp.array([12], jnp.int32), MAX_LEN, SamplingParams.create(1), row_keys(0, 1),
+        jnp.array([5], jnp.int32), jnp.full((4,), -1, jnp.int32), cache_len=32, buffer_len=16, moe_impl="auto")
+    out = generation._decode(params, TINY, state, 16, moe_impl="auto")
+    assert state.cache.k.is_deleted() and state.cache.conv.is_deleted() and state.tokens.is_deleted()
+    assert int(out.num_new[0]) == 5 and engine.STOP_REASONS[int(out.reason[0])] == "max_new_tokens"
+
+
+@pytest.mark.parametrize("prompts, message", [
+    ([[]], "prompt 0 is empty"),
+    ([[1, 2], [1, 300]], r"prompt 1 has token id\(s\) \[300\] outside the vocabulary \[0, 256\)"),
+    ([[1, -1]], "outside the vocabulary"),
+    ([list(range(1, 21))], "prompt 0 has 20 tokens; the maximum length"),
+    ([], "prompts is empty"),
+    ("hello", "token-id sequences"),
+    ([[1.5, 2.0]], "integer token ids"),
+])
+def test_bad_prompts_are_named(params, prompts, message):
+    with pytest.raises(ValueError, match=message):
+        generate(params, TINY, prompts, max_new_tokens=4)
+
+
+def test_bad_max_new_tokens(params):
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        generate(params, TINY, [[1, 2]], max_new_tokens=0)
