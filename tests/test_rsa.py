@@ -1,0 +1,123 @@
+"""Markov RSA on a small random model: structure, reproducibility, accounting, special cases, errors."""
+
+import jax
+import numpy as np
+import pytest
+
+import zaya_jax
+from zaya_jax.infer import rsa
+
+CONFIG = zaya_jax.ZayaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=4,
+                             router_hidden_size=16, max_position_embeddings=512, eos_token_id=(3,))
+TEMPLATE = rsa.TokenTemplate(round0_prefix=(2, 5), round0_suffix=(6,), agg_prefix=(2, 5, 7), agg_middle=(8, 9),
+                             headers=((10, 11), (10, 12), (10,)), separator=(13,), agg_suffix=(14, 6))
+QUESTIONS = [[20, 21, 22, 23], [30, 31]]
+N, C, T, BUDGET, TAU = 5, 3, 2, 10, 4
+
+
+@pytest.fixture(scope="module")
+def params():
+    return zaya_jax.init(CONFIG, jax.random.key(7))
+
+
+@pytest.fixture(scope="module")
+def run(params):
+    return rsa.markov_rsa(params, CONFIG, QUESTIONS, population=N, tails=C, rounds=T, budget=BUDGET,
+                          tail_tokens=TAU, template=TEMPLATE, seed=11)
+
+
+def _expected_prompt(question, tails):
+    body = [t for c, tail in enumerate(tails) for t in TEMPLATE.headers[c] + tuple(tail) + TEMPLATE.separator]
+    return list(TEMPLATE.agg_prefix) + question + list(TEMPLATE.agg_middle) + body + list(TEMPLATE.agg_suffix)
+
+
+def test_structure_subsets_tails_prompts(run):
+    assert len(run.rounds) == T + 1
+    assert run.rounds[0].subsets is None
+    assert run.rounds[0].prompts[1][0] == [2, 5] + QUESTIONS[1] + [6]
+    overhead = len(TEMPLATE.agg_prefix) + len(TEMPLATE.agg_middle) + len(TEMPLATE.agg_suffix) + \
+        sum(len(h) + len(TEMPLATE.separator) for h in TEMPLATE.headers)
+    for t in range(1, T + 1):
+        prev, cur = run.rounds[t - 1], run.rounds[t]
+        for p, question in enumerate(QUESTIONS):
+            for i in range(N):
+                subset = cur.subsets[p][i]
+                assert len(set(subset)) == C and all(0 <= s < N for s in subset)
+                assert cur.prompts[p][i] == _expected_prompt(question, [prev.tails[p][s] for s in subset])
+                assert len(cur.prompts[p][i]) <= len(question) + C * TAU + overhead
+    for rnd in run.rounds:
+        for p in range(len(QUESTIONS)):
+            for i in range(N):
+                cand = rnd.candidates[p][i]
+                assert rnd.tails[p][i] == cand[max(0, len(cand) - TAU):]
+                assert len(cand) <= BUDGET and CONFIG.eos_token_id[0] not in cand
+
+
+def test_token_accounting(run):
+    for rnd in run.rounds:
+        stops = sum(r == "stop_token" for row in rnd.stop_reasons for r in row)
+        assert rnd.generated_tokens == sum(len(c) for row in rnd.candidates for c in row) + stops
+        for row, reasons in zip(rnd.candidates, rnd.stop_reasons):
+            for cand, reason in zip(row, reasons):
+                assert reason in ("stop_token", "max_new_tokens")
+                assert reason == "stop_token" or len(cand) == BUDGET
+    assert run.generated_tokens == sum(r.generated_tokens for r in run.rounds)
+    assert run.rounds[-1].longest_prompt == max(len(m) for row in run.rounds[-1].prompts for m in row)
+
+
+def test_same_seed_reproduces(params, run):
+    again = rsa.markov_rsa(params, CONFIG, QUESTIONS, population=N, tails=C, rounds=T, budget=BUDGET,
+                           tail_tokens=TAU, template=TEMPLATE, seed=11)
+    assert [r.candidates for r in again.rounds] == [r.candidates for r in run.rounds]
+    assert [r.subsets for r in again.rounds] == [r.subsets for r in run.rounds]
+    other = rsa.markov_rsa(params, CONFIG, QUESTIONS, population=N, tails=C, rounds=T, budget=BUDGET,
+                           tail_tokens=TAU, template=TEMPLATE, seed=12)
+    assert [r.candidates for r in other.rounds] != [r.candidates for r in run.rounds]
+
+
+def test_rounds_zero_equals_generate(params):
+    from zaya_jax.infer import generate
+
+    res = rsa.markov_rsa(params, CONFIG, QUESTIONS[0], population=N, tails=2, rounds=0, budget=BUDGET,
+                         tail_tokens=TAU, template=TEMPLATE.__class__(*(getattr(TEMPLATE, f) for f in (
+                             "round0_prefix", "round0_suffix", "agg_prefix", "agg_middle")),
+                             headers=TEMPLATE.headers[:2], separator=TEMPLATE.separator,
+                             agg_suffix=TEMPLATE.agg_suffix), seed=5)
+    gen = generate(params, CONFIG, [[2, 5] + QUESTIONS[0] + [6]] * N, max_new_tokens=BUDGET, temperature=1.0, seed=5)
+    want = [toks[: len(toks) - (reason == "stop_token")] for toks, reason in zip(gen.tokens, gen.stop_reasons)]
+    assert res.rounds[0].candidates[0] == want
+    assert res.rounds[0].stop_reasons[0] == gen.stop_reasons
+
+
+def test_single_tail_continues_own_and_full_chain(params):
+    own = rsa.TokenTemplate((2,), (6,), (2,), (8,), ((10,),), (13,), (14,))
+    res = rsa.markov_rsa(params, CONFIG, QUESTIONS[1], population=3, tails=1, rounds=1, budget=6,
+                         tail_tokens=50, final_budget=4, template=own, seed=1)
+    assert res.rounds[1].subsets == [[[0], [1], [2]]]
+    for i in range(3):  # tail_tokens >= budget: the whole candidate is carried (full-chain RSA)
+        assert res.rounds[0].tails[0][i] == res.rounds[0].candidates[0][i]
+        assert res.rounds[1].prompts[0][i] == [2] + QUESTIONS[1] + [8, 10] + res.rounds[0].candidates[0][i] + [13, 14]
+    assert all(len(c) <= 4 for c in res.rounds[1].candidates[0])  # final_budget applies to the last round
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tails=6), "tails .* cannot exceed population"),
+    (dict(tail_tokens=0), "tail_tokens"),
+    (dict(budget=600), "beyond the context"),
+    (dict(rounds=-1), "rounds"),
+])
+def test_impossible_settings(params, kwargs, match):
+    args = dict(population=5, tails=3, rounds=1, budget=8, tail_tokens=4, template=TEMPLATE)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        rsa.markov_rsa(params, CONFIG, QUESTIONS[0], **args)
+
+
+def test_extract_boxed_and_majority():
+    assert rsa.extract_boxed(r"so \boxed{12} then \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
+    assert rsa.extract_boxed("no answer") is None
+    assert rsa.extract_boxed(r"\boxed{unclosed") is None
+    assert rsa.majority(["3", None, "4", "3"]) == ("3", 0.5)
+    assert rsa.majority(["4", "3"]) == ("4", 0.5)
+    assert rsa.majority([None, None]) == (None, 0.0)
