@@ -86,13 +86,15 @@ class OrbaxReader:
         return self.arrays[layout.ENTRIES[0].path].dtype.numpy_dtype
 
 
-def restore(directory: str, config: ZayaConfig, dtype=None) -> dict:
-    """The params as jax arrays on the default device, cast to ``dtype`` (balancing biases: float32)."""
+def restore(directory: str, config: ZayaConfig, dtype=None, shardings: dict | None = None) -> dict:
+    """The params as jax arrays cast to ``dtype`` (balancing biases: float32), on the default device or
+    placed with ``shardings`` (a pytree like the params; orbax then reads only each process's slices)."""
     reader = OrbaxReader(directory, config)  # validates shapes against config
     target = dtype if dtype is not None else reader.dtype
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     restore_args: dict = {}
     for entry, _, leaf_dtype in layout.leaves(config, target):
+        sharding = single if shardings is None else layout.get_path(shardings, entry.path)
         layout.set_path(restore_args, entry.path, ocp.ArrayRestoreArgs(sharding=sharding, dtype=leaf_dtype))
     return _checkpointer().restore(
         os.path.abspath(directory), args=ocp.args.PyTreeRestore(restore_args=restore_args)

@@ -181,9 +181,9 @@ def save(params: dict, config: ZayaConfig, dst: str, *, force: bool = False) -> 
         _write_config(tmp, config, dtype)
 
 
-def restore(path: str, config: ZayaConfig, dtype=None) -> dict:
+def restore(path: str, config: ZayaConfig, dtype=None, shardings: dict | None = None) -> dict:
     """The params of a converted directory as jax arrays (see ``orbax_store.restore``)."""
-    return restore_tree(os.path.join(path, PARAMS_DIR), config, resolve_dtype(dtype))
+    return restore_tree(os.path.join(path, PARAMS_DIR), config, resolve_dtype(dtype), shardings)
 
 
 def _param_tensors(reader, config: ZayaConfig) -> list[Tensor]:

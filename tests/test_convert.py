@@ -199,7 +199,7 @@ def test_checkpoint_save_and_load(jax_model, tmp_path):
     assert_same_params(loaded, params)
     with pytest.raises(FileExistsError):
         checkpoint.save(tmp_path / "ckpt", config, params)
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
         zaya_jax.load(tmp_path / "ckpt", mesh=object())
 
 
