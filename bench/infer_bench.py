@@ -1,0 +1,159 @@
+"""Inference benchmark: transformers' ZAYA (PyTorch CPU, eager) vs zaya-jax, same config, same weights,
+same prompts, measured side by side in one run.
+
+    python bench/infer_bench.py [--repeats 5] [--config bench-124M]
+
+Rows: prefill of one 512-token prompt (tokens/s), greedy decode at batch 1 and batch 16 (aggregate
+new tokens/s over 63 steps after a 128-token prompt), and zaya-jax compile times (first call minus
+the median run). Figures are medians over ``--repeats`` runs after a warm-up; ratios are jax / HF.
+
+transformers' decode is timed with a bare loop of cached forward calls (``logits_to_keep=1``, argmax),
+which is cheaper than its ``generate`` loop, so the ratios are conservative. zaya-jax runs its
+``generate`` programs: the compiled prefill (which also picks the first token) and the compiled
+``lax.while_loop`` decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+import zaya_jax
+from zaya_jax.infer import generation
+from zaya_jax.infer.sampling import SamplingParams, row_keys
+
+CONFIGS = {
+    "bench-124M": dict(vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                       num_key_value_heads=2, head_dim=64, num_experts=16, moe_intermediate_size=512,
+                       router_hidden_size=128),
+    "tiny": dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, moe_intermediate_size=32, num_experts=4, router_hidden_size=16),
+}
+PREFILL_LEN = 512
+DECODE_PROMPT, DECODE_NEW = 128, 64  # 64 new tokens: 1 from the prefill, 63 decode steps
+
+
+def timed(fn, repeats: int):
+    """(first call seconds, median of ``repeats`` further calls, last result)."""
+    t = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - t
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        runs.append(time.perf_counter() - t)
+    return first, statistics.median(runs), out
+
+
+# ------------------------------------------------------------------------------------------ transformers
+def hf_prefill(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return out
+
+
+def hf_greedy(model, ids, steps):
+    """Prefill, then ``steps`` cached one-token forwards; returns (decode seconds, new tokens [B, steps+1])."""
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        new = [token]
+        t = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=token, cache=out.cache, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            new.append(token)
+        seconds = time.perf_counter() - t
+    return seconds, torch.cat(new, dim=1).numpy()
+
+
+# ------------------------------------------------------------------------------------------ zaya-jax
+def jax_start(params, config, ids: np.ndarray, new: int):
+    """The compiled prefill of ``generate`` for equal-length prompts ``ids [B, S]``."""
+    B, S = ids.shape
+    N = generation.bucket(new, generation.MIN_OUTPUT_BUCKET)
+    state = generation._prefill_and_start(
+        params, config, jnp.asarray(ids, jnp.int32), jnp.zeros((B,), jnp.int32), config.max_position_embeddings,
+        SamplingParams.create(B), row_keys(0, B), jnp.full((B,), new, jnp.int32),
+        jnp.asarray(generation.stop_id_array(config, [])), cache_len=S + N, buffer_len=N, moe_impl="auto")
+    return jax.block_until_ready(state)
+
+
+def jax_decode(params, config, state):
+    out = generation._decode(params, config, state, state.tokens.shape[1], moe_impl="auto")
+    return jax.block_until_ready(out)
+
+
+def run(name: str, repeats: int) -> None:
+    torch.manual_seed(0)
+    hf_config = transformers.ZayaConfig(**CONFIGS[name])
+    hf_config._attn_implementation = "eager"
+    model = transformers.ZayaForCausalLM(hf_config).eval()
+    with tempfile.TemporaryDirectory() as path:
+        model.save_pretrained(path)
+        config, params = zaya_jax.load(path)
+    rng = np.random.default_rng(0)
+    rows = []
+
+    # Prefill 1 x 512.
+    ids = rng.integers(1, config.vocab_size, (1, PREFILL_LEN))
+    _, hf_t, _ = timed(lambda: hf_prefill(model, torch.as_tensor(ids)), repeats)
+    first, jx_t, _ = timed(lambda: jax_start(params, config, ids, 1), repeats)
+    rows.append(("prefill 1x512 (tokens/s)", PREFILL_LEN / hf_t, PREFILL_LEN / jx_t))
+    compiles = [("prefill 1x512", first - jx_t)]
+
+    # Greedy decode, batch 1 and 16.
+    for batch in (1, 16):
+        ids = rng.integers(1, config.vocab_size, (batch, DECODE_PROMPT))
+        steps = DECODE_NEW - 1
+        hf_runs = [hf_greedy(model, torch.as_tensor(ids), steps) for _ in range(repeats)]
+        hf_t = statistics.median(r[0] for r in hf_runs)
+        jax_start(params, config, ids, DECODE_NEW)  # compile the prefill for this shape
+        t = time.perf_counter()
+        out = jax_decode(params, config, jax_start(params, config, ids, DECODE_NEW))
+        first = time.perf_counter() - t
+        runs = []
+        for _ in range(repeats):
+            state = jax_start(params, config, ids, DECODE_NEW)
+            t = time.perf_counter()
+            out = jax_decode(params, config, state)
+            runs.append(time.perf_counter() - t)
+        jx_t = statistics.median(runs)
+        compiles.append((f"decode loop, batch {batch}", first - jx_t))
+        assert int(out.step) == DECODE_NEW, "the decode loop stopped early"
+        agree = (np.asarray(out.tokens)[:, :DECODE_NEW] == hf_runs[0][1]).mean()
+        rows.append((f"decode batch {batch} (new tokens/s)", batch * steps / hf_t, batch * steps / jx_t, agree))
+
+    print(f"\n{name}: float32, {jax.device_count()} jax device(s), torch threads {torch.get_num_threads()}, "
+          f"median of {repeats}")
+    print("| measurement | transformers | zaya-jax | ratio | greedy tokens equal |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        agree = f"{row[3]:.0%}" if len(row) > 3 else "-"
+        print(f"| {row[0]} | {row[1]:,.0f} | {row[2]:,.0f} | {row[2] / row[1]:.1f}x | {agree} |")
+    print("\n| zaya-jax compile (first call minus median run) | seconds |")
+    print("| --- | ---: |")
+    for what, seconds in compiles:
+        print(f"| {what} | {seconds:.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="bench-124M")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    jax.config.update("jax_platforms", "cpu")
+    run(args.config, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
