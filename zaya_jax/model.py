@@ -231,7 +231,9 @@ def qk_norm(q, k, temp, head_dim):
 
     def l2(x):
         x = x.astype(jnp.float32)
-        return x * (scale / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps))
+        # max(|x|, eps) written as sqrt(max(|x|^2, eps^2)): the same value, and a finite gradient at
+        # x = 0 (padding tokens of a freshly initialised model), where |x|'s gradient is 0/0.
+        return x * (scale / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps)))
 
     return l2(q), l2(k) * temp[None, None, :, None]
 
