@@ -119,6 +119,14 @@ class TokenTemplate:
         )
 
 
+    @classmethod
+    def from_tokenizer(cls, template: AggregationTemplate, tails: int, tokenizer) -> "TokenTemplate":
+        """Tokenizes ``template`` with a ``zaya_jax.infer.tokenizer.Tokenizer``, inside its chat template."""
+        return cls.from_text(template, tails, functools.partial(tokenizer.encode, add_special_tokens=False),
+                             lambda content: tokenizer.render_chat([{"role": "user", "content": content}],
+                                                                   add_generation_prompt=True))
+
+
 # ---------------------------------------------------------------------------------------------- array code
 def extract_tails(tokens, gen_len, tau: int):
     """The last ``tau`` tokens of each row, left-aligned.
@@ -269,8 +277,8 @@ def markov_rsa(params, config: ZayaConfig, prompt_ids, *, population: int, tails
 
     ``budget`` caps the tokens each candidate generates in rounds 0..T-1, ``final_budget`` (default
     ``budget``) in round T. ``template`` is a TokenTemplate; by default it is built from
-    ``AggregationTemplate.default(tails)`` with ``tokenizer`` (an object with ``encode(text)`` and
-    ``chat(content)``; see ``zaya_jax.infer.tokenizer``), and ``tokenizer.decode`` feeds ``extract``.
+    ``AggregationTemplate.default(tails)`` and ``tokenizer`` (a ``zaya_jax.infer.tokenizer.Tokenizer``),
+    whose ``decode`` then feeds ``extract``.
     ``progress(round_index, round)`` is called after each round.
     """
     questions = [list(map(int, prompt_ids))] if prompt_ids and np.isscalar(prompt_ids[0]) else [list(map(int, q)) for q in prompt_ids]
@@ -279,8 +287,7 @@ def markov_rsa(params, config: ZayaConfig, prompt_ids, *, population: int, tails
     if template is None:
         if tokenizer is None:
             raise ValueError("markov_rsa needs a `template` (TokenTemplate) or a `tokenizer` to build the default one")
-        template = TokenTemplate.from_text(AggregationTemplate.default(tails), tails, tokenizer.encode,
-                                           getattr(tokenizer, "chat", None))
+        template = TokenTemplate.from_tokenizer(AggregationTemplate.default(tails), tails, tokenizer)
     if len(template.headers) != tails:
         raise ValueError(f"template has {len(template.headers)} candidate headers but tails={tails}")
     P, N, R = len(questions), population, len(questions) * population

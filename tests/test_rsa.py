@@ -121,3 +121,49 @@ def test_extract_boxed_and_majority():
     assert rsa.majority(["3", None, "4", "3"]) == ("3", 0.5)
     assert rsa.majority(["4", "3"]) == ("4", 0.5)
     assert rsa.majority([None, None]) == (None, 0.0)
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    """A random model directory with a character-level tokenizer and a chat template."""
+    import hf_ref
+    from zaya_jax.demo import vocab
+
+    path = tmp_path_factory.mktemp("text_model")
+    hf_ref.build(dict(hf_ref.TINY, vocab_size=101, eos_token_id=4, bos_token_id=2, pad_token_id=0), path, seed=0)
+    vocab.write(str(path))
+    return path
+
+
+def test_prompts_decode_to_the_rendered_template(text_model):
+    from zaya_jax.infer.tokenizer import Tokenizer
+
+    config, params = zaya_jax.load(text_model)
+    tok = Tokenizer.from_dir(text_model)
+    question = "12+34+56"
+    res = rsa.markov_rsa(params, config, tok.encode(question, add_special_tokens=False), population=3, tails=2,
+                         rounds=1, budget=6, tail_tokens=3, temperature=1.0, seed=0, tokenizer=tok)
+    template = rsa.AggregationTemplate.default(2)
+    chat = lambda content: tok.render_chat([{"role": "user", "content": content}], add_generation_prompt=True)  # noqa: E731
+    assert tok.decode(res.rounds[0].prompts[0][0]) == chat(question)
+    for i in range(3):
+        tails = [tok.decode(res.rounds[0].tails[0][s]) for s in res.rounds[1].subsets[0][i]]
+        assert tok.decode(res.rounds[1].prompts[0][i]) == chat(template.render(question, tails))
+    assert res.texts[0] == [tok.decode(c) for c in res.rounds[1].candidates[0]]
+
+
+def test_cli(text_model, capsys):
+    import json
+
+    from zaya_jax.cli import main
+
+    assert main(["rsa", str(text_model), "--prompt", "1+2", "--population", "3", "--tails", "2", "--rounds", "1",
+                 "--budget", "5", "--tail-tokens", "3", "--json"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["settings"]["population"] == 3 and len(out["problems"][0]["rounds"]) == 2
+    assert out["generated_tokens"] == sum(r["generated_tokens"] + r["stop_reasons"].count("stop_token")
+                                          for r in out["problems"][0]["rounds"])
+    assert "round 1/1" in captured.err
+    assert main(["rsa", str(text_model), "--prompt", "1+2", "--population", "2", "--tails", "3"]) == 2
+    assert "cannot exceed population" in capsys.readouterr().err

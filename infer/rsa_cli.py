@@ -1,0 +1,88 @@
+"""The ``zaya rsa`` command: Markov RSA over one prompt or a JSONL file of prompts."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from zaya_jax.cli import add_model_args, resolve_model
+
+# Zyphra's APEX settings (ZAYA1 report, Table XIII): rounds T, population N, tails C, budget beta, tail tau.
+PRESETS = {
+    "light": dict(rounds=2, population=16, tails=4, budget=8192, tail_tokens=4096),
+    "high": dict(rounds=8, population=16, tails=4, budget=16384, tail_tokens=4096),
+    "extra-high": dict(rounds=8, population=32, tails=4, budget=32768, tail_tokens=4096),
+}
+KNOBS = ("population", "tails", "rounds", "budget", "tail_tokens")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("rsa", help="Markov RSA: a population search with tail aggregation over rounds")
+    add_model_args(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the question as text (needs the model's tokenizer)")
+    source.add_argument("--prompt-ids", help="the question as comma-separated token ids")
+    source.add_argument("--prompts-file", help='JSONL: one {"prompt": TEXT} or {"prompt_ids": [...]} per line')
+    p.add_argument("--mode", choices=sorted(PRESETS), default="light",
+                   help="preset (APEX settings of the ZAYA1 report); the flags below override it (default light)")
+    p.add_argument("--population", type=int, help="N, candidates per round")
+    p.add_argument("--tails", type=int, help="C, tails per aggregation prompt")
+    p.add_argument("--rounds", type=int, help="T, aggregation rounds after the first generation")
+    p.add_argument("--budget", type=int, help="beta, new tokens per candidate")
+    p.add_argument("--tail-tokens", type=int, help="tau, tokens carried forward from each candidate")
+    p.add_argument("--final-budget", type=int, help="new tokens per candidate in the last round (default: budget)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object with every round")
+    p.set_defaults(func=_rsa_command)
+
+
+def settings(args) -> dict:
+    """The preset of ``--mode`` with the explicitly given flags on top."""
+    out = dict(PRESETS[args.mode])
+    out.update({k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None})
+    return out
+
+
+def _rsa_command(args) -> int:
+    from .cli import _read_lines, _single_line, _tokenizer
+    from .rsa import markov_rsa
+
+    config, params, desc = resolve_model(args.model, args.dtype)
+    tokenizer = _tokenizer(args.model, config)
+    lines = _read_lines(args.prompts_file) if args.prompts_file else [_single_line(args)]
+    questions = []
+    for line in lines:
+        if "prompt_ids" not in line and "prompt" not in line:
+            raise ValueError("zaya rsa takes {\"prompt\": ...} or {\"prompt_ids\": [...]} lines")
+        ids = line["prompt_ids"] if "prompt_ids" in line else tokenizer.encode(line["prompt"], add_special_tokens=False)
+        questions.append(list(ids))
+    knobs = settings(args)
+
+    def progress(t, rnd):
+        print(f"round {t}/{knobs['rounds']}: {rnd.generated_tokens} tokens generated, longest prompt "
+              f"{rnd.longest_prompt}, {rnd.seconds:.1f} s", file=sys.stderr, flush=True)
+
+    result = markov_rsa(params, config, questions, **knobs, final_budget=args.final_budget,
+                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, tokenizer=tokenizer,
+                        progress=progress)
+    if args.json:
+        print(json.dumps({
+            "model": desc, "settings": dict(knobs, final_budget=args.final_budget or knobs["budget"]),
+            "generated_tokens": result.generated_tokens,
+            "problems": [{
+                "answers": result.answers[p], "majority": result.majority[p][0], "majority_share": result.majority[p][1],
+                "final_texts": result.texts[p],
+                "rounds": [{"candidates": r.candidates[p], "stop_reasons": r.stop_reasons[p], "tails": r.tails[p],
+                            "subsets": None if r.subsets is None else r.subsets[p],
+                            "longest_prompt": max(len(m) for m in r.prompts[p]), "generated_tokens":
+                            sum(len(c) for c in r.candidates[p])} for r in result.rounds],
+            } for p in range(len(questions))],
+        }))
+    else:
+        for p, (answer, share) in enumerate(result.majority):
+            print(f"problem {p}: majority answer {answer!r} ({share:.0%} of {knobs['population']} candidates)")
+        print(f"generated tokens: {result.generated_tokens} "
+              f"({', '.join(str(r.generated_tokens) for r in result.rounds)} per round)")
+    return 0
