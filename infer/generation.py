@@ -20,6 +20,7 @@ import numpy as np
 from zaya_jax.cache import init_cache
 from zaya_jax.config import ZayaConfig
 from zaya_jax.model import compute_dtype
+from zaya_jax.sharding import to_host
 
 from . import engine
 from .sampling import SamplingParams, pad_rows, per_row, row_keys
@@ -119,15 +120,15 @@ def generate(params, config: ZayaConfig, prompts, *, max_new_tokens, temperature
     else:
         shown = np.zeros((n,), np.int64)
         while True:
-            num_new = np.asarray(state.num_new)[:n]
-            rows = np.asarray(state.tokens)[:n]
+            num_new = to_host(state.num_new)[:n]
+            rows = to_host(state.tokens)[:n]
             stream([rows[b, shown[b]:num_new[b]].tolist() for b in range(n)])
             shown = num_new
-            if not (np.asarray(state.reason)[:n] == engine.RUNNING).any() or int(state.step) >= N:
+            if not (to_host(state.reason)[:n] == engine.RUNNING).any() or int(state.step) >= N:
                 break
             state = _decode(params, config, state, int(state.step) + stream_interval, moe_impl=moe_impl)
 
-    num_new, rows, reasons = (np.asarray(a)[:n] for a in (state.num_new, state.tokens, state.reason))
+    num_new, rows, reasons = (to_host(a)[:n] for a in (state.num_new, state.tokens, state.reason))
     return GenerationResult(
         tokens=[rows[b, : num_new[b]].tolist() for b in range(n)],
         stop_reasons=[engine.STOP_REASONS[r] for r in reasons],

@@ -45,7 +45,7 @@ def main(process_id: int, port: int, model_dir: str, inputs: str, out: str, mesh
             from zaya_jax.infer import generate
 
             prompts = [list(map(int, row[m.astype(bool)])) for row, m in zip(ids, mask)]
-            result = generate(params, config, prompts, max_new_tokens=new_tokens)
+            result = generate(params, config, prompts, max_new_tokens=new_tokens, stop_token_ids=[])
             width = max(len(t) for t in result.tokens)
             results["tokens"] = np.array([t + [-1] * (width - len(t)) for t in result.tokens])
     if process_id == 0:

@@ -195,3 +195,12 @@ def token_axes(mesh, tokens: int) -> tuple[str, ...]:
     (those of size > 1), or none (tokens replicated) when ``tokens`` is not divisible by their product."""
     axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
     return axes if tokens % max(1, int(np.prod([mesh.shape[a] for a in axes]))) == 0 else ()
+
+
+def to_host(array) -> np.ndarray:
+    """A jax array as numpy on every process, gathering the other processes' shards when it spans them."""
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
