@@ -8,7 +8,7 @@ import json
 import sys
 
 # Modules exposing ``register(subparsers)``; each adds its subcommand(s) with ``set_defaults(func=...)``.
-COMMAND_MODULES = ("zaya_jax.cli", "zaya_jax.convert.cli", "zaya_jax.infer.cli", "zaya_jax.infer.rsa_cli")
+COMMAND_MODULES = ("zaya_jax.cli", "zaya_jax.convert.cli", "zaya_jax.infer.cli", "zaya_jax.infer.rsa_cli", "zaya_jax.train.cli")
 
 
 def resolve_model(path: str | None, dtype: str | None = None):

@@ -1,0 +1,98 @@
+"""``zaya train``: fine-tune a model directory on a JSONL file; resumable; writes a loadable model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def _mesh(text: str | None):
+    if not text:
+        return None
+    from zaya_jax import sharding
+
+    return sharding.make_mesh(**sharding.parse_mesh(text))
+
+
+def _train_command(args) -> int:
+    import jax.numpy as jnp
+
+    from zaya_jax.cli import resolve_model
+    from zaya_jax.infer.tokenizer import Tokenizer
+
+    from . import data, loop, step
+
+    if args.batch_size % args.grad_accum:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+    mesh = _mesh(args.mesh)
+    dtype = {None: None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    if mesh is None:
+        config, params, desc = resolve_model(args.model, args.dtype)
+    else:
+        if args.model is None:
+            raise SystemExit("error: --mesh needs a model directory")
+        from zaya_jax import load, sharding
+
+        config, params = load(args.model, dtype=dtype, mesh=mesh, rules=sharding.TRAINING)
+        desc = args.model
+    has_tokenizer = args.model is not None and os.path.isfile(os.path.join(args.model, "tokenizer.json"))
+    tokenizer = Tokenizer.from_dir(args.model) if has_tokenizer else None
+    eos = config.eos_token_id[0] if config.eos_token_id else None
+    examples, report = data.load_examples(args.data, args.seq_len, config.vocab_size, tokenizer, eos)
+    print(f"model: {desc}\ndata: {report.examples} examples from {args.data} "
+          f"({report.truncated} truncated to {args.seq_len} tokens, {report.dropped} without targets dropped)")
+
+    warmup = args.warmup if args.warmup is not None else min(100, args.steps // 10)
+    tcfg = step.TrainConfig(
+        learning_rate=args.lr, warmup_steps=warmup, total_steps=args.steps, final_lr_ratio=args.final_lr_ratio,
+        weight_decay=args.weight_decay, clip_norm=args.clip, grad_accum=args.grad_accum, remat_policy=args.remat,
+        compute_dtype=args.compute_dtype, bias_rate=args.bias_rate, loss_chunk=args.loss_chunk)
+    run = loop.RunConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+                         save_every=args.save_every, keep=args.keep)
+    batches = data.Batches(examples, args.batch_size, args.seq_len, args.seed, pad_id=config.pad_token_id or 0)
+    data_settings = {"model": os.path.abspath(args.model) if args.model else None,
+                     "data": os.path.abspath(args.data), "examples": len(examples)}
+    state = loop.train(config, params, batches, tcfg, run, args.out, resume=args.resume, mesh=mesh,
+                       data_settings=data_settings, progress=not args.no_progress, assets_from=args.model)
+    with open(os.path.join(args.out, "metrics.jsonl")) as f:
+        last = json.loads(f.readlines()[-1])
+    summary = {"steps": int(state.step), "loss": last["loss"], "model": os.path.join(args.out, "model"),
+               "metrics": os.path.join(args.out, "metrics.jsonl")}
+    print(json.dumps(summary) if args.json else
+          f"done: {summary['steps']} steps, last loss {summary['loss']:.4f}; model in {summary['model']}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="fine-tune a model on a JSONL file (text, chat or token ids)")
+    p.set_defaults(func=_train_command)
+    p.add_argument("--model", default=None, help="model directory: HF checkpoint or `zaya convert` output "
+                   "(default: the embedded model)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="dtype the trained model is saved in (default: as stored); training keeps float32 masters")
+    p.add_argument("--data", required=True, help="JSONL: {\"text\"}, {\"messages\"} (loss on assistant turns) "
+                   "or {\"input_ids\", \"loss_mask\"} per line")
+    p.add_argument("--out", required=True, help="output directory: checkpoints/, metrics.jsonl, model/")
+    p.add_argument("--steps", type=int, default=1000, help="total optimizer steps (default 1000)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence; longer records are cut (default 512)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default min(100, steps/10))")
+    p.add_argument("--final-lr-ratio", type=float, default=0.1, help="cosine decays to lr x this (default 0.1)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of matrices (default 0.1)")
+    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (default 1.0)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
+    p.add_argument("--remat", choices=("none", "full", "dots"), default="none",
+                   help="per-layer rematerialisation policy (default none)")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="forward/backward dtype; master weights stay float32 (default float32)")
+    p.add_argument("--bias-rate", type=float, default=1e-3,
+                   help="sign-rule step of the expert balancing biases per step; 0 freezes them (default 1e-3)")
+    p.add_argument("--loss-chunk", type=int, default=None, help="tokens per loss chunk (default: ~64M logits)")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps (default 100)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=2,expert=2 (default: one device)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the final summary as one JSON object")

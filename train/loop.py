@@ -1,0 +1,184 @@
+"""The training loop: compiled step, checkpoints, resume, metrics (JSONL + progress bar), final model.
+
+Output directory::
+
+    run.json          the run's settings; a resume must match them exactly
+    checkpoints/      orbax CheckpointManager steps (state + data position)
+    metrics.jsonl     one line per step
+    model/            the trained model, a `zaya convert`-style directory (zaya_jax.load / zaya export)
+
+The host waits on the device only to read the previous step's metrics, after the next step has been
+dispatched, so data loading and logging overlap the computation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from zaya_jax import checkpoint
+from zaya_jax.config import ZayaConfig
+from zaya_jax.model import cast_params
+
+from . import checkpoints
+from .data import Batches
+from .step import TrainConfig, TrainState, full_params, init_state, make_train_step, state_shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Loop settings beside the optimisation ones."""
+
+    steps: int
+    batch_size: int
+    seq_len: int
+    seed: int = 0
+    save_every: int = 100
+    keep: int = 3
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "save_every", "keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class Sharded:
+    """Shardings of the state, batch and metrics on a mesh (``zaya_jax.sharding``'s training preset)."""
+
+    def __init__(self, mesh, config: ZayaConfig, state: TrainState, tcfg: TrainConfig, batch_size: int):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from zaya_jax import sharding
+
+        self.mesh = mesh
+        replicated = NamedSharding(mesh, PartitionSpec())
+        params = sharding.param_shardings(config, mesh, sharding.TRAINING)
+        self.state = state_shardings(state, params, replicated, tcfg)
+        self.batch = sharding.batch_sharding(mesh, 2, sharding.TRAINING, batch_size)
+        self.metrics = replicated
+
+
+def _metrics_record(step: int, metrics: dict, seconds: float) -> dict:
+    m = jax.device_get(metrics)
+    record = {"step": step}
+    for key, value in m.items():
+        if key == "route_counts":
+            continue
+        record[key] = np.asarray(value, np.float64).round(6).tolist() if np.ndim(value) else float(value)
+    record["step_time_s"] = round(seconds, 6)
+    record["tokens_per_s"] = round(float(m["tokens"]) / max(seconds, 1e-9), 2)
+    return record
+
+
+def _check_run(out: str, settings: dict, resume: bool) -> None:
+    file = os.path.join(out, "run.json")
+    if resume:
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"cannot resume: {file} does not exist")
+        with open(file) as f:
+            saved = json.load(f)
+        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        if changed:
+            raise ValueError(f"cannot resume: settings differ from the saved run in {', '.join(changed)}")
+        return
+    if os.path.exists(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
+        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue or choose a new --out")
+    os.makedirs(out, exist_ok=True)
+    with open(file, "w") as f:
+        json.dump(settings, f, indent=2)
+
+
+def _truncate_log(file: str, last_step: int) -> None:
+    """Keeps the log lines of steps up to ``last_step`` (those a resumed run does not redo)."""
+    if not os.path.exists(file):
+        return
+    with open(file) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(file, "w") as f:
+        f.writelines(lines)
+
+
+def train(config: ZayaConfig, params: dict, batches: Batches, tcfg: TrainConfig, run: RunConfig, out: str, *,
+          resume: bool = False, mesh=None, data_settings: dict | None = None, progress: bool = True,
+          save_model: bool = True, assets_from: str | None = None) -> TrainState:
+    """Trains ``params`` for ``run.steps`` steps (from the latest checkpoint when ``resume``).
+
+    ``data_settings`` (e.g. the data file) is recorded in run.json and must match on resume.
+    Returns the final state; with ``save_model`` the trained params are written to ``out/model`` in the
+    dtype ``params`` came in, with the tokenizer files of the model directory ``assets_from``.
+    """
+    settings = {"train": dataclasses.asdict(tcfg), "run": {k: v for k, v in dataclasses.asdict(run).items()
+                                                           if k not in ("save_every", "keep")},
+                "data": data_settings or {}}
+    _check_run(out, settings, resume)
+    model_dtype = params["embed"].dtype
+    state = init_state(params, tcfg)
+    del params
+    shard = Sharded(mesh, config, state, tcfg, run.batch_size) if mesh is not None else None
+    if shard is not None:
+        state = jax.device_put(state, shard.state)
+
+    mngr = checkpoints.manager(os.path.join(out, "checkpoints"), save_every=run.save_every, keep=run.keep)
+    start = 0
+    log_file = os.path.join(out, "metrics.jsonl")
+    if resume:
+        state, data_state, start = checkpoints.restore(mngr, state)
+        batches.restore(data_state)
+        _truncate_log(log_file, start)
+
+    step_fn = (make_train_step(config, tcfg) if shard is None else
+               make_train_step(config, tcfg, state_sharding=shard.state, batch_sharding=shard.batch,
+                               metrics_sharding=shard.metrics))
+    bar = tqdm(total=run.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    pending = None  # (step, metrics) dispatched but not yet read
+    with open(log_file, "a") as log, (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+        last = time.perf_counter()
+
+        def flush():
+            nonlocal last
+            step_no, metrics = pending
+            jax.block_until_ready(metrics)
+            now = time.perf_counter()
+            record = _metrics_record(step_no, metrics, now - last)
+            last = now
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
+
+        for step_no in range(start + 1, run.steps + 1):
+            batch = next(batches)
+            if shard is not None:
+                batch = jax.device_put(batch, shard.batch)
+            state, metrics = step_fn(state, batch)
+            if pending is not None:
+                flush()
+            pending = (step_no, metrics)
+            checkpoints.save(mngr, step_no, state, batches.state(), force=step_no == run.steps)
+        if pending is not None:
+            flush()
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    if save_model:
+        save_model_dir(config, cast_params(full_params(state), model_dtype), os.path.join(out, "model"), assets_from)
+    return state
+
+
+
+def save_model_dir(config: ZayaConfig, params: dict, directory: str, assets_from: str | None) -> None:
+    """``params`` as a converted model directory (``zaya_jax.load``, ``zaya export``), with the tokenizer
+    files and chat template of ``assets_from``."""
+    from zaya_jax.convert.pipeline import _copy_assets
+
+    checkpoint.save(directory, config, jax.device_get(params), force=True)
+    _copy_assets(assets_from, directory)
