@@ -53,7 +53,7 @@ def test_loss_and_gradients_match_transformers(name, chunk, tmp_path):
     value, grads = jax.jit(jax.value_and_grad(mean_loss))(trainable)
     assert abs(float(value) - ref_loss) <= 1e-4 * abs(ref_loss)
 
-    checked = 0
+    checked, worst = 0, 0.0
     for hf_name, entry, layer in layout.expected_tensors(config):
         if entry.path == balance.BIAS_PATH:
             continue  # a buffer in transformers, state (not a parameter) here
@@ -62,7 +62,8 @@ def test_loss_and_gradients_match_transformers(name, chunk, tmp_path):
         ref = entry.to_jax(ref_grads[hf_name], config)
         rel = np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-30)
         assert rel <= 1e-4, f"{hf_name}: relative gradient error {rel:.2e}"
-        checked += 1
+        checked, worst = checked + 1, max(worst, rel)
+    print(f"{name}: loss {float(value):.6f} vs {ref_loss:.6f}; {checked} gradients, worst relative error {worst:.1e}")
     assert checked == len(ref_grads), "some transformers gradients were not compared"
     # Layer 0 has no router_states_scale in transformers; ours multiplies a zero router state there,
     # so its gradient must be exactly zero.
