@@ -1,14 +1,15 @@
 """The param pytree as an orbax checkpoint, written and read one layer slice at a time.
 
-Format: an orbax ``PyTreeCheckpointer`` checkpoint (no OCDBT, zarr v2, one array per leaf, chunked
-with a leading layer axis of 1), restorable with plain orbax. The streaming writer first has orbax
-save a placeholder tree of zero-stride arrays of the final shapes and dtypes (orbax writes all the
-metadata; the zero chunks compress to almost nothing), then overwrites each leaf slice by slice
-through tensorstore. The whole stacked tree is never in memory: only the slice being written.
+Format: an orbax ``PyTreeCheckpointer`` checkpoint (no OCDBT, zarr v2, one array per leaf),
+restorable with plain orbax. To write it without holding the tree, orbax saves a skeleton of the same
+tree with one-element leaves (it writes all the checkpoint metadata and each leaf's zarr metadata);
+each leaf's zarr array is then re-created at its real shape, chunked so that a chunk never spans two
+layers, and filled slice by slice through tensorstore. Only the slice being written is in memory.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -21,25 +22,57 @@ from zaya_jax.config import ZayaConfig
 from . import layout
 from .hf_reader import CheckpointError
 
-CHUNK_BYTES = 64 << 20  # upper bound of one zarr chunk; chunks never span layers
+CHUNK_BYTES = 64 << 20  # upper bound of one zarr chunk
 
 
 def _checkpointer() -> ocp.PyTreeCheckpointer:
     return ocp.PyTreeCheckpointer(use_ocdbt=False, use_zarr3=False)
 
 
-def save_tree(directory: str, tree: dict) -> None:
-    """Saves a pytree of numpy/jax arrays with orbax at ``directory`` (which must not exist)."""
-    save_args = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES, shard_axes=(0,)), tree)
-    _checkpointer().save(os.path.abspath(directory), args=ocp.args.PyTreeSave(tree, save_args=save_args))
+def chunk_shape(shape: tuple[int, ...], itemsize: int, stacked: bool) -> tuple[int, ...]:
+    """At most CHUNK_BYTES per chunk; a stacked leaf's chunks hold one layer. Halves the largest axis."""
+    chunk = [1, *shape[1:]] if stacked else list(shape)
+    while math.prod(chunk) * itemsize > CHUNK_BYTES:
+        axis = int(np.argmax(chunk))
+        chunk[axis] = -(-chunk[axis] // 2)
+    return tuple(chunk)
+
+
+def _leaf_dir(directory: str, path: layout.ParamPath) -> str:
+    return os.path.join(directory, ".".join(path))  # orbax's name for a leaf without OCDBT
 
 
 def _open_leaf(directory: str, path: layout.ParamPath) -> ts.TensorStore:
-    leaf_dir = os.path.join(directory, ".".join(path))
+    leaf_dir = _leaf_dir(directory, path)
     if not os.path.isdir(leaf_dir):
         raise CheckpointError(f"orbax checkpoint {directory} has no array for param {'/'.join(path)}")
     spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": leaf_dir}}
     return ts.open(spec, open=True).result()
+
+
+def create(directory: str, leaves: dict[layout.ParamPath, tuple[tuple[int, ...], np.dtype]]
+           ) -> dict[layout.ParamPath, ts.TensorStore]:
+    """An orbax checkpoint at ``directory`` (must not exist) of empty arrays; returns them to fill."""
+    skeleton: dict = {}
+    for path, (shape, dtype) in leaves.items():
+        layout.set_path(skeleton, path, np.zeros((1,) * len(shape), dtype))
+    _checkpointer().save(os.path.abspath(directory), args=ocp.args.PyTreeSave(skeleton))
+    arrays = {}
+    for path, (shape, dtype) in leaves.items():
+        spec = _open_leaf(directory, path).spec().to_json()
+        spec["metadata"].update(shape=list(shape), chunks=list(chunk_shape(shape, np.dtype(dtype).itemsize,
+                                                                           path[0] == "layers")))
+        arrays[path] = ts.open(spec, create=True, delete_existing=True).result()
+    return arrays
+
+
+def save_tree(directory: str, tree: dict) -> None:
+    """Saves a param pytree (numpy or jax leaves) as an orbax checkpoint, one leaf in host memory at a time."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    leaves = {tuple(k.key for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype)) for path, leaf in flat}
+    arrays = create(directory, leaves)
+    for path, leaf in flat:
+        write_blocks(arrays[tuple(k.key for k in path)], np.asarray(leaf))
 
 
 class OrbaxWriter:
@@ -47,11 +80,8 @@ class OrbaxWriter:
 
     def __init__(self, directory: str, config: ZayaConfig, dtype):
         self.config = config
-        placeholder: dict = {}
-        for entry, shape, leaf_dtype in layout.leaves(config, dtype):
-            layout.set_path(placeholder, entry.path, np.broadcast_to(np.zeros((), leaf_dtype), shape))
-        save_tree(directory, placeholder)
-        self.arrays = {entry.path: _open_leaf(directory, entry.path) for entry in layout.entries(config)}
+        self.arrays = create(directory, {entry.path: (shape, leaf_dtype)
+                                         for entry, shape, leaf_dtype in layout.leaves(config, dtype)})
         for entry in layout.entries(config):
             fill = layout.fill_value(entry)
             if fill is not None:  # layer slices with no HF tensor
@@ -62,8 +92,22 @@ class OrbaxWriter:
     def put(self, entry: layout.Entry, layer: int | None, value: np.ndarray) -> None:
         """Writes one HF tensor already in param layout (``value``: the leaf's layer slice)."""
         store = self.arrays[entry.path]
-        target = store[layer] if entry.per_layer else store
-        target.write(np.asarray(value).astype(store.dtype.numpy_dtype, copy=False)).result()
+        write_blocks(store[layer] if entry.per_layer else store, np.asarray(value))
+
+
+def write_blocks(target: ts.TensorStore, value: np.ndarray) -> None:
+    """Writes ``value`` into ``target`` a run of whole chunks at a time (cast per block), so that
+    tensorstore's staging copy stays at a few chunks instead of a whole tensor."""
+    chunks = target.chunk_layout.write_chunk.shape
+    split = [a for a in range(value.ndim) if chunks[a] < value.shape[a]]
+    dtype = target.dtype.numpy_dtype
+    if not split:
+        target.write(value.astype(dtype, copy=False)).result()
+        return
+    axis, step = split[0], chunks[split[0]]
+    for start in range(0, value.shape[axis], step):
+        index = (slice(None),) * axis + (slice(start, start + step),)
+        target[index].write(value[index].astype(dtype, copy=False)).result()
 
 
 class OrbaxReader:

@@ -14,6 +14,7 @@ import json
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from typing import Iterator
@@ -57,7 +58,17 @@ class Summary:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak resident memory. Linux: VmHWM, which (unlike ru_maxrss) does not inherit
+    the high-water mark of the parent a subprocess was forked from."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 class _Meter:
