@@ -16,11 +16,14 @@ import orbax.checkpoint as ocp
 from .step import TrainState
 
 
-def manager(directory: str, *, save_every: int, keep: int) -> ocp.CheckpointManager:
+def manager(directory: str, *, save_every: int, keep: int, asynchronous: bool = True) -> ocp.CheckpointManager:
+    """``asynchronous``: write in the background while training goes on. Turn it off for multi-device
+    meshes: orbax finishes a save with a cross-device barrier from its own thread, which can interleave
+    with the train step's collectives and deadlock (seen on XLA:CPU with 8 devices)."""
     if save_every < 1 or keep < 1:
         raise ValueError(f"save_every and keep must be >= 1, got {save_every} and {keep}")
     options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
-                                           cleanup_tmp_directories=True)
+                                           cleanup_tmp_directories=True, enable_async_checkpointing=asynchronous)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "data"))
 
 

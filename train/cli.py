@@ -15,8 +15,6 @@ def _mesh(text: str | None):
 
 
 def _train_command(args) -> int:
-    import jax.numpy as jnp
-
     from zaya_jax.cli import resolve_model
     from zaya_jax.infer.tokenizer import Tokenizer
 
@@ -25,16 +23,7 @@ def _train_command(args) -> int:
     if args.batch_size % args.grad_accum:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     mesh = _mesh(args.mesh)
-    dtype = {None: None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    if mesh is None:
-        config, params, desc = resolve_model(args.model, args.dtype)
-    else:
-        if args.model is None:
-            raise SystemExit("error: --mesh needs a model directory")
-        from zaya_jax import load, sharding
-
-        config, params = load(args.model, dtype=dtype, mesh=mesh, rules=sharding.TRAINING)
-        desc = args.model
+    config, params, desc = resolve_model(args.model, args.dtype)  # the loop places it on the mesh
     has_tokenizer = args.model is not None and os.path.isfile(os.path.join(args.model, "tokenizer.json"))
     tokenizer = Tokenizer.from_dir(args.model) if has_tokenizer else None
     eos = config.eos_token_id[0] if config.eos_token_id else None

@@ -126,7 +126,8 @@ def train(config: ZayaConfig, params: dict, batches: Batches, tcfg: TrainConfig,
     if shard is not None:
         state = jax.device_put(state, shard.state)
 
-    mngr = checkpoints.manager(os.path.join(out, "checkpoints"), save_every=run.save_every, keep=run.keep)
+    mngr = checkpoints.manager(os.path.join(out, "checkpoints"), save_every=run.save_every, keep=run.keep,
+                               asynchronous=mesh is None or mesh.size == 1)
     start = 0
     log_file = os.path.join(out, "metrics.jsonl")
     if resume:
@@ -163,6 +164,8 @@ def train(config: ZayaConfig, params: dict, batches: Batches, tcfg: TrainConfig,
             if pending is not None:
                 flush()
             pending = (step_no, metrics)
+            if shard is not None and mngr.should_save(step_no):
+                jax.block_until_ready(state)  # see checkpoints.manager: no collectives in flight during a save
             checkpoints.save(mngr, step_no, state, batches.state(), force=step_no == run.steps)
         if pending is not None:
             flush()
