@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from zaya_jax import host
 from zaya_jax.config import ZayaConfig
 
 from . import layout
 
 
 class TreeWriter:
-    """Preallocates ``config``'s params in ``dtype`` (numpy); ``put`` fills one slice in place."""
+    """Preallocates ``config``'s params in ``dtype`` (numpy); ``put`` fills one slice in place.
+
+    The buffers are aligned (``zaya_jax.host``), so ``host.to_device`` turns them into jax arrays
+    without a second copy."""
 
     def __init__(self, config: ZayaConfig, dtype):
         self.params: dict = {}
         for entry, shape, leaf_dtype in layout.leaves(config, dtype):
             fill = layout.fill_value(entry)
-            leaf = np.full(shape, fill, leaf_dtype) if fill is not None else np.empty(shape, leaf_dtype)
+            leaf = host.full(shape, fill, leaf_dtype) if fill is not None else host.empty(shape, leaf_dtype)
             layout.set_path(self.params, entry.path, leaf)
 
     def put(self, entry: layout.Entry, layer: int | None, value: np.ndarray) -> None:

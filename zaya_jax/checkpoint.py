@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
+from . import host
 from .config import ZayaConfig
+
+BLOCK_BYTES = 64 << 20  # rows of a global leaf (the embedding) read at a time
 
 
 def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None) -> tuple[ZayaConfig, dict]:
@@ -31,9 +34,33 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None) -> tuple
 
         return config, load_sharded(path, config, mesh, dtype=dtype, rules=rules or INFERENCE)
     if convert.is_converted(path):
-        return config, convert.restore(path, config, dtype)
-    params = convert.read_hf(path, config, dtype)
-    return config, jax.tree_util.tree_map(jnp.asarray, params)
+        return config, _restore_host(path, config, dtype)
+    params = convert.read_hf(path, config, dtype)  # preallocated aligned buffers, filled tensor by tensor
+    return config, jax.tree_util.tree_map(host.to_device, params)
+
+
+def _restore_host(path: str, config: ZayaConfig, dtype) -> dict:
+    """A converted directory's params on the default device, held once: each leaf is preallocated in its
+    final dtype (aligned, see ``host``), filled block by block from the orbax arrays (casting per block)
+    and handed to jax without a copy. Peak host memory: the params plus one block (a layer slice)."""
+    from zaya_jax.convert import layout
+    from zaya_jax.convert.hf_reader import resolve_dtype
+    from zaya_jax.convert.orbax_store import OrbaxReader
+    from zaya_jax.convert.pipeline import PARAMS_DIR
+
+    reader = OrbaxReader(os.path.join(path, PARAMS_DIR), config)  # validates shapes against config
+    target = resolve_dtype(dtype) or reader.dtype
+    params: dict = {}
+    for entry, shape, leaf_dtype in layout.leaves(config, target):
+        store = reader.arrays[entry.path]
+        buf = host.empty(shape, leaf_dtype)
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * store.dtype.numpy_dtype.itemsize
+        step = 1 if entry.per_layer else max(1, BLOCK_BYTES // max(row_bytes, 1))
+        for start in range(0, shape[0], step):
+            stop = min(start + step, shape[0])  # tensorstore does not clip slices
+            buf[start:stop] = store[start:stop].read().result()
+        layout.set_path(params, entry.path, host.to_device(buf))
+    return params
 
 
 def save(path: str | os.PathLike, config: ZayaConfig, params: dict, *, force: bool = False) -> None:
