@@ -19,7 +19,7 @@ import numpy as np
 
 from zaya_jax.cache import init_cache
 from zaya_jax.config import ZayaConfig
-from zaya_jax.model import compute_dtype
+from zaya_jax.model import INFERENCE_COMPILER_OPTIONS, compute_dtype
 from zaya_jax.sharding import to_host
 
 from . import engine
@@ -135,7 +135,8 @@ def generate(params, config: ZayaConfig, prompts, *, max_new_tokens, temperature
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_len", "buffer_len", "moe_impl"))
+@functools.partial(jax.jit, static_argnames=("config", "cache_len", "buffer_len", "moe_impl"),
+                   compiler_options=INFERENCE_COMPILER_OPTIONS)
 def _prefill_and_start(params, config, tokens, starts, max_len, sampling, keys, max_new, stop_ids, *,
                        cache_len, buffer_len, moe_impl):
     cache = init_cache(config, tokens.shape[0], cache_len, compute_dtype(params)).replace(starts=starts)
@@ -143,4 +144,7 @@ def _prefill_and_start(params, config, tokens, starts, max_len, sampling, keys, 
     return engine.start(logits, cache, sampling, keys, max_new, stop_ids, max_len, buffer_len)
 
 
-_decode = jax.jit(engine.decode, static_argnames=("config", "moe_impl"), donate_argnames=("state",))
+# INFERENCE_COMPILER_OPTIONS: keeps XLA:CPU from hoisting float32 copies of the bf16 weights out of the
+# layer scan and the decode loop (a float32 copy of the whole model otherwise; see zaya_jax.model).
+_decode = jax.jit(engine.decode, static_argnames=("config", "moe_impl"), donate_argnames=("state",),
+                  compiler_options=INFERENCE_COMPILER_OPTIONS)

@@ -476,7 +476,15 @@ def forward(params, config: ZayaConfig, input_ids, attention_mask=None, *, moe_i
     return _forward_jit(params, config, input_ids, attention_mask, moe_impl)
 
 
-@jax.jit(static_argnums=(1, 4))
+# Compiler options of the inference programs. XLA:CPU runs bfloat16 dots by converting their operands to
+# float32; the weights are loop-invariant in the layer scan (and in the decode loop), so while-loop-
+# invariant code motion hoists those converts out of the loops and builds a float32 copy of every
+# weight first (33 GB of temporaries for a ZAYA1-8B prefill, 8 GB even at 2 layers). Without the pass
+# the converts stay fused into each layer's reads (temporaries: ~50 MB); nothing else is worth hoisting.
+INFERENCE_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+@jax.jit(static_argnums=(1, 4), compiler_options=INFERENCE_COMPILER_OPTIONS)
 def _forward_jit(params, config, input_ids, attention_mask, moe_impl):
     logits, _, _ = apply(params, config, input_ids, uncached_context(attention_mask), moe_impl=moe_impl)
     return logits
