@@ -10,7 +10,7 @@ import transformers
 from zaya_jax import moe
 
 E, D, F = 5, 24, 16
-IMPLS = ("gather", "grouped", "tiled", "auto")
+IMPLS = ("gather", "loop", "grouped", "tiled", "auto")
 
 
 def _weights(seed=0):
@@ -48,7 +48,7 @@ def test_paths_match_oracle(impl, kind, T, skip):
         np.testing.assert_allclose(got, skip_scale[:, None] * x, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["gather", "grouped", "tiled"])
+@pytest.mark.parametrize("impl", ["gather", "loop", "grouped", "tiled"])
 def test_gradients_match_oracle(impl):
     gate_up, down = _weights()
     T = 40
@@ -79,8 +79,24 @@ def test_tiled_explicit_tile_sizes():
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"tile={tile}")
 
 
+def test_stacked_layer_weights():
+    """With ``layer``, every path reads the same experts out of a [L, E, ...] stack."""
+    stack = [_weights(seed) for seed in range(3)]
+    gate_up, down = jnp.stack([g for g, _ in stack]), jnp.stack([d for _, d in stack])
+    T = 9
+    x = jax.random.normal(jax.random.key(2), (T, D))
+    idx = jnp.asarray(_routes("random", T), jnp.int32)
+    gate, skip_scale = jnp.ones(T), jnp.zeros(T)
+    want = moe.experts_oracle(x, idx, gate, skip_scale, *stack[1])
+    for impl in ("loop", "gather", "tiled"):
+        run = jax.jit(lambda layer, impl=impl: moe.experts(x, idx, gate, skip_scale, gate_up, down, impl, layer=layer))
+        np.testing.assert_allclose(run(jnp.int32(1)), want, atol=1e-5, rtol=1e-5, err_msg=impl)
+
+
 def test_auto_choice():
-    assert moe.auto_impl(1, "cpu") == "gather"
+    assert moe.auto_impl(1, "cpu") == "loop"
+    assert moe.auto_impl(16, "cpu") == "loop"
+    assert moe.auto_impl(17, "cpu") == "tiled"
     assert moe.auto_impl(512, "cpu") == "tiled"
     assert moe.auto_impl(4, "gpu") == "gather"
     assert moe.auto_impl(512, "gpu") == "grouped"

@@ -300,8 +300,12 @@ class Experts(nn.Module):
     moe_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, route, gate):
-        """x: [N, D]; route, gate: [N] -> [N, D]."""
+    def __call__(self, x, route, gate, layer=None, stack=None):
+        """x: [N, D]; route, gate: [N] -> [N, D].
+
+        ``stack`` (with ``layer``): this parameter's whole layer stack, for the decode path that slices
+        each token's expert straight out of it (see ``moe.experts_loop``).
+        """
         c = self.config
         E, D, F = c.num_experts, c.hidden_size, c.moe_intermediate_size
         gate_up = _param(self, "gate_up", _normal(c), (E, D, 2 * F), ("experts", "embed", "moe_ffw"))
@@ -309,8 +313,13 @@ class Experts(nn.Module):
         skip_scale = gate if c.mod_skip == "scaled_identity" else jnp.zeros_like(gate)
         skip_scale = jnp.where(route == E, skip_scale, 0.0)
         # Under a sharding mesh (jax.set_mesh) the MoE runs expert/tensor/data-parallel in a shard_map.
-        run = moe.experts if expert_parallel.active_mesh() is None else expert_parallel.experts
-        return run(x, route, gate, skip_scale, gate_up.astype(self.dtype), down.astype(self.dtype), self.moe_impl)
+        if expert_parallel.active_mesh() is not None:
+            return expert_parallel.experts(x, route, gate, skip_scale, gate_up.astype(self.dtype),
+                                           down.astype(self.dtype), self.moe_impl)
+        if stack is not None:
+            gate_up, down = stack["gate_up"], stack["down"]
+        return moe.experts(x, route, gate, skip_scale, gate_up.astype(self.dtype), down.astype(self.dtype),
+                           self.moe_impl, layer=layer if stack is not None else None)
 
 
 class Block(nn.Module):
@@ -321,9 +330,9 @@ class Block(nn.Module):
     moe_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, carry, layer_xs, ctx: AttentionContext):
+    def __call__(self, carry, layer_xs, ctx: AttentionContext, expert_stack=None):
         residual, router_state = carry  # [B, S, D] f32, [B, S, R] f32
-        theta, window, cache = layer_xs
+        layer, theta, window, cache = layer_xs
         c, dt = self.config, self.dtype
         B, S, D = residual.shape
 
@@ -334,7 +343,7 @@ class Block(nn.Module):
         x = RMSNorm(c.rms_norm_eps, dt, name="post_attn_norm")(residual)
         route, gate, router_state = Router(c, name="router")(x, router_state)
         m = Experts(c, dt, self.moe_impl, name="experts")(
-            x.reshape(B * S, D), route.reshape(-1), gate.reshape(-1)
+            x.reshape(B * S, D), route.reshape(-1), gate.reshape(-1), layer, expert_stack
         ).reshape(B, S, D)
         residual = ResidualScale(name="post_mlp_scale")(m, residual)
 
@@ -373,12 +382,14 @@ class ZayaModel(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast),
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, dt, self.moe_impl, name="layers")
         thetas, windows = layer_constants(c)
-        (residual, _), (new_cache, counts) = layers((residual, router_state), (thetas, windows, cache), ctx)
+        layer_ids = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
+        (residual, _), (new_cache, counts) = layers(
+            (residual, router_state), (layer_ids, thetas, windows, cache), ctx, self._expert_stack(tokens.size))
 
         h = RMSNorm(c.rms_norm_eps, dt, name="final_norm")(residual)
         aux = {"route_counts": counts}  # [layers, E + 1]
@@ -390,6 +401,18 @@ class ZayaModel(nn.Module):
             head = _param(self, "lm_head", _normal(c), (c.hidden_size, c.vocab_size), ("embed", "vocab"))
         logits = jnp.einsum("bsd,dv->bsv", h, head.astype(dt), preferred_element_type=jnp.float32)
         return logits, new_cache, aux
+
+    def _expert_stack(self, tokens: int):
+        """The stacked expert weights when the decode path slices them directly, else None.
+
+        Only for the ``loop`` implementation without a mesh, after init (the stack is read from the
+        params being applied, so its gradient is exact, though training never takes this path).
+        """
+        if self.is_initializing() or expert_parallel.active_mesh() is not None:
+            return None
+        if moe.resolve_impl(self.moe_impl, tokens) != "loop":
+            return None
+        return self.variables["params"]["layers"]["experts"]
 
 
 def _embed_init(config: ZayaConfig):

@@ -12,10 +12,12 @@ the router's skip route and get ``skip_scale[t] * x[t]`` (zero for the native be
 - ``experts_grouped``: sort tokens by expert, then ``jax.lax.ragged_dot``; dropless.
 - ``experts_tiled``: sort tokens by expert into fixed-size one-expert tiles, scan over tiles; dropless.
 
+- ``experts_loop``: one token at a time, slicing its expert out of the whole layer stack. For decode.
+
 ``impl="auto"`` chooses by backend and token count, from measurements (bench/moe_bench.py; on
-XLA:CPU with D=F=512, E=16, tiled is 4-8x faster than ragged_dot from 64 to 2048 tokens, and gather
-wins only below ~4 tokens). Accelerators default to gather for decode and ragged_dot otherwise until
-measured there.
+XLA:CPU with D=F=512, E=16, tiled is 4-8x faster than ragged_dot from 64 to 2048 tokens, and the
+loop is fastest up to 16 tokens). Accelerators default to gather for decode and ragged_dot
+otherwise until measured there.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-MOE_IMPLS = ("auto", "oracle", "gather", "grouped", "tiled")
-# At or below this many tokens the gather path wins (it reads only the touched experts' weights).
-GATHER_MAX_TOKENS = {"cpu": 2}
-GATHER_MAX_TOKENS_DEFAULT = 8
+MOE_IMPLS = ("auto", "oracle", "gather", "loop", "grouped", "tiled")
+# Decode-sized batches read only the touched experts. On XLA:CPU the per-token loop over the layer
+# stack beats gathering weight blocks at every size up to 16 tokens and loses to tiles at 32
+# (bench-124M decode step, bench/moe_bench.py); accelerators are unmeasured: gather up to 8 tokens.
+LOOP_MAX_TOKENS_CPU = 16
+GATHER_MAX_TOKENS = 8
 
 
 def _swiglu(h: jax.Array, ffn: int) -> jax.Array:
@@ -70,6 +74,29 @@ def experts_gather(x, idx, gate, skip_scale, gate_up, down, act=None):
     safe = jnp.minimum(idx, num_experts - 1)
     h = jnp.einsum("td,tdf->tf", x, gate_up[safe])
     y = jnp.einsum("tf,tfd->td", _activation(act, two_f)(h), down[safe])
+    return _finish(y, x, idx, gate, skip_scale, num_experts)
+
+
+def experts_loop(x, idx, gate, skip_scale, gate_up, down, act=None, layer=None):
+    """One token at a time, each slicing its own expert's weights: ``[T, D] -> [T, D]``.
+
+    With ``layer``, ``gate_up [L, E, D, 2F]`` and ``down [L, E, F, D]`` are the whole layer stack and
+    the slice is taken at ``(layer, expert)``: inside the layer scan this reads only the touched
+    experts, where a per-layer slice would first copy all of that layer's experts (bench/moe_bench.py).
+    """
+    prefix = () if layer is None else (layer,)
+    num_experts, D, two_f = gate_up.shape[-3:]
+    F = down.shape[-2]
+    act = _activation(act, two_f)
+    lead = (1,) * (len(prefix) + 1)
+
+    def one(args):
+        xt, e = args
+        gu = jax.lax.dynamic_slice(gate_up, prefix + (e, 0, 0), lead + (D, two_f)).reshape(D, two_f)
+        dn = jax.lax.dynamic_slice(down, prefix + (e, 0, 0), lead + (F, down.shape[-1])).reshape(F, -1)
+        return act(xt @ gu) @ dn
+
+    y = jax.lax.map(one, (x, jnp.minimum(idx, num_experts - 1)))
     return _finish(y, x, idx, gate, skip_scale, num_experts)
 
 
@@ -140,20 +167,31 @@ def experts_tiled(x, idx, gate, skip_scale, gate_up, down, act=None, tile: int |
 
 def auto_impl(tokens: int, backend: str | None = None) -> str:
     backend = backend or jax.default_backend()
-    if tokens <= GATHER_MAX_TOKENS.get(backend, GATHER_MAX_TOKENS_DEFAULT):
-        return "gather"
-    return "tiled" if backend == "cpu" else "grouped"
+    if backend == "cpu":
+        return "loop" if tokens <= LOOP_MAX_TOKENS_CPU else "tiled"
+    return "gather" if tokens <= GATHER_MAX_TOKENS else "grouped"
 
 
-def experts(x, idx, gate, skip_scale, gate_up, down, impl: str = "auto", act=None):
+def resolve_impl(impl: str, tokens: int) -> str:
+    """The implementation ``impl`` names for ``tokens`` tokens (``auto`` decides by backend and count)."""
+    if impl == "auto":
+        return auto_impl(tokens)
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"unknown MoE implementation {impl!r}; choose one of {MOE_IMPLS}")
+    return impl
+
+
+def experts(x, idx, gate, skip_scale, gate_up, down, impl: str = "auto", act=None, layer=None):
     """Dispatches to one implementation; ``auto`` picks by the (static) token count.
 
     ``act`` replaces the SwiGLU ``h [.., 2F] -> [.., F]`` between the two expert matmuls (the
-    tensor-parallel path of ``expert_parallel.py`` passes one that exchanges activations).
+    tensor-parallel path of ``expert_parallel.py`` passes one that exchanges activations). With
+    ``layer``, the weights are the whole layer stack (``[L, E, ...]``) and ``layer`` picks the layer.
     """
-    if impl == "auto":
-        impl = auto_impl(x.shape[0])
-    fn = {"oracle": experts_oracle, "gather": experts_gather, "grouped": experts_grouped, "tiled": experts_tiled}.get(impl)
-    if fn is None:
-        raise ValueError(f"unknown MoE implementation {impl!r}; choose one of {MOE_IMPLS}")
+    impl = resolve_impl(impl, x.shape[0])
+    if impl == "loop":
+        return experts_loop(x, idx, gate, skip_scale, gate_up, down, act=act, layer=layer)
+    if layer is not None:
+        gate_up, down = gate_up[layer], down[layer]
+    fn = {"oracle": experts_oracle, "gather": experts_gather, "grouped": experts_grouped, "tiled": experts_tiled}[impl]
     return fn(x, idx, gate, skip_scale, gate_up, down, act=act)
