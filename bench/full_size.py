@@ -1,0 +1,642 @@
+"""Full-size ZAYA1-8B on one host: a synthetic checkpoint with the exact release shapes, converted,
+loaded and run in bfloat16, with each step's peak memory measured in its own process.
+
+    # everything, in order, on a fresh work directory (about 45 GB of disk at 40 layers):
+    python bench/full_size.py all --workdir /work/big/zaya-full
+    # or one step at a time:
+    python bench/full_size.py write DIR [--layers 40] [--legacy] [--seed 0]
+    python bench/full_size.py all --workdir DIR --steps write,convert,verify,load,run,hf,compare
+
+Steps of ``all`` (each measured step is a fresh process, so its peak RSS — ``VmHWM`` — is its own):
+
+- ``write``    synthetic native checkpoint of ``--layers`` (40) and ``--small-layers`` (4) blocks:
+               release names and shapes, bfloat16, sharded safetensors + index + config.json, written
+               one tensor at a time (``--legacy``: the 80-layer legacy layout instead).
+- ``convert``  ``zaya convert`` on both: peak RSS (target <= 4 GiB and within 10% between the two),
+               MB/s.
+- ``verify``   every converted leaf against the source: a checksum (CRC-32 of each layer slice's bytes
+               in param layout) per leaf on both sides, compared.
+- ``load``     ``zaya_jax.load`` of the converted and of the HF directory in bfloat16: seconds, peak RSS
+               (target <= weight bytes + 3 GiB).
+- ``run``      one process: load the converted model, prefill logits of 64 tokens (saved for
+               ``compare``), then greedy generation of 16 tokens from a 16-token prompt, timed:
+               seconds per decode token (median of repeats, after a compile run).
+- ``generate`` the ``zaya generate`` command itself (16 tokens, bf16): peak RSS and wall time.
+- ``hf``       transformers' ``ZayaForCausalLM.from_pretrained(..., dtype=torch.bfloat16)`` on the same
+               checkpoint, same 64 tokens, in its own process: logits saved.
+- ``compare``  top-1 agreement over the 64 positions (target >= 99%), plus stricter figures.
+- ``bandwidth`` host memory read bandwidth (median of repeats) -> the decode floor: bytes read per
+               token / bandwidth.
+
+Synthetic weights (deterministic per tensor name and ``--seed``): matrices and expert weights have
+random sign and mantissa with magnitudes spread over four octaves (std about 0.0275, like an HF init
+of 0.02); the embedding (= tied LM head) has std about 1.76, so the token's own embedding stays a
+sizeable part of the last residual stream (as in trained models) rather than being drowned by 80
+random branches; norm weights and residual scales are uniform in [0.95, 1.05]; biases small; key
+temperatures uniform in [0.5, 1.5]; the router's balancing biases are 0 with the skip route at -1.0 —
+the value transformers forces them to after loading, so both runs use the same biases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+
+import ml_dtypes
+import numpy as np
+
+HERE = os.path.abspath(__file__)
+GIB = 2**30
+SHARD_BYTES = 4 * GIB  # the release uses a few multi-GB shards
+PROMPT_LEN, NEW_TOKENS, LOGIT_TOKENS = 16, 16, 64
+CONVERT_RSS_TARGET = 4 * GIB
+LOAD_RSS_SLACK = 3 * GIB
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM), bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def start_watchdog(limit_bytes: int) -> None:
+    """Ends this process (exit 3) as soon as its resident set exceeds ``limit_bytes``: a guard for
+    shared machines, so a measurement that goes wrong cannot push other processes out of memory."""
+    import threading
+
+    def watch():
+        while True:
+            with open("/proc/self/status") as f:
+                rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+            if rss > limit_bytes:
+                print(f"full_size.py: RSS {rss / GIB:.2f} GiB exceeds --rss-limit {limit_bytes / GIB:.2f} GiB; stopping",
+                      file=sys.stderr, flush=True)
+                os._exit(3)
+            time.sleep(0.02)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def child(step: str, *args: str, env: dict | None = None) -> dict:
+    """Runs ``full_size.py _STEP ARGS`` in a fresh process; returns the JSON of its last stdout line."""
+    cmd = [sys.executable, HERE, f"_{step}", *args]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"step {step} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out.setdefault("wall_seconds", wall)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- checkpoint
+def full_config(layers: int):
+    from zaya_jax.config import ZayaConfig
+
+    return ZayaConfig(num_hidden_layers=layers)  # the defaults are ZAYA1-8B's (reference §1.1)
+
+
+def _random_bf16(shape, rng: np.random.Generator, exponent: int) -> np.ndarray:
+    """bf16 with random sign and mantissa, |x| in [2^(e-127), 2^(e-123)); std ~ 0.055 * 2^(e-120)."""
+    n = int(np.prod(shape))
+    bits = rng.bit_generator.random_raw(-(-n // 4)).view(np.uint16)[:n]
+    np.bitwise_and(bits, 0x81FF, out=bits)  # sign, two low exponent bits, mantissa
+    np.add(bits, np.uint16(exponent << 7), out=bits)
+    return bits.view(ml_dtypes.bfloat16).reshape(shape)
+
+
+def _uniform_bf16(shape, rng, low: float, high: float) -> np.ndarray:
+    return rng.uniform(low, high, shape).astype(np.float32).astype(ml_dtypes.bfloat16)
+
+
+W_EXP, EMBED_EXP, DEPTHWISE_EXP, BIAS_EXP = 119, 125, 123, 117  # std ~ 0.0275, 1.76, 0.44, 0.0069
+
+
+def synthetic_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """The value of native tensor ``name`` (deterministic in ``seed`` and ``name``)."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    leaf = name.rsplit(".", 1)[-1]
+    if name.endswith("balancing_biases"):
+        out = np.zeros(shape, np.float32)
+        out[-1] = -1.0  # what transformers sets after from_pretrained
+        return out
+    if name == "model.embed_tokens.weight" or name == "lm_head.weight":
+        return _random_bf16(shape, rng, EMBED_EXP)
+    if name.endswith("qk_norm.temp"):
+        return _uniform_bf16(shape, rng, 0.5, 1.5)
+    if name.endswith("conv_qk_depthwise.weight"):
+        return _random_bf16(shape, rng, DEPTHWISE_EXP)
+    if leaf in ("bias", "hidden_states_bias", "residual_bias", "input_hidden_states_bias"):
+        return _random_bf16(shape, rng, BIAS_EXP)
+    if len(shape) == 1:  # norm weights, residual and router-state scales
+        return _uniform_bf16(shape, rng, 0.95, 1.05)
+    return _random_bf16(shape, rng, W_EXP)
+
+
+def _native_tensors(config) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+    """(name, shape, dtype) of every native tensor, globals first, then block by block (as HF saves)."""
+    from zaya_jax.convert import layout
+
+    out = []
+    for name, entry, layer in layout.expected_tensors(config):
+        dtype = np.dtype(np.float32) if entry.path in layout.FLOAT32_PATHS else np.dtype(ml_dtypes.bfloat16)
+        out.append((layer if layer is not None else -1, name, entry.hf_shape(config), dtype))
+    out.sort(key=lambda t: t[0])  # stable: entry order within a block
+    return [(name, shape, dtype) for _, name, shape, dtype in out]
+
+
+def _legacy_config(config) -> dict:
+    """The legacy config.json (reference §1.2) describing ``config``'s model."""
+    return {
+        "architectures": ["ZayaForCausalLM"], "model_type": "zaya", "activation_func": "swiglu", "cca": True,
+        "gated_linear_unit": True, "normalization": "RMSNorm", "add_bias_linear": False, "attention_bias": False,
+        "zaya_use_eda": True, "zaya_use_mod": True, "scale_residual_merge": True, "residual_in_fp32": True,
+        "dtype": "bfloat16", "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
+        "num_hidden_layers": 2 * config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
+        "num_query_groups": config.num_key_value_heads, "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim, "kv_channels": config.head_dim, "ffn_hidden_size": 2 * config.moe_intermediate_size,
+        "num_experts": config.num_experts, "moe_router_topk": 1, "zaya_mlp_expansion": config.router_hidden_size,
+        "norm_epsilon": config.rms_norm_eps, "rope_theta": config.rope_theta_for("hybrid"),
+        "partial_rotary_factor": config.partial_rotary_factor, "cca_time0": config.cca_time0,
+        "cca_time1": config.cca_time1, "max_position_embeddings": config.max_position_embeddings,
+        "bos_token_id": 2, "eos_token_id": 106, "pad_token_id": 0, "sliding_window": None,
+    }
+
+
+_ST_DTYPES = {"bfloat16": "BF16", "float32": "F32"}
+
+
+def write_safetensors_streaming(directory: str, tensors: list[tuple[str, tuple[int, ...], np.dtype]], make,
+                                shard_bytes: int = SHARD_BYTES) -> int:
+    """Writes sharded safetensors + index, producing and writing one tensor at a time (``make(name)``).
+
+    The headers are planned from the shapes, so nothing but the tensor being written is in memory.
+    Returns the tensor bytes written.
+    """
+    shards: list[list] = [[]]
+    size = 0
+    for t in tensors:
+        nbytes = int(np.prod(t[1])) * t[2].itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, dtype in shard:
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            header[name] = {"dtype": _ST_DTYPES[dtype.name], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[name] = file
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(os.path.join(directory, file), "wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for name, shape, dtype in shard:
+                array = np.ascontiguousarray(make(name))
+                assert array.shape == tuple(shape) and array.dtype == dtype, (name, array.shape, array.dtype)
+                array.tofile(f)
+                del array
+        total += offset
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    return total
+
+
+def write_checkpoint(path: str, layers: int = 40, seed: int = 0, legacy: bool = False,
+                     shard_bytes: int = SHARD_BYTES, config=None) -> dict:
+    """The synthetic ZAYA1-8B checkpoint at ``path`` (must not exist); returns a summary.
+
+    ``config`` replaces the ZAYA1-8B config of ``layers`` blocks (tests use small ones)."""
+    from zaya_jax.convert import legacy as legacy_map
+
+    config = config or full_config(layers)
+    layers = config.num_hidden_layers
+    tensors = _native_tensors(config)
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} already exists; remove it first")
+    os.makedirs(path)
+    t = time.perf_counter()
+    if not legacy:
+        shapes = {n: s for n, s, _ in tensors}
+        nbytes = write_safetensors_streaming(path, tensors, lambda name: synthetic_tensor(name, shapes[name], seed),
+                                             shard_bytes)
+        hf_config = dict(config.to_hf_dict(), dtype="bfloat16")
+    else:  # same values, legacy names: per-expert tensors are slices of the native stacked ones
+        sources = legacy_map.sources(config)
+        shapes = {n: (s, d) for n, s, d in tensors}
+        plan, origin = [], {}
+        for name, shape, dtype in tensors:
+            srcs = sources[name]
+            for e, src in enumerate(srcs):
+                plan.append((src, shape[1:] if len(srcs) > 1 else shape, dtype))
+                origin[src] = (name, e if len(srcs) > 1 else None)
+        cache: dict = {}
+
+        def make(src):
+            name, e = origin[src]
+            if e is None:
+                return synthetic_tensor(name, shapes[name][0], seed)
+            if cache.get("name") != name:
+                cache.update(name=name, value=synthetic_tensor(name, shapes[name][0], seed))
+            return cache["value"][e]
+
+        nbytes = write_safetensors_streaming(path, plan, make, shard_bytes)
+        hf_config = _legacy_config(config)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    seconds = time.perf_counter() - t
+    return {"path": path, "layers": layers, "legacy": legacy, "tensors": len(tensors), "bytes": nbytes,
+            "seconds": seconds, "mb_per_s": nbytes / 1e6 / seconds, "peak_rss_bytes": peak_rss()}
+
+
+# ----------------------------------------------------------------------------------------------- verify
+def leaf_checksums(reader_read, config, sample_layers: int | None = None) -> dict[str, int]:
+    """Per param leaf: CRC-32 chained over its layer slices' bytes (param layout, stored dtype)."""
+    from zaya_jax.convert import layout
+
+    out = {}
+    for entry in layout.entries(config):
+        crc = 0
+        layers = range(entry.first_layer, config.num_hidden_layers) if entry.per_layer else [None]
+        if sample_layers and entry.per_layer and len(layers) > sample_layers:
+            layers = [layers[round(i * (len(layers) - 1) / (sample_layers - 1))] for i in range(sample_layers)]
+        for layer in layers:
+            crc = zlib.crc32(np.ascontiguousarray(reader_read(entry, layer)).view(np.uint8), crc)
+        out["/".join(entry.path)] = crc
+    return out
+
+
+def verify(src: str, dst: str, sample_layers: int | None = None) -> dict:
+    """Checksums of every converted leaf against the source tensors moved into param layout."""
+    from zaya_jax.config import ZayaConfig
+    from zaya_jax.convert import HFCheckpoint
+    from zaya_jax.convert.orbax_store import OrbaxReader
+
+    config = ZayaConfig.from_pretrained(src)
+    ckpt = HFCheckpoint(src, config)
+    items = {(item.entry.path, item.layer): item for item in ckpt.items}
+    t = time.perf_counter()
+    source = leaf_checksums(lambda e, l: e.to_jax(ckpt.read(items[(e.path, l)]), config), config, sample_layers)
+    reader = OrbaxReader(os.path.join(dst, "params"), config)
+    converted = leaf_checksums(reader.read, config, sample_layers)
+    mismatched = sorted(k for k in source if source[k] != converted.get(k))
+    return {"leaves": len(source), "mismatched": mismatched, "all_equal": not mismatched,
+            "layers_checked": "all" if not sample_layers else f"{sample_layers} per leaf",
+            "seconds": time.perf_counter() - t, "peak_rss_bytes": peak_rss()}
+
+
+# ------------------------------------------------------------------------------------------- the model
+def weight_bytes(config, dtype=ml_dtypes.bfloat16) -> int:
+    from zaya_jax.convert import layout
+
+    return sum(int(np.prod(shape)) * d.itemsize for _, shape, d in layout.leaves(config, dtype))
+
+
+def bytes_per_token(config, dtype=ml_dtypes.bfloat16) -> dict:
+    """Weight bytes one batch-1 decode step reads: every non-expert leaf (the embedding once, as the
+    tied LM head reads all of it), one expert per layer (top-1; an upper bound, the skip route reads
+    none). The KV cache of a few dozen tokens (40 KiB per token) is left out."""
+    from zaya_jax.convert import layout
+
+    experts = other = 0
+    for entry, shape, d in layout.leaves(config, dtype):
+        n = int(np.prod(shape)) * d.itemsize
+        if entry.path[:2] == ("layers", "experts"):
+            experts += n // config.num_experts
+        else:
+            other += n
+    return {"non_expert": other, "touched_experts": experts, "total": other + experts}
+
+
+def prompt_ids(n: int, vocab: int, seed: int = 1) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return [2] + rng.integers(3, vocab, n - 1).tolist()  # <bos> then random ids
+
+
+def _load(args) -> dict:
+    import jax.numpy as jnp
+
+    import zaya_jax
+
+    t = time.perf_counter()
+    config, params = zaya_jax.load(args.model, dtype=jnp.bfloat16)
+    seconds = time.perf_counter() - t
+    nbytes = sum(x.nbytes for x in __import__("jax").tree_util.tree_leaves(params))
+    return {"model": args.model, "seconds": seconds, "param_bytes": nbytes, "peak_rss_bytes": peak_rss(),
+            "gb_per_s": nbytes / 1e9 / seconds}
+
+
+def _run(args) -> dict:
+    """Load, prefill logits of LOGIT_TOKENS tokens, then timed greedy generation."""
+    import jax
+
+    from zaya_jax.cli import resolve_model
+    from zaya_jax.infer import generate
+    from zaya_jax.model import forward
+
+    t = time.perf_counter()
+    config, params, _ = resolve_model(args.model, "bfloat16")  # what `zaya generate --dtype bfloat16` runs
+    out = {"load_seconds": time.perf_counter() - t, "load_peak_rss_bytes": peak_rss(),
+           "param_bytes": sum(x.nbytes for x in jax.tree_util.tree_leaves(params))}
+
+    ids = prompt_ids(LOGIT_TOKENS, config.vocab_size)
+    t = time.perf_counter()
+    logits = np.asarray(forward(params, config, np.array([ids]))[0])
+    out["prefill_logits_seconds_with_compile"] = time.perf_counter() - t
+    np.save(args.logits, logits)
+    del logits
+
+    prompt = [ids[:PROMPT_LEN]]
+    greedy = dict(max_new_tokens=NEW_TOKENS, temperature=0.0, stop_token_ids=[])
+    t = time.perf_counter()
+    first = generate(params, config, prompt, **greedy)
+    out["generate_first_call_seconds"] = time.perf_counter() - t  # compiles prefill and the decode loop
+    one, full = [], []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        generate(params, config, prompt, **dict(greedy, max_new_tokens=1))  # prefill + first token only
+        one.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        result = generate(params, config, prompt, **greedy)
+        full.append(time.perf_counter() - t)
+        assert result.tokens == first.tokens
+    out.update(
+        tokens=first.tokens[0], stop_reason=first.stop_reasons[0], repeats=args.repeats,
+        prefill_seconds_median=statistics.median(one), generate_seconds_median=statistics.median(full),
+        decode_seconds_per_token=(statistics.median(full) - statistics.median(one)) / (NEW_TOKENS - 1),
+        peak_rss_bytes=peak_rss(),
+    )
+    return out
+
+
+def _hf(args) -> dict:
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    t = time.perf_counter()
+    model = transformers.ZayaForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
+    model.eval()
+    load_seconds = time.perf_counter() - t
+    biases = {b.detach().float().numpy().round(6).tobytes() for n, b in model.named_buffers() if n.endswith("balancing_biases")}
+    ids = torch.tensor([prompt_ids(LOGIT_TOKENS, model.config.vocab_size)])
+    t = time.perf_counter()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float().numpy()
+    np.save(args.logits, logits)
+    return {"load_seconds": load_seconds, "forward_seconds": time.perf_counter() - t, "peak_rss_bytes": peak_rss(),
+            "balancing_biases_after_load": [np.frombuffer(b, np.float32).tolist() for b in biases]}
+
+
+def compare(jax_logits: np.ndarray, hf_logits: np.ndarray, ids: list[int]) -> dict:
+    """Top-1 agreement and stricter figures between two [S, V] logit arrays."""
+    a, b = jax_logits.astype(np.float64), hf_logits.astype(np.float64)
+    top_a, top_b = a.argmax(-1), b.argmax(-1)
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    la, lb = log_softmax(a), log_softmax(b)
+    pa = np.exp(la)
+    rows = np.arange(len(ids))
+    a2, b2 = a.copy(), b.copy()  # the best token other than the position's own input token
+    a2[rows, ids], b2[rows, ids] = -np.inf, -np.inf
+    return {
+        "positions": len(ids),
+        "top1_agreement": float((top_a == top_b).mean()),
+        "top1_is_input_token": float((top_b == np.asarray(ids)).mean()),
+        "top1_excluding_input_token_agreement": float((a2.argmax(-1) == b2.argmax(-1)).mean()),
+        "top5_overlap": float(np.mean([len(set(np.argsort(-x)[:5]) & set(np.argsort(-y)[:5])) / 5 for x, y in zip(a, b)])),
+        "max_abs_logit_diff": float(np.abs(a - b).max()),
+        "logit_std": float(b.std()),
+        "max_abs_logit": float(np.abs(b).max()),
+        "mean_kl_jax_vs_hf": float((pa * (la - lb)).sum(-1).mean()),
+    }
+
+
+def _bandwidth(args) -> dict:
+    """Host memory read bandwidth: median over repeats of a 1 GiB reduction (numpy, one pass, reads only)."""
+    a = np.ones(GIB // 8, np.uint64)
+    b = np.empty_like(a)
+    reads, copies = [], []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        np.add.reduce(a)
+        reads.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        np.copyto(b, a)
+        copies.append(time.perf_counter() - t)
+    return {"read_gb_per_s": GIB / 1e9 / statistics.median(reads),
+            "copy_read_plus_write_gb_per_s": 2 * GIB / 1e9 / statistics.median(copies), "repeats": args.repeats}
+
+
+def _cli(args) -> dict:
+    """Runs the ``zaya`` command line in this process, then reports its peak RSS."""
+    from zaya_jax.cli import main
+
+    t = time.perf_counter()
+    rc = main(args.argv)
+    return {"rc": rc, "seconds": time.perf_counter() - t, "peak_rss_bytes": peak_rss()}
+
+
+# ------------------------------------------------------------------------------------------------- all
+STEPS = ("bandwidth", "write", "convert", "verify", "load", "run", "generate", "hf", "compare")
+
+
+def run_all(args) -> dict:
+    work = os.path.abspath(args.workdir)
+    os.makedirs(work, exist_ok=True)
+    results_path = os.path.join(work, "results.json")
+    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+    steps = args.steps.split(",") if args.steps else STEPS
+    unknown = set(steps) - set(STEPS)
+    if unknown:
+        raise SystemExit(f"unknown step(s) {sorted(unknown)}; choose from {STEPS}")
+    sizes = sorted({args.small_layers, args.layers})
+    hf = {n: os.path.join(work, f"hf-{n}") for n in sizes}
+    conv = {n: os.path.join(work, f"converted-{n}") for n in sizes}
+    big = args.layers
+    jax_logits, hf_logits = os.path.join(work, "jax_logits.npy"), os.path.join(work, "hf_logits.npy")
+
+    def record(key, value):
+        results[key] = value
+        with open(results_path, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"[{time.strftime('%H:%M:%S')}] {key}: {json.dumps(value)}", flush=True)
+
+    for step in steps:
+        if step == "bandwidth":
+            record("bandwidth", child("bandwidth", "--repeats", "5"))
+        elif step == "write":
+            for n in sizes:
+                if os.path.exists(hf[n]):
+                    shutil.rmtree(hf[n])
+                record(f"write_{n}", child("write", hf[n], "--layers", str(n), "--seed", str(args.seed),
+                                           *(["--legacy"] if args.legacy else [])))
+        elif step == "convert":
+            for n in sizes:
+                out = child("cli", "convert", hf[n], conv[n], "--dtype", "bfloat16", "--json", "--no-progress", "--force")
+                with open(os.path.join(conv[n], "zaya_convert.json")) as f:
+                    out["summary"] = json.load(f)
+                out["summary"]["mb_per_s"] = out["summary"]["bytes"] / 1e6 / out["summary"]["seconds"]
+                record(f"convert_{n}", out)
+        elif step == "verify":
+            record(f"verify_{big}", child("verify", hf[big], conv[big], *(
+                ["--sample-layers", str(args.verify_sample_layers)] if args.verify_sample_layers else [])))
+        elif step == "load":
+            record(f"load_converted_{big}", child("load", conv[big]))
+            record(f"load_hf_{big}", child("load", hf[big]))
+        elif step == "run":
+            record(f"run_{big}", child("run", conv[big], "--logits", jax_logits, "--repeats", str(args.repeats)))
+        elif step == "generate":
+            ids = ",".join(map(str, prompt_ids(PROMPT_LEN, full_config(big).vocab_size)))
+            record(f"zaya_generate_{big}", child("cli", "generate", conv[big], "--dtype", "bfloat16", "--prompt-ids", ids,
+                                                 "--max-new-tokens", str(NEW_TOKENS), "--json"))
+        elif step == "hf":
+            record(f"hf_{big}", child("hf", hf[big], "--logits", hf_logits))
+        elif step == "compare":
+            ids = prompt_ids(LOGIT_TOKENS, full_config(big).vocab_size)
+            record(f"compare_{big}", compare(np.load(jax_logits), np.load(hf_logits), ids))
+    results["targets"] = targets(results, big, args.small_layers)
+    with open(results_path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(report(results, big, args.small_layers))
+    return results
+
+
+def targets(r: dict, big: int, small: int) -> dict:
+    config = full_config(big)
+    out = {"weight_bytes": weight_bytes(config), "bytes_per_token": bytes_per_token(config)}
+    cb, cs = r.get(f"convert_{big}"), r.get(f"convert_{small}")
+    if cb:
+        out["convert_peak_rss_ok"] = cb["peak_rss_bytes"] <= CONVERT_RSS_TARGET
+    if cb and cs:
+        out["convert_rss_ratio_big_over_small"] = cb["peak_rss_bytes"] / cs["peak_rss_bytes"]
+        out["convert_rss_within_10pct"] = abs(out["convert_rss_ratio_big_over_small"] - 1) <= 0.10
+    if f"verify_{big}" in r:
+        out["verify_ok"] = r[f"verify_{big}"]["all_equal"]
+    for key in (f"load_converted_{big}", f"load_hf_{big}"):
+        if key in r:
+            out[f"{key}_rss_ok"] = r[key]["peak_rss_bytes"] <= out["weight_bytes"] + LOAD_RSS_SLACK
+    if "bandwidth" in r:
+        out["decode_floor_seconds_per_token"] = out["bytes_per_token"]["total"] / (r["bandwidth"]["read_gb_per_s"] * 1e9)
+    if f"compare_{big}" in r:
+        out["top1_ok"] = r[f"compare_{big}"]["top1_agreement"] >= 0.99
+    return out
+
+
+def report(r: dict, big: int, small: int) -> str:
+    t = r.get("targets", {})
+    lines = [f"\nZAYA1-8B shapes, {big} layers, bfloat16 (weights {t['weight_bytes'] / GIB:.2f} GiB)"]
+    for n in (small, big):
+        c = r.get(f"convert_{n}")
+        if c:
+            lines.append(f"zaya convert, {n} layers: {c['summary']['bytes'] / GIB:.2f} GiB in {c['summary']['seconds']:.0f} s "
+                         f"({c['summary']['mb_per_s']:.0f} MB/s), peak RSS {c['peak_rss_bytes'] / GIB:.2f} GiB")
+    for key in ("convert_rss_ratio_big_over_small", "verify_ok"):
+        if key in t:
+            lines.append(f"{key}: {t[key]}")
+    for key in (f"load_converted_{big}", f"load_hf_{big}"):
+        if key in r:
+            lines.append(f"{key}: {r[key]['seconds']:.0f} s, peak RSS {r[key]['peak_rss_bytes'] / GIB:.2f} GiB "
+                         f"(target <= {(t['weight_bytes'] + LOAD_RSS_SLACK) / GIB:.2f})")
+    run = r.get(f"run_{big}")
+    if run:
+        floor = t.get("decode_floor_seconds_per_token")
+        lines.append(f"greedy decode: {run['decode_seconds_per_token']:.2f} s/token (floor "
+                     f"{floor if floor is None else round(floor, 3)} s/token = {t['bytes_per_token']['total'] / 1e9:.2f} GB"
+                     f" / {r.get('bandwidth', {}).get('read_gb_per_s', float('nan')):.1f} GB/s); prefill {run['prefill_seconds_median']:.1f} s;"
+                     f" peak RSS {run['peak_rss_bytes'] / GIB:.2f} GiB")
+    g = r.get(f"zaya_generate_{big}")
+    if g:
+        lines.append(f"zaya generate: {g['seconds']:.0f} s wall, peak RSS {g['peak_rss_bytes'] / GIB:.2f} GiB")
+    c = r.get(f"compare_{big}")
+    if c:
+        lines.append(f"vs transformers bf16: top-1 agreement {c['top1_agreement']:.3f} over {c['positions']} positions; "
+                     f"excluding the input token {c['top1_excluding_input_token_agreement']:.3f}; mean KL {c['mean_kl_jax_vs_hf']:.4f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("write", help="write the synthetic checkpoint")
+    w.add_argument("path")
+    w.add_argument("--layers", type=int, default=40)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--legacy", action="store_true", help="80-layer legacy layout (per-expert tensors, legacy config)")
+    a = sub.add_parser("all", help="run the steps in order, each measured one in a fresh process")
+    a.add_argument("--workdir", required=True, help="where checkpoints and results.json go (outside the repository)")
+    a.add_argument("--layers", type=int, default=40)
+    a.add_argument("--small-layers", type=int, default=4, help="the second size for the convert-memory comparison")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--legacy", action="store_true", help="write the checkpoints in the legacy layout")
+    a.add_argument("--steps", default=None, help=f"comma-separated subset of {','.join(STEPS)}")
+    a.add_argument("--repeats", type=int, default=3)
+    a.add_argument("--verify-sample-layers", type=int, default=None, help="check this many layers per leaf (default all)")
+    a.add_argument("--clean", action="store_true", help="delete the checkpoints at the end")
+    a.add_argument("--rss-limit-gib", type=float, default=None,
+                   help="stop any step whose process grows past this many GiB (a guard on shared machines)")
+    # hidden per-step entry points, each run in its own process
+    for name in ("_load", "_run", "_hf"):
+        s = sub.add_parser(name)
+        s.add_argument("model")
+        if name != "_load":
+            s.add_argument("--logits", required=True)
+        s.add_argument("--repeats", type=int, default=3)
+    s = sub.add_parser("_write")
+    s.add_argument("path")
+    s.add_argument("--layers", type=int, default=40)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--legacy", action="store_true")
+    s = sub.add_parser("_verify")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--sample-layers", type=int, default=None)
+    s = sub.add_parser("_bandwidth")
+    s.add_argument("--repeats", type=int, default=5)
+    s = sub.add_parser("_cli")
+    s.add_argument("argv", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    if args.cmd == "all" and args.rss_limit_gib:
+        os.environ["ZAYA_BENCH_RSS_LIMIT"] = str(int(args.rss_limit_gib * GIB))  # inherited by the steps
+    if args.cmd.startswith("_") and os.environ.get("ZAYA_BENCH_RSS_LIMIT"):
+        start_watchdog(int(os.environ["ZAYA_BENCH_RSS_LIMIT"]))
+
+    if args.cmd in ("write", "_write"):
+        out = write_checkpoint(args.path, args.layers, args.seed, args.legacy)
+    elif args.cmd == "all":
+        results = run_all(args)
+        if args.clean:
+            for name in os.listdir(args.workdir):
+                if name.startswith(("hf-", "converted-")):
+                    shutil.rmtree(os.path.join(args.workdir, name))
+        return 0 if all(v for k, v in results["targets"].items() if k.endswith("_ok")) else 1
+    elif args.cmd == "_verify":
+        out = verify(args.src, args.dst, args.sample_layers)
+    else:
+        out = {"_load": _load, "_run": _run, "_hf": _hf, "_bandwidth": _bandwidth, "_cli": _cli}[args.cmd](args)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
