@@ -458,7 +458,7 @@ def _cli(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- all
-STEPS = ("bandwidth", "write", "convert", "verify", "load", "run", "generate", "hf", "compare")
+STEPS = ("bandwidth", "write", "convert", "run", "hf", "compare", "verify", "load", "generate")
 
 
 def run_all(args) -> dict:
@@ -544,34 +544,56 @@ def targets(r: dict, big: int, small: int) -> dict:
 
 
 def report(r: dict, big: int, small: int) -> str:
+    """The results as a markdown table (the README's)."""
     t = r.get("targets", {})
-    lines = [f"\nZAYA1-8B shapes, {big} layers, bfloat16 (weights {t['weight_bytes'] / GIB:.2f} GiB)"]
+    gib = lambda n: f"{n / GIB:.2f} GiB"  # noqa: E731
+    yes = lambda ok: "yes" if ok else "**no**"  # noqa: E731
+    rows = []
     for n in (small, big):
         c = r.get(f"convert_{n}")
         if c:
-            lines.append(f"zaya convert, {n} layers: {c['summary']['bytes'] / GIB:.2f} GiB in {c['summary']['seconds']:.0f} s "
-                         f"({c['summary']['mb_per_s']:.0f} MB/s), peak RSS {c['peak_rss_bytes'] / GIB:.2f} GiB")
-    for key in ("convert_rss_ratio_big_over_small", "verify_ok"):
-        if key in t:
-            lines.append(f"{key}: {t[key]}")
-    for key in (f"load_converted_{big}", f"load_hf_{big}"):
+            s = c["summary"]
+            rows.append((f"`zaya convert`, {n} layers ({gib(s['bytes'])})",
+                         f"{s['seconds']:.0f} s, {s['mb_per_s']:.0f} MB/s; peak RSS {gib(c['peak_rss_bytes'])}",
+                         "<= 4 GiB", yes(c["peak_rss_bytes"] <= CONVERT_RSS_TARGET)))
+    if "convert_rss_ratio_big_over_small" in t:
+        ratio = t["convert_rss_ratio_big_over_small"]
+        rows.append((f"convert peak RSS, {big} vs {small} layers", f"ratio {ratio:.3f}", "within 10%",
+                     yes(t["convert_rss_within_10pct"])))
+    v = r.get(f"verify_{big}")
+    if v:
+        rows.append((f"converted == source ({v['leaves']} leaves, CRC-32 per leaf, {v['layers_checked']} layers)",
+                     "all equal" if v["all_equal"] else f"mismatched: {v['mismatched']}", "all equal", yes(v["all_equal"])))
+    limit = t["weight_bytes"] + LOAD_RSS_SLACK
+    for key, what in ((f"load_converted_{big}", "converted dir"), (f"load_hf_{big}", "HF dir")):
         if key in r:
-            lines.append(f"{key}: {r[key]['seconds']:.0f} s, peak RSS {r[key]['peak_rss_bytes'] / GIB:.2f} GiB "
-                         f"(target <= {(t['weight_bytes'] + LOAD_RSS_SLACK) / GIB:.2f})")
+            rows.append((f"`zaya_jax.load` ({what}, bf16)", f"{r[key]['seconds']:.0f} s; peak RSS {gib(r[key]['peak_rss_bytes'])}",
+                         f"<= weights + 3 GiB = {gib(limit)}", yes(r[key]["peak_rss_bytes"] <= limit)))
     run = r.get(f"run_{big}")
     if run:
         floor = t.get("decode_floor_seconds_per_token")
-        lines.append(f"greedy decode: {run['decode_seconds_per_token']:.2f} s/token (floor "
-                     f"{floor if floor is None else round(floor, 3)} s/token = {t['bytes_per_token']['total'] / 1e9:.2f} GB"
-                     f" / {r.get('bandwidth', {}).get('read_gb_per_s', float('nan')):.1f} GB/s); prefill {run['prefill_seconds_median']:.1f} s;"
-                     f" peak RSS {run['peak_rss_bytes'] / GIB:.2f} GiB")
+        bw = r.get("bandwidth", {}).get("read_gb_per_s")
+        floor_text = (f"floor {floor:.3f} s/token = {t['bytes_per_token']['total'] / 1e9:.2f} GB / {bw:.1f} GB/s"
+                      if floor else "floor: run the bandwidth step")
+        rows.append((f"greedy decode, 16 tokens, bf16 (median of {run['repeats']})",
+                     f"{run['decode_seconds_per_token']:.3f} s/token ({floor_text}); prefill of 16 tokens "
+                     f"{run['prefill_seconds_median']:.1f} s", "reported", "-"))
+        rows.append(("process peak RSS: load + 64-token forward + generation", gib(run["peak_rss_bytes"]), "< 24 GiB host",
+                     yes(run["peak_rss_bytes"] < 24 * GIB)))
     g = r.get(f"zaya_generate_{big}")
     if g:
-        lines.append(f"zaya generate: {g['seconds']:.0f} s wall, peak RSS {g['peak_rss_bytes'] / GIB:.2f} GiB")
+        rows.append(("`zaya generate --dtype bfloat16 --max-new-tokens 16`", f"{g['seconds']:.0f} s wall (load + compile + run); "
+                     f"peak RSS {gib(g['peak_rss_bytes'])}", "< 24 GiB host", yes(g["peak_rss_bytes"] < 24 * GIB)))
     c = r.get(f"compare_{big}")
     if c:
-        lines.append(f"vs transformers bf16: top-1 agreement {c['top1_agreement']:.3f} over {c['positions']} positions; "
-                     f"excluding the input token {c['top1_excluding_input_token_agreement']:.3f}; mean KL {c['mean_kl_jax_vs_hf']:.4f}")
+        rows.append((f"prefill logits vs transformers bf16 ({c['positions']} positions)",
+                     f"top-1 agreement {c['top1_agreement']:.3f} (top-1 is the input token at {c['top1_is_input_token']:.2f}); "
+                     f"best other token {c['top1_excluding_input_token_agreement']:.3f}; top-5 overlap {c['top5_overlap']:.3f}; "
+                     f"max abs logit diff {c['max_abs_logit_diff']:.1f} of max {c['max_abs_logit']:.0f}",
+                     ">= 0.99", yes(c["top1_agreement"] >= 0.99)))
+    lines = [f"ZAYA1-8B shapes, {big} layers, bfloat16: weights {gib(t['weight_bytes'])}", "",
+             "| step | measured | target | met |", "| --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
 
 
