@@ -7,7 +7,9 @@ loaded and run in bfloat16, with each step's peak memory measured in its own pro
     python bench/full_size.py write DIR [--layers 40] [--legacy] [--seed 0]
     python bench/full_size.py all --workdir DIR --steps write,convert,verify,load,run,hf,compare
 
-Steps of ``all`` (each measured step is a fresh process, so its peak RSS — ``VmHWM`` — is its own):
+Steps of ``all``, run in the order bandwidth, write, convert, run, hf, compare, verify, load, generate
+(each measured step is a fresh process, so its peak RSS — ``VmHWM`` — is its own; a failed step is
+recorded in results.json and the others still run):
 
 - ``write``    synthetic native checkpoint of ``--layers`` (40) and ``--small-layers`` (4) blocks:
                release names and shapes, bfloat16, sharded safetensors + index + config.json, written
@@ -482,7 +484,7 @@ def run_all(args) -> dict:
             json.dump(results, f, indent=1)
         print(f"[{time.strftime('%H:%M:%S')}] {key}: {json.dumps(value)}", flush=True)
 
-    for step in steps:
+    def run_step(step):
         if step == "bandwidth":
             record("bandwidth", child("bandwidth", "--repeats", "5"))
         elif step == "write":
@@ -515,11 +517,27 @@ def run_all(args) -> dict:
         elif step == "compare":
             ids = prompt_ids(LOGIT_TOKENS, full_config(big).vocab_size)
             record(f"compare_{big}", compare(np.load(jax_logits), np.load(hf_logits), ids))
+
+
+    for step in steps:
+        try:
+            run_step(step)
+        except (RuntimeError, OSError, ValueError) as e:  # record it and go on with the other steps
+            record(f"error_{step}", str(e)[-3000:])
+    results["commit"] = _commit()
     results["targets"] = targets(results, big, args.small_layers)
     with open(results_path, "w") as f:
         json.dump(results, f, indent=1)
     print(report(results, big, args.small_layers))
     return results
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(HERE), capture_output=True, text=True)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
 
 
 def targets(r: dict, big: int, small: int) -> dict:
