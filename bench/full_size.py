@@ -484,17 +484,25 @@ def run_all(args) -> dict:
             json.dump(results, f, indent=1)
         print(f"[{time.strftime('%H:%M:%S')}] {key}: {json.dumps(value)}", flush=True)
 
+    def reuse(n, step, path):
+        """With --reuse-small: keep the small model's checkpoint and figures from an earlier run."""
+        return args.reuse_small and n != big and f"{step}_{n}" in results and os.path.isdir(path)
+
     def run_step(step):
         if step == "bandwidth":
             record("bandwidth", child("bandwidth", "--repeats", "5"))
         elif step == "write":
             for n in sizes:
+                if reuse(n, "write", hf[n]):
+                    continue
                 if os.path.exists(hf[n]):
                     shutil.rmtree(hf[n])
                 record(f"write_{n}", child("write", hf[n], "--layers", str(n), "--seed", str(args.seed),
                                            *(["--legacy"] if args.legacy else [])))
         elif step == "convert":
             for n in sizes:
+                if reuse(n, "convert", conv[n]):
+                    continue
                 out = child("cli", "convert", hf[n], conv[n], "--dtype", "bfloat16", "--json", "--no-progress", "--force")
                 with open(os.path.join(conv[n], "zaya_convert.json")) as f:
                     out["summary"] = json.load(f)
@@ -633,6 +641,8 @@ def main(argv=None) -> int:
     a.add_argument("--repeats", type=int, default=3)
     a.add_argument("--verify-sample-layers", type=int, default=None, help="check this many layers per leaf (default all)")
     a.add_argument("--clean", action="store_true", help="delete the checkpoints at the end")
+    a.add_argument("--reuse-small", action="store_true",
+                   help="keep the --small-layers checkpoint and its write/convert figures from an earlier run")
     a.add_argument("--rss-limit-gib", type=float, default=None,
                    help="stop any step whose process grows past this many GiB (a guard on shared machines)")
     # hidden per-step entry points, each run in its own process
