@@ -42,6 +42,12 @@ def _tensor_swiglu(h: jax.Array, tensor: int) -> jax.Array:
     return jax.nn.silu(g) * u
 
 
+def _varying(a: jax.Array, axes) -> jax.Array:
+    """``a`` (inside ``shard_map``) marked varying over those of ``axes`` it is not yet varying over."""
+    missing = tuple(n for n in axes if n not in jax.typeof(a).manual_axis_type.varying)
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+
 def experts(x, idx, gate, skip_scale, gate_up, down, impl: str = "auto", mesh=None):
     """Same contract as ``moe.experts`` (``x [T, D] -> [T, D]``), run over ``mesh`` (default: the context mesh).
 
@@ -62,9 +68,15 @@ def experts(x, idx, gate, skip_scale, gate_up, down, impl: str = "auto", mesh=No
         first = jax.lax.axis_index("expert") * e_local
         mine = (idx >= first) & (idx < first + e_local)
         local_idx = jnp.where(mine, idx - first, e_local)  # foreign and skip-route tokens -> local skip route
-        # Tokens are replicated over expert x tensor but each device's work differs: mark them varying,
-        # so that every branch inside the dispatch (e.g. the tiled path's lax.cond) has one type.
-        x = jax.lax.pcast(x, ("expert", "tensor"), to="varying")
+        # Every operand enters the dispatch varying over every axis along which devices' work differs:
+        # the token axes and expert x tensor. Otherwise JAX inserts the missing `pvary`s where values
+        # meet inside the dispatch -- e.g. the expert weights (invariant over data/fsdp) inside the tiled
+        # path's per-tile lax.cond -- and their transposes, psums of the weight gradients over
+        # data/fsdp, land inside the backward cond's branch: devices whose tokens fill different tiles
+        # then disagree on entering it and the all-reduce never completes (XLA:CPU aborts in its
+        # rendezvous). Made varying here, that psum runs once per layer, outside the dispatch.
+        axes = (*(rows or ()), "expert", "tensor")
+        x, local_idx, gate, gate_up, down = (_varying(a, axes) for a in (x, local_idx, gate, gate_up, down))
         y = moe.experts(x, local_idx, gate, jnp.zeros_like(gate), gate_up, down, impl, act=act)
         return jax.lax.psum(y, ("expert", "tensor"))
 
