@@ -460,6 +460,7 @@ def _cli(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- all
+BIG_STEPS = ("run", "hf", "load", "generate")  # hold the whole model in memory
 STEPS = ("bandwidth", "write", "convert", "run", "hf", "compare", "verify", "load", "generate")
 
 
@@ -527,7 +528,15 @@ def run_all(args) -> dict:
             record(f"compare_{big}", compare(np.load(jax_logits), np.load(hf_logits), ids))
 
 
+    def available() -> int:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
     for step in steps:
+        if step in BIG_STEPS and args.min_available_gib and available() < args.min_available_gib * GIB:
+            record(f"error_{step}", f"skipped: {available() / GIB:.1f} GiB available, --min-available-gib "
+                                    f"{args.min_available_gib} needed")
+            continue
         try:
             run_step(step)
         except (RuntimeError, OSError, ValueError) as e:  # record it and go on with the other steps
@@ -641,6 +650,8 @@ def main(argv=None) -> int:
     a.add_argument("--repeats", type=int, default=3)
     a.add_argument("--verify-sample-layers", type=int, default=None, help="check this many layers per leaf (default all)")
     a.add_argument("--clean", action="store_true", help="delete the checkpoints at the end")
+    a.add_argument("--min-available-gib", type=float, default=None,
+                   help="skip (and record) a whole-model step when the host has less memory available")
     a.add_argument("--reuse-small", action="store_true",
                    help="keep the --small-layers checkpoint and its write/convert figures from an earlier run")
     a.add_argument("--rss-limit-gib", type=float, default=None,

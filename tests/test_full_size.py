@@ -120,7 +120,7 @@ def test_full_size_bench_two_layers(bench, tmp_path):
     """The whole benchmark at the real widths with 2 (and 1) layers: ~4 GB of disk, a few minutes."""
     results = bench.run_all(bench.main.__globals__["argparse"].Namespace(
         workdir=str(tmp_path), layers=2, small_layers=1, seed=0, legacy=False, steps=None, repeats=1,
-        verify_sample_layers=None, reuse_small=False))
+        verify_sample_layers=None, reuse_small=False, min_available_gib=None))
     t = results["targets"]
     assert t["convert_peak_rss_ok"] and t["convert_rss_within_10pct"] and t["verify_ok"]
     assert t["load_converted_2_rss_ok"] and t["load_hf_2_rss_ok"] and t["top1_ok"]
