@@ -135,14 +135,11 @@ def _prompt_ids(line: dict, tokenizer, chat: bool, template_kwargs: dict) -> lis
 def _tokenizer(model: str | None, config):
     from .tokenizer import Tokenizer
 
-    if model is None:
-        raise ValueError("the embedded default model has no tokenizer (random weights): give --prompt-ids "
-                         f"(ids below its vocabulary size, {config.vocab_size}), or a model directory with tokenizer.json")
     return Tokenizer.from_dir(model)
 
 
 def _optional_tokenizer(model: str | None, config):
-    has_file = model is not None and os.path.isfile(os.path.join(model, "tokenizer.json"))
+    has_file = os.path.isfile(os.path.join(model, "tokenizer.json"))
     return _tokenizer(model, config) if has_file else None
 
 

@@ -1,4 +1,4 @@
-"""`zaya generate`: token ids on the embedded model, text and chat with a tokenizer, JSONL batches, errors."""
+"""`zaya generate`: the shipped demo model by default, text and chat with a tokenizer, JSONL batches, errors."""
 
 import json
 import re
@@ -7,7 +7,8 @@ import pytest
 
 import hf_ref
 import tokenizer_ref
-from zaya_jax import default_model, load
+from zaya_jax import load
+from zaya_jax.demo import DEFAULT_MODEL_DIR
 from zaya_jax.cli import main
 from zaya_jax.infer import generate
 from zaya_jax.infer.tokenizer import Tokenizer
@@ -21,7 +22,7 @@ def run(capsys, *argv):
 
 @pytest.fixture(scope="module")
 def default_tokens():
-    config, params = default_model.default_model()
+    config, params = load(DEFAULT_MODEL_DIR)
     return generate(params, config, [[2, 10, 20, 30]], max_new_tokens=8).tokens[0]
 
 
@@ -30,16 +31,16 @@ def test_prompt_ids_on_the_default_model(capsys, default_tokens):
     assert code == 0
     result = json.loads(out)
     assert result["prompt_ids"] == [2, 10, 20, 30] and result["tokens"] == default_tokens
-    assert result["stop_reason"] in ("max_new_tokens", "stop_token") and result["text"] is None
-    # Without --json the ids stream to stdout and the stop reason goes to stderr.
+    assert result["stop_reason"] in ("max_new_tokens", "stop_token")
+    assert result["text"] == Tokenizer.from_dir(DEFAULT_MODEL_DIR).decode(default_tokens, skip_special_tokens=True)
+    # Without --json the text streams to stdout and the stop reason goes to stderr.
     code, out, err = run(capsys, "--prompt-ids", "2,10,20,30", "--max-new-tokens", "8")
-    assert code == 0 and [int(t) for t in out.split()] == default_tokens and result["stop_reason"] in err
+    assert code == 0 and out == result["text"] + "\n" and result["stop_reason"] in err
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--prompt", "hello"], "the embedded default model has no tokenizer.*--prompt-ids"),
-    (["--prompt-ids", "1,2,5000"], r"token id\(s\) \[5000\] outside the vocabulary \[0, 1024\)"),
-    (["--prompt-ids", ",".join(["5"] * 4096)], "4096 tokens; the maximum length .* is 4096"),
+    (["--prompt-ids", "1,2,5000"], r"token id\(s\) \[5000\] outside the vocabulary \[0, 101\)"),
+    (["--prompt-ids", ",".join(["5"] * 1024)], "1024 tokens; the maximum length .* is 1024"),
     (["--prompt-ids", "1", "--top-p", "0"], "top_p must be in"),
 ])
 def test_errors_on_the_default_model(capsys, argv, message):

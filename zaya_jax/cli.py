@@ -8,26 +8,30 @@ import json
 import sys
 
 # Modules exposing ``register(subparsers)``; each adds its subcommand(s) with ``set_defaults(func=...)``.
-COMMAND_MODULES = ("zaya_jax.cli", "zaya_jax.convert.cli", "zaya_jax.infer.cli", "zaya_jax.infer.rsa_cli", "zaya_jax.train.cli")
+COMMAND_MODULES = (
+    "zaya_jax.cli", "zaya_jax.demo.cli", "zaya_jax.convert.cli", "zaya_jax.infer.cli", "zaya_jax.infer.rsa_cli",
+    "zaya_jax.train.cli",
+)
 
 
 def resolve_model(path: str | None, dtype: str | None = None):
-    """``(config, params, description)`` for a model directory, or the embedded default when None."""
+    """``(config, params, description)`` for a model directory; None means the shipped demo model."""
     import jax.numpy as jnp
 
-    from . import checkpoint, default_model
+    from . import checkpoint
+    from .demo import DEFAULT_MODEL_DIR
 
     jdtype = {None: None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-    if path is None:
-        config, params = default_model.default_model(jdtype)
-        return config, params, default_model.DESCRIPTION
+    path = path or DEFAULT_MODEL_DIR
     config, params = checkpoint.load(path, dtype=jdtype)
-    return config, params, path
+    return config, params, "the shipped demo model (trained on multi-term addition)" if path == DEFAULT_MODEL_DIR else path
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default=None,
-                        help="model directory (HF checkpoint or `zaya convert` output); default: the embedded model")
+    from .demo import DEFAULT_MODEL_DIR
+
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL_DIR,
+                        help="model directory (HF checkpoint or `zaya convert` output); default: the shipped demo model")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype (default: stored)")
 
 

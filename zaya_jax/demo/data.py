@@ -1,0 +1,52 @@
+"""Training data for the demo model: solving, and aggregating candidate tails (ZAYA1-style).
+
+60% of the examples teach the task (question -> step-by-step solution); the other 40% teach
+aggregation: the question plus ``TAILS`` candidate tails — the last ``TAIL_TOKENS`` characters of
+solutions of which a random number are wrong (one corrupted step, propagated) — with the correct
+solution as the target. The aggregation prompt is exactly what Markov RSA builds at run time from
+``TEMPLATE`` (see ``zaya_jax.infer.rsa``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+from zaya_jax.infer.rsa import AggregationTemplate
+
+from . import arith
+
+TAILS = 4
+TAIL_TOKENS = 24  # characters = tokens: the last two steps and the boxed answer
+BUDGET = 48  # longest solution (4 terms) is 41 characters
+TEMPLATE = AggregationTemplate(intro="Combine: ", before_candidates="\n", header="#{i} ...", separator="\n",
+                               closing="Answer:")
+
+
+def solve_record(prob: arith.Problem) -> dict:
+    return {"messages": [{"role": "user", "content": prob.question},
+                         {"role": "assistant", "content": prob.solution()}]}
+
+
+def aggregate_record(prob: arith.Problem, rng: random.Random, tails: int = TAILS) -> dict:
+    wrong_rate = rng.random() * 0.8
+    candidates = []
+    for _ in range(tails):
+        steps = len(prob.terms) - 1
+        error_step = rng.randrange(steps) if rng.random() < wrong_rate else None
+        candidates.append(prob.solution(error_step, rng)[-TAIL_TOKENS:])
+    return {"messages": [{"role": "user", "content": TEMPLATE.render(prob.question, candidates)},
+                         {"role": "assistant", "content": prob.solution()}]}
+
+
+def write_training_data(path: str, count: int, seed: int = 0) -> None:
+    """``count`` JSONL records (60% solve, 40% aggregate) from the train split, written atomically."""
+    rng = random.Random(seed)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for i in range(count):
+            prob = arith.problem("train", i)
+            record = solve_record(prob) if i % 5 < 3 else aggregate_record(prob, rng)
+            f.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
