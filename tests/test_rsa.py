@@ -114,6 +114,12 @@ def test_impossible_settings(params, kwargs, match):
         rsa.markov_rsa(params, CONFIG, QUESTIONS[0], **args)
 
 
+def test_stable_interface():
+    from zaya_jax.infer import markov_rsa
+
+    assert markov_rsa is rsa.markov_rsa
+
+
 def test_extract_boxed_and_majority():
     assert rsa.extract_boxed(r"so \boxed{12} then \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
     assert rsa.extract_boxed("no answer") is None
