@@ -7,6 +7,7 @@ import os
 import sys
 
 from zaya_jax.cli import add_model_args, parse_ids, resolve_model
+from zaya_jax.jsonl import read_objects
 
 KNOBS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p")
 LINE_KEYS = ("prompt", "prompt_ids", "messages")
@@ -102,23 +103,14 @@ def _single_line(args) -> dict:
 
 def _read_lines(path: str) -> list[dict]:
     lines = []
-    with open(path, encoding="utf-8") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                line = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON: {e}") from e
-            given = [k for k in LINE_KEYS if k in line] if isinstance(line, dict) else []
-            if len(given) != 1:
-                raise ValueError(f"{path}:{n}: each line must be an object with exactly one of {', '.join(LINE_KEYS)}")
-            unknown = set(line) - set(LINE_KEYS) - set(KNOBS)
-            if unknown:
-                raise ValueError(f"{path}:{n}: unknown key(s) {sorted(unknown)}; allowed: {LINE_KEYS + KNOBS}")
-            lines.append(line)
-    if not lines:
-        raise ValueError(f"{path} holds no prompts")
+    for n, line in read_objects(path, what="prompts"):
+        given = [k for k in LINE_KEYS if k in line]
+        if len(given) != 1:
+            raise ValueError(f"{path}:{n}: each line must be an object with exactly one of {', '.join(LINE_KEYS)}")
+        unknown = set(line) - set(LINE_KEYS) - set(KNOBS)
+        if unknown:
+            raise ValueError(f"{path}:{n}: unknown key(s) {sorted(unknown)}; allowed: {LINE_KEYS + KNOBS}")
+        lines.append(line)
     return lines
 
 

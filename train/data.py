@@ -16,8 +16,6 @@ the complete data state to checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Iterable
 
 import numpy as np
@@ -25,6 +23,7 @@ import numpy as np
 import jinja2
 
 from zaya_jax.infer.tokenizer import Tokenizer, TokenizerError
+from zaya_jax.jsonl import read_objects
 
 
 class DataError(ValueError):
@@ -41,23 +40,7 @@ class Example:
 
 def read_jsonl(path: str) -> list[tuple[int, dict]]:
     """(line number, record) for each non-blank line of ``path``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file {path} does not exist")
-    records = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON: {e}") from e
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records.append((number, record))
-    if not records:
-        raise DataError(f"{path} holds no records")
-    return records
+    return read_objects(path, what="records", error=DataError)
 
 
 def chat_example(messages: list[dict], tokenizer: Tokenizer) -> Example:

@@ -1,0 +1,27 @@
+"""Reading JSONL files of one object per line, with errors that name the file and line."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def read_objects(path: str, *, what: str = "records", error: type[Exception] = ValueError) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of ``path``; ``what`` names them in the empty-file error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path} does not exist")
+    objects = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{number}: not valid JSON: {e}") from e
+            if not isinstance(obj, dict):
+                raise error(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+            objects.append((number, obj))
+    if not objects:
+        raise error(f"{path} holds no {what}")
+    return objects
