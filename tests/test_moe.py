@@ -10,7 +10,7 @@ import transformers
 from zaya_jax import moe
 
 E, D, F = 5, 24, 16
-IMPLS = ("gather", "loop", "grouped", "tiled", "auto")
+IMPLS = ("gather", "loop", "grouped", "tiled", "sorted", "auto")
 
 
 def _weights(seed=0):
@@ -48,7 +48,7 @@ def test_paths_match_oracle(impl, kind, T, skip):
         np.testing.assert_allclose(got, skip_scale[:, None] * x, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["gather", "loop", "grouped", "tiled"])
+@pytest.mark.parametrize("impl", ["gather", "loop", "grouped", "tiled", "sorted"])
 def test_gradients_match_oracle(impl):
     gate_up, down = _weights()
     T = 40
@@ -79,6 +79,12 @@ def test_tiled_explicit_tile_sizes():
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"tile={tile}")
 
 
+def test_capacity_buckets_hold_any_group():
+    assert moe.capacity_buckets(1) == (0, 1)
+    assert moe.capacity_buckets(16) == (0, 1, 2, 4, 8, 16)
+    assert moe.capacity_buckets(17)[-1] == 32
+
+
 def test_stacked_layer_weights():
     """With ``layer``, every path reads the same experts out of a [L, E, ...] stack."""
     stack = [_weights(seed) for seed in range(3)]
@@ -88,16 +94,20 @@ def test_stacked_layer_weights():
     idx = jnp.asarray(_routes("random", T), jnp.int32)
     gate, skip_scale = jnp.ones(T), jnp.zeros(T)
     want = moe.experts_oracle(x, idx, gate, skip_scale, *stack[1])
-    for impl in ("loop", "gather", "tiled"):
+    for impl in ("loop", "gather", "tiled", "sorted"):
         run = jax.jit(lambda layer, impl=impl: moe.experts(x, idx, gate, skip_scale, gate_up, down, impl, layer=layer))
         np.testing.assert_allclose(run(jnp.int32(1)), want, atol=1e-5, rtol=1e-5, err_msg=impl)
 
 
 def test_auto_choice():
     assert moe.auto_impl(1, "cpu") == "loop"
-    assert moe.auto_impl(16, "cpu") == "loop"
-    assert moe.auto_impl(17, "cpu") == "tiled"
-    assert moe.auto_impl(512, "cpu") == "tiled"
+    assert moe.auto_impl(4, "cpu") == "loop"
+    assert moe.auto_impl(5, "cpu") == "sorted"
+    assert moe.auto_impl(2048, "cpu") == "sorted"
+    assert moe.auto_impl(2049, "cpu") == "tiled"
+    assert moe.auto_impl(16, "cpu", training=True) == "loop"
+    assert moe.auto_impl(17, "cpu", training=True) == "tiled"
+    assert moe.auto_impl(4, "gpu", training=True) == "gather"
     assert moe.auto_impl(4, "gpu") == "gather"
     assert moe.auto_impl(512, "gpu") == "grouped"
     with pytest.raises(ValueError, match="unknown MoE implementation"):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from zaya_jax import model as zmodel
+from zaya_jax import moe
 from zaya_jax.config import ZayaConfig
 
 # Logits materialised per chunk: about 64 Mi float32 values (256 MiB), whatever the vocabulary.
@@ -57,6 +58,8 @@ def masked_ce_sum(params, config: ZayaConfig, batch: dict, *, chunk: int | None 
     tokens, mask = batch["tokens"], batch["mask"]
     B, S = tokens.shape
     ctx = zmodel.uncached_context(mask)
+    # "auto" resolves for a differentiated call: the fastest forward-only dispatch is slow to train.
+    moe_impl = moe.resolve_impl(moe_impl, B * S, training=True)
     hidden, _, aux = zmodel.apply(params, config, tokens, ctx, moe_impl=moe_impl, remat_policy=remat_policy,
                                   return_hidden=True)
     # Position t predicts token t + 1; the last position predicts nothing.

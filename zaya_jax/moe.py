@@ -11,12 +11,17 @@ the router's skip route and get ``skip_scale[t] * x[t]`` (zero for the native be
 - ``experts_gather``: gather each token's expert weights; reads only touched experts. Best for decode.
 - ``experts_grouped``: sort tokens by expert, then ``jax.lax.ragged_dot``; dropless.
 - ``experts_tiled``: sort tokens by expert into fixed-size one-expert tiles, scan over tiles; dropless.
-
+- ``experts_sorted``: sort tokens by expert, scan over experts, each on its rows in a power-of-two
+  bucket (``lax.switch``); every touched expert's weights are read once. Forward-only choice.
 - ``experts_loop``: one token at a time, slicing its expert out of the whole layer stack. For decode.
 
-``impl="auto"`` chooses by backend and token count, from measurements (bench/moe_bench.py; on
-XLA:CPU with D=F=512, E=16, tiled is 4-8x faster than ragged_dot from 64 to 2048 tokens, and the
-loop is fastest up to 16 tokens). Accelerators default to gather for decode and ragged_dot
+``impl="auto"`` chooses by backend, token count and whether the call is differentiated (training),
+from measurements (``python bench/moe_bench.py [--grad]``, bench-124M widths D = F = 512, E = 16,
+8 layers, XLA:CPU, 2 cores). Inference: the loop is as fast as anything up to 4 tokens; ``sorted``
+is 1.3-2.8x faster than ``tiled`` from 16 to 1024 tokens, level at 2048 and slower at 4096 (its
+power-of-two padding costs more there). Training: ``sorted``'s backward saves every switch branch's residuals (3.4x slower and
+2.5x the memory of ``tiled`` at 1024 tokens), so training keeps ``tiled``; ragged_dot (``grouped``)
+is 4-9x slower than ``tiled`` on CPU. Accelerators default to gather for decode and ragged_dot
 otherwise until measured there.
 """
 
@@ -25,11 +30,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-MOE_IMPLS = ("auto", "oracle", "gather", "loop", "grouped", "tiled")
-# Decode-sized batches read only the touched experts. On XLA:CPU the per-token loop over the layer
-# stack beats gathering weight blocks at every size up to 16 tokens and loses to tiles at 32
-# (bench-124M decode step, bench/moe_bench.py); accelerators are unmeasured: gather up to 8 tokens.
-LOOP_MAX_TOKENS_CPU = 16
+MOE_IMPLS = ("auto", "oracle", "gather", "loop", "grouped", "tiled", "sorted")
+# XLA:CPU thresholds in tokens per call (bench/moe_bench.py, see above).
+LOOP_MAX_TOKENS_CPU = 4
+SORTED_MAX_TOKENS_CPU = 2048
+TRAIN_LOOP_MAX_TOKENS_CPU = 16
 GATHER_MAX_TOKENS = 8
 
 
@@ -165,17 +170,73 @@ def experts_tiled(x, idx, gate, skip_scale, gate_up, down, act=None, tile: int |
     return _finish(y, x, idx, gate, skip_scale, num_experts)
 
 
-def auto_impl(tokens: int, backend: str | None = None) -> str:
+def capacity_buckets(tokens: int) -> tuple[int, ...]:
+    """Row counts an expert's group is padded to in ``experts_sorted``: 0, then powers of two to >= ``tokens``."""
+    return (0,) + tuple(1 << i for i in range(max(tokens - 1, 0).bit_length() + 1))
+
+
+def experts_sorted(x, idx, gate, skip_scale, gate_up, down, act=None, layer=None):
+    """Sort by expert, then scan over experts; each runs once on its rows: ``[T, D] -> [T, D]``; dropless.
+
+    Expert ``e``'s rows are contiguous after the sort; ``lax.switch`` picks the smallest bucket of
+    ``capacity_buckets(T)`` that holds them (at most 2x padding), so every touched expert's weights are
+    read exactly once and untouched experts cost nothing. With ``layer``, the weights are the whole layer
+    stack (``[L, E, ...]``) and each expert is sliced at ``(layer, e)`` (no copy of the layer's experts).
+    """
+    T, D = x.shape
+    prefix = () if layer is None else (layer,)
+    num_experts, _, two_f = gate_up.shape[-3:]
+    F = down.shape[-2]
+    act = _activation(act, two_f)
+    buckets = capacity_buckets(T)
+    order = jnp.argsort(idx, stable=True)
+    sizes = jnp.bincount(idx, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+    starts = jnp.cumsum(sizes) - sizes
+    # A static tail of zero rows, so every bucket-sized slice stays in bounds (no clamping).
+    xs = jnp.concatenate([x[order], jnp.zeros((buckets[-1], D), x.dtype)])
+    lead = (1,) * (len(prefix) + 1)
+
+    def expert_branch(rows: int):
+        def run(ys, e, start, size):
+            if rows == 0:
+                return ys
+            gu = jax.lax.dynamic_slice(gate_up, prefix + (e, 0, 0), lead + (D, two_f)).reshape(D, two_f)
+            dn = jax.lax.dynamic_slice(down, prefix + (e, 0, 0), lead + (F, D)).reshape(F, D)
+            out = act(jax.lax.dynamic_slice(xs, (start, 0), (rows, D)) @ gu) @ dn
+            out = jnp.where((jnp.arange(rows) < size)[:, None], out, 0).astype(ys.dtype)
+            # Experts run in sorted order: rows past this group belong to later experts, which overwrite them.
+            return jax.lax.dynamic_update_slice(ys, out, (start, 0))
+        return run
+
+    branches = [expert_branch(rows) for rows in buckets]
+    bucket_sizes = jnp.asarray(buckets, jnp.int32)
+
+    def step(ys, args):
+        e, start, size = args
+        which = jnp.searchsorted(bucket_sizes, size, side="left")
+        return jax.lax.switch(which, branches, ys, e, start, size), None
+
+    ys, _ = jax.lax.scan(step, jnp.zeros_like(xs), (jnp.arange(num_experts), starts, sizes))
+    y = ys[jnp.argsort(order)]  # back to token order; skip-route rows are zeroed by _finish
+    return _finish(y, x, idx, gate, skip_scale, num_experts)
+
+
+def auto_impl(tokens: int, backend: str | None = None, training: bool = False) -> str:
+    """The measured-best implementation for ``tokens`` tokens per call (``training``: differentiated)."""
     backend = backend or jax.default_backend()
-    if backend == "cpu":
-        return "loop" if tokens <= LOOP_MAX_TOKENS_CPU else "tiled"
-    return "gather" if tokens <= GATHER_MAX_TOKENS else "grouped"
+    if backend != "cpu":
+        return "gather" if tokens <= GATHER_MAX_TOKENS else "grouped"
+    if training:
+        return "loop" if tokens <= TRAIN_LOOP_MAX_TOKENS_CPU else "tiled"
+    if tokens <= LOOP_MAX_TOKENS_CPU:
+        return "loop"
+    return "sorted" if tokens <= SORTED_MAX_TOKENS_CPU else "tiled"
 
 
-def resolve_impl(impl: str, tokens: int) -> str:
+def resolve_impl(impl: str, tokens: int, training: bool = False) -> str:
     """The implementation ``impl`` names for ``tokens`` tokens (``auto`` decides by backend and count)."""
     if impl == "auto":
-        return auto_impl(tokens)
+        return auto_impl(tokens, training=training)
     if impl not in MOE_IMPLS:
         raise ValueError(f"unknown MoE implementation {impl!r}; choose one of {MOE_IMPLS}")
     return impl
@@ -189,8 +250,9 @@ def experts(x, idx, gate, skip_scale, gate_up, down, impl: str = "auto", act=Non
     ``layer``, the weights are the whole layer stack (``[L, E, ...]``) and ``layer`` picks the layer.
     """
     impl = resolve_impl(impl, x.shape[0])
-    if impl == "loop":
-        return experts_loop(x, idx, gate, skip_scale, gate_up, down, act=act, layer=layer)
+    if impl in ("loop", "sorted"):
+        fn = experts_loop if impl == "loop" else experts_sorted
+        return fn(x, idx, gate, skip_scale, gate_up, down, act=act, layer=layer)
     if layer is not None:
         gate_up, down = gate_up[layer], down[layer]
     fn = {"oracle": experts_oracle, "gather": experts_gather, "grouped": experts_grouped, "tiled": experts_tiled}[impl]

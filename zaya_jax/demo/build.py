@@ -35,7 +35,7 @@ DEMO_CONFIG = ZayaConfig(
     bos_token_id=2,
     eos_token_id=(4,),  # <end_of_turn>
 )
-TRAIN_EXAMPLES = 40_000
+TRAIN_EXAMPLES = 100_000
 # The reference initialises the key temperature to 0 (uniform attention); Adam then needs most of a
 # short run just to grow it. A small model trained from scratch starts with sharp-enough attention.
 INITIAL_KEY_TEMPERATURE = 2.0
