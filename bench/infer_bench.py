@@ -6,6 +6,7 @@ same prompts, measured side by side in one run.
 Rows: prefill of one 512-token prompt (tokens/s), greedy decode at batch 1 and batch 16 (aggregate
 new tokens/s over 63 steps after a 128-token prompt), and zaya-jax compile times (first call minus
 the median run). Figures are medians over ``--repeats`` runs after a warm-up; ratios are jax / HF.
+Last, the memory-bandwidth floor of a batch-16 decode step on this machine (``decode_floor``).
 
 transformers' decode is timed with a bare loop of cached forward calls (``logits_to_keep=1``, argmax),
 which is cheaper than its ``generate`` loop, so the ratios are conservative. zaya-jax runs its
@@ -81,7 +82,7 @@ def jax_start(params, config, ids: np.ndarray, new: int):
     """The compiled prefill of ``generate`` for equal-length prompts ``ids [B, S]``."""
     B, S = ids.shape
     N = generation.bucket(new, generation.MIN_OUTPUT_BUCKET)
-    state = generation._prefill_and_start(
+    state = generation.prefill_and_start(
         params, config, jnp.asarray(ids, jnp.int32), jnp.zeros((B,), jnp.int32), config.max_position_embeddings,
         SamplingParams.create(B), row_keys(0, B), jnp.full((B,), new, jnp.int32),
         jnp.asarray(generation.stop_id_array(config, [])), cache_len=S + N, buffer_len=N, moe_impl="auto")
@@ -89,8 +90,28 @@ def jax_start(params, config, ids: np.ndarray, new: int):
 
 
 def jax_decode(params, config, state):
-    out = generation._decode(params, config, state, state.tokens.shape[1], moe_impl="auto")
+    out = generation.decode_compiled(params, config, state, state.tokens.shape[1], moe_impl="auto")
     return jax.block_until_ready(out)
+
+
+def decode_floor(params, config, batch: int, repeats: int) -> dict:
+    """A lower bound on one decode step's time: the weight bytes it must read / measured bandwidth.
+
+    Every step reads the LM head, every non-expert weight of every layer and at least one expert per
+    layer (more when rows route apart). The bandwidth is that of the LM head matmul alone at this
+    batch (a pure weight stream), so the bound holds for any implementation on this machine.
+    """
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    layers = dict(params["layers"])
+    experts = layers.pop("experts")
+    head = zaya_jax.model.head_kernel(params, config)
+    one_expert_per_layer = nbytes(experts) // config.num_experts
+    must_read = nbytes(head) + nbytes(layers) + one_expert_per_layer
+    h = jnp.ones((batch, config.hidden_size), head.dtype)
+    matmul = jax.jit(lambda h, w: h @ w)
+    _, seconds, _ = timed(lambda: jax.block_until_ready(matmul(h, head)), max(repeats, 10))
+    bandwidth = nbytes(head) / seconds
+    return {"bytes": must_read, "bandwidth": bandwidth, "seconds": must_read / bandwidth}
 
 
 def run(name: str, repeats: int) -> None:
@@ -144,6 +165,12 @@ def run(name: str, repeats: int) -> None:
     print("| --- | ---: |")
     for what, seconds in compiles:
         print(f"| {what} | {seconds:.1f} |")
+    floor = decode_floor(params, config, 16, repeats)
+    hf_b16 = rows[-1][1]
+    best = 16 / floor["seconds"]
+    print(f"\ndecode batch 16 floor: a step reads >= {floor['bytes'] / 1e6:.0f} MB of weights; at the measured "
+          f"{floor['bandwidth'] / 1e9:.1f} GB/s (LM head matmul alone) that is >= {1e3 * floor['seconds']:.1f} ms/step, "
+          f"so at most {best:,.0f} new tokens/s = {best / hf_b16:.1f}x transformers for any implementation here")
 
 
 def main() -> None:

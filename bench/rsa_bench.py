@@ -42,7 +42,7 @@ def main() -> None:
                                  piece(10))
     run = lambda seed: rsa.markov_rsa(params, BENCH_124M, question, population=N, tails=C, rounds=args.rounds,  # noqa: E731
                                       budget=args.budget, tail_tokens=args.tail_tokens, template=template, seed=seed)
-    caches = (rsa._round0, rsa._aggregate, generation._prefill_and_start, generation._decode)
+    caches = (rsa._round0, rsa._aggregate, generation.prefill_and_start, generation.decode_compiled)
     before = sum(f._cache_size() for f in caches)
     first = run(0)
     compiles = sum(f._cache_size() for f in caches) - before

@@ -130,7 +130,8 @@ def _write_config(directory: str, config: ZayaConfig, dtype: np.dtype) -> None:
         json.dump(dict(config.to_hf_dict(), dtype=np.dtype(dtype).name), f, indent=2)
 
 
-def _copy_assets(src: str | None, dst: str) -> list[str]:
+def copy_assets(src: str | None, dst: str) -> list[str]:
+    """Copies the tokenizer and chat-template files that exist in ``src`` into ``dst``; returns their names."""
     copied = []
     for name in ASSET_FILES:
         if src is not None and os.path.isfile(os.path.join(src, name)):
@@ -176,7 +177,7 @@ def convert(src: str, dst: str, *, dtype=None, force: bool = False, progress: bo
         writer = OrbaxWriter(os.path.join(tmp, PARAMS_DIR), config, target)
         summary = _fill(ckpt, writer, meter)
         _write_config(tmp, config, target)
-        assets = _copy_assets(src, tmp)
+        assets = copy_assets(src, tmp)
         manifest = {"source": os.path.abspath(src), "layout": "legacy" if ckpt.legacy else "native",
                     "dtype": target.name, "assets": assets, **dataclasses.asdict(summary)}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
@@ -214,7 +215,7 @@ def _write_hf(tensors: list[Tensor], config: ZayaConfig, dtype: np.dtype, dst: s
         write_safetensors(tmp, tensors, max_shard_bytes, on_tensor=lambda t: meter.step(t.nbytes))
         summary = meter.close()
         _write_config(tmp, config, dtype)
-        _copy_assets(assets_src, tmp)
+        copy_assets(assets_src, tmp)
     return summary
 
 

@@ -111,12 +111,12 @@ def generate(params, config: ZayaConfig, prompts, *, max_new_tokens, temperature
     row_limit = np.zeros((B,), np.int32)
     row_limit[:n] = max_new
 
-    state = _prefill_and_start(
+    state = prefill_and_start(
         params, config, jnp.asarray(tokens), jnp.asarray(starts), max_len, pad_rows(sampling, B),
         row_keys(seed, B), jnp.asarray(row_limit), jnp.asarray(stop_id_array(config, stop_token_ids)), cache_len=T, buffer_len=N,
         moe_impl=moe_impl)
     if stream is None:
-        state = _decode(params, config, state, N, moe_impl=moe_impl)
+        state = decode_compiled(params, config, state, N, moe_impl=moe_impl)
     else:
         shown = np.zeros((n,), np.int64)
         while True:
@@ -126,7 +126,7 @@ def generate(params, config: ZayaConfig, prompts, *, max_new_tokens, temperature
             shown = num_new
             if not (to_host(state.reason)[:n] == engine.RUNNING).any() or int(state.step) >= N:
                 break
-            state = _decode(params, config, state, int(state.step) + stream_interval, moe_impl=moe_impl)
+            state = decode_compiled(params, config, state, int(state.step) + stream_interval, moe_impl=moe_impl)
 
     num_new, rows, reasons = (to_host(a)[:n] for a in (state.num_new, state.tokens, state.reason))
     return GenerationResult(
@@ -137,14 +137,20 @@ def generate(params, config: ZayaConfig, prompts, *, max_new_tokens, temperature
 
 @functools.partial(jax.jit, static_argnames=("config", "cache_len", "buffer_len", "moe_impl"),
                    compiler_options=INFERENCE_COMPILER_OPTIONS)
-def _prefill_and_start(params, config, tokens, starts, max_len, sampling, keys, max_new, stop_ids, *,
-                       cache_len, buffer_len, moe_impl):
+def prefill_and_start(params, config, tokens, starts, max_len, sampling, keys, max_new, stop_ids, *,
+                      cache_len, buffer_len, moe_impl):
+    """Compiled prefill of a left-padded batch, then the first sampled token: a fresh ``DecodeState``.
+
+    tokens: [B, S] int32 left-padded; starts: [B] first real slot per row; sampling, keys, max_new,
+    stop_ids: per-row arrays as ``engine.start`` takes them; ``cache_len`` = S + ``buffer_len`` slots.
+    """
     cache = init_cache(config, tokens.shape[0], cache_len, compute_dtype(params)).replace(starts=starts)
     logits, cache = engine.prefill(params, config, tokens, cache, moe_impl=moe_impl)
     return engine.start(logits, cache, sampling, keys, max_new, stop_ids, max_len, buffer_len)
 
 
+# decode_compiled(params, config, state, until, *, moe_impl): engine.decode compiled, the state donated.
 # INFERENCE_COMPILER_OPTIONS: keeps XLA:CPU from hoisting float32 copies of the bf16 weights out of the
 # layer scan and the decode loop (a float32 copy of the whole model otherwise; see zaya_jax.model).
-_decode = jax.jit(engine.decode, static_argnames=("config", "moe_impl"), donate_argnames=("state",),
-                  compiler_options=INFERENCE_COMPILER_OPTIONS)
+decode_compiled = jax.jit(engine.decode, static_argnames=("config", "moe_impl"), donate_argnames=("state",),
+                          compiler_options=INFERENCE_COMPILER_OPTIONS)

@@ -31,7 +31,7 @@ from zaya_jax.config import ZayaConfig
 from zaya_jax.model import compute_dtype
 
 from . import engine
-from .generation import MIN_OUTPUT_BUCKET, MIN_PROMPT_BUCKET, MIN_STOP_BUCKET, _decode, _prefill_and_start, bucket
+from .generation import MIN_OUTPUT_BUCKET, MIN_PROMPT_BUCKET, MIN_STOP_BUCKET, bucket, decode_compiled, prefill_and_start
 from .sampling import SamplingParams, pad_rows, row_keys
 
 _ROUND_SALT, _SUBSET_SALT = 0x52534147, 0x53554253  # "RSAG", "SUBS": key streams disjoint from row keys
@@ -334,12 +334,12 @@ def markov_rsa(params, config: ZayaConfig, prompt_ids, *, population: int, tails
             prompts, lengths, subsets, _, _ = _aggregate(pieces, prev_tokens, prev_len, jnp.asarray(question),
                                                          jnp.asarray(question_len), key, tau=tail_tokens, tails=tails)
             L = prompts.shape[1]
-            state = _prefill_and_start(params, config, prompts, L - lengths, max_len, sampling, keys, max_new,
+            state = prefill_and_start(params, config, prompts, L - lengths, max_len, sampling, keys, max_new,
                                        jnp.asarray(stop_ids), cache_len=L + G, buffer_len=G, moe_impl=moe_impl)
             rows, lens = np.asarray(prompts), np.asarray(lengths)
             prompt_rows = [[rows[p * N + i, L - lens[p * N + i]:].tolist() for i in range(N)] for p in range(P)]
             subsets = np.asarray(subsets).tolist()
-        state = _decode(params, config, state, G, moe_impl=moe_impl)
+        state = decode_compiled(params, config, state, G, moe_impl=moe_impl)
         num_new, reason, out = (np.asarray(a) for a in (state.num_new, state.reason, state.tokens))
         gen_len = num_new - (reason == engine.STOP_TOKEN)  # the stop token is not part of the candidate
         prev_tokens = jnp.asarray(out.reshape(P, N, -1))

@@ -103,10 +103,10 @@ def test_inference_programs_do_not_hoist_float32_weight_copies():
     params = jax.eval_shape(lambda: zaya_jax.init(config, jax.random.key(0), jnp.bfloat16))
     B, S, N = 1, 16, 16
     sampling = pad_rows(SamplingParams.create(1, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0), B)
-    prefill = generation._prefill_and_start.lower(
+    prefill = generation.prefill_and_start.lower(
         params, config, jnp.zeros((B, S), jnp.int32), jnp.zeros((B,), jnp.int32), 1024, sampling, row_keys(0, B),
         jnp.ones((B,), jnp.int32), jnp.full((4,), -1, jnp.int32), cache_len=S + N, buffer_len=N, moe_impl="auto")
-    decode = generation._decode.lower(params, config, prefill.out_info, N, moe_impl="auto")
+    decode = generation.decode_compiled.lower(params, config, prefill.out_info, N, moe_impl="auto")
     forward = zaya_jax.model._forward_jit.lower(params, config, jnp.zeros((1, 64), jnp.int32),
                                                 jnp.ones((1, 64), jnp.int32), "auto")
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))

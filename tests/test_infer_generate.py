@@ -106,7 +106,7 @@ def test_sampling_is_reproducible(params, prompts, greedy):
 
 def test_varied_requests_reuse_compiled_programs(params):
     """Prompt lengths, knobs, limits, seeds and stop ids inside one bucket never recompile."""
-    programs = generation._prefill_and_start, generation._decode
+    programs = generation.prefill_and_start, generation.decode_compiled
     generate(params, TINY, [[1, 2, 3]], max_new_tokens=3)
     before = [p._cache_size() for p in programs]
     assert min(before) >= 1
@@ -120,10 +120,10 @@ def test_varied_requests_reuse_compiled_programs(params):
 def test_decode_state_is_donated(params):
     """The decode loop consumes its input state (cache included) instead of copying it."""
     tokens = jnp.zeros((1, 16), jnp.int32).at[0, -4:].set(jnp.array([1, 2, 3, 4]))
-    state = generation._prefill_and_start(
+    state = generation.prefill_and_start(
         params, TINY, tokens, jnp.array([12], jnp.int32), MAX_LEN, SamplingParams.create(1), row_keys(0, 1),
         jnp.array([5], jnp.int32), jnp.full((4,), -1, jnp.int32), cache_len=32, buffer_len=16, moe_impl="auto")
-    out = generation._decode(params, TINY, state, 16, moe_impl="auto")
+    out = generation.decode_compiled(params, TINY, state, 16, moe_impl="auto")
     assert state.cache.k.is_deleted() and state.cache.conv.is_deleted() and state.tokens.is_deleted()
     assert int(out.num_new[0]) == 5 and engine.STOP_REASONS[int(out.reason[0])] == "max_new_tokens"
 

@@ -181,7 +181,7 @@ def train(config: ZayaConfig, params: dict, batches: Batches, tcfg: TrainConfig,
 def save_model_dir(config: ZayaConfig, params: dict, directory: str, assets_from: str | None) -> None:
     """``params`` as a converted model directory (``zaya_jax.load``, ``zaya export``), with the tokenizer
     files and chat template of ``assets_from``."""
-    from zaya_jax.convert.pipeline import _copy_assets
+    from zaya_jax.convert.pipeline import copy_assets
 
     checkpoint.save(directory, config, jax.device_get(params), force=True)
-    _copy_assets(assets_from, directory)
+    copy_assets(assets_from, directory)
