@@ -94,24 +94,46 @@ def jax_decode(params, config, state):
     return jax.block_until_ready(out)
 
 
-def decode_floor(params, config, batch: int, repeats: int) -> dict:
-    """A lower bound on one decode step's time: the weight bytes it must read / measured bandwidth.
+def machine_rates(repeats: int) -> tuple[float, float]:
+    """(float32 matmul FLOP/s, memory bandwidth bytes/s) of this machine, as XLA:CPU reaches them.
 
-    Every step reads the LM head, every non-expert weight of every layer and at least one expert per
-    layer (more when rows route apart). The bandwidth is that of the LM head matmul alone at this
-    batch (a pure weight stream), so the bound holds for any implementation on this machine.
+    FLOP/s from a 1024^3 matmul (cache-friendly, compute-bound); read bandwidth from summing 256 MB (far
+    beyond any cache; a decode step mostly reads weights).
+    """
+    n = 1024
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    _, mm_seconds, _ = timed(lambda: jax.block_until_ready(matmul(a)), max(repeats, 10))
+    big = jnp.ones((64 * 1024 * 1024,), jnp.float32)
+    read = jax.jit(jnp.sum)
+    _, bw_seconds, _ = timed(lambda: jax.block_until_ready(read(big)), max(repeats, 10))
+    return 2 * n**3 / mm_seconds, big.nbytes / bw_seconds
+
+
+def decode_floor(params, config, state, repeats: int) -> dict:
+    """A lower bound on the time of the next decode step of ``state``, for any implementation here.
+
+    The step multiplies each row by the LM head, every non-expert weight and its expert in every layer
+    (2 FLOPs per weight per row), and reads each of those weights at least once: the head, the
+    non-expert weights and every expert some row routes to (counted by running that very step). Bound:
+    max(FLOPs / matmul FLOP/s, bytes / read bandwidth), both rates measured here (``machine_rates``);
+    attention over the cache and everything else only add to it.
     """
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    nparams = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
     layers = dict(params["layers"])
     experts = layers.pop("experts")
     head = zaya_jax.model.head_kernel(params, config)
-    one_expert_per_layer = nbytes(experts) // config.num_experts
-    must_read = nbytes(head) + nbytes(layers) + one_expert_per_layer
-    h = jnp.ones((batch, config.hidden_size), head.dtype)
-    matmul = jax.jit(lambda h, w: h @ w)
-    _, seconds, _ = timed(lambda: jax.block_until_ready(matmul(h, head)), max(repeats, 10))
-    bandwidth = nbytes(head) / seconds
-    return {"bytes": must_read, "bandwidth": bandwidth, "seconds": must_read / bandwidth}
+    E, batch = config.num_experts, state.token.shape[0]
+    ctx = zaya_jax.model.cached_context(state.cache, 1)
+    _, _, aux = zaya_jax.model.apply(params, config, state.token[:, None], ctx, state.cache)
+    touched = int((aux["route_counts"][:, :E] > 0).sum())  # (layer, expert) pairs this step reads
+    flop = 2 * batch * (nparams(head) + nparams(layers) + nparams(experts) // E)
+    must_read = nbytes(head) + nbytes(layers) + touched * (nbytes(experts) // (E * config.num_hidden_layers))
+    flops, bandwidth = machine_rates(repeats)
+    return {"flops": flops, "bandwidth": bandwidth, "flop": flop, "bytes": must_read,
+            "experts_per_layer": touched / config.num_hidden_layers,
+            "seconds": max(flop / flops, must_read / bandwidth)}
 
 
 def run(name: str, repeats: int) -> None:
@@ -165,12 +187,14 @@ def run(name: str, repeats: int) -> None:
     print("| --- | ---: |")
     for what, seconds in compiles:
         print(f"| {what} | {seconds:.1f} |")
-    floor = decode_floor(params, config, 16, repeats)
+    floor = decode_floor(params, config, jax_start(params, config, ids, DECODE_NEW), repeats)
     hf_b16 = rows[-1][1]
     best = 16 / floor["seconds"]
-    print(f"\ndecode batch 16 floor: a step reads >= {floor['bytes'] / 1e6:.0f} MB of weights; at the measured "
-          f"{floor['bandwidth'] / 1e9:.1f} GB/s (LM head matmul alone) that is >= {1e3 * floor['seconds']:.1f} ms/step, "
-          f"so at most {best:,.0f} new tokens/s = {best / hf_b16:.1f}x transformers for any implementation here")
+    print(f"\ndecode batch 16 floor: a step does >= {floor['flop'] / 1e9:.2f} GFLOP and reads >= "
+          f"{floor['bytes'] / 1e6:.0f} MB of weights ({floor['experts_per_layer']:.1f} experts per layer); this "
+          f"machine reaches {floor['flops'] / 1e9:.0f} GFLOP/s (matmul) and {floor['bandwidth'] / 1e9:.1f} GB/s "
+          f"(read), so a step takes >= {1e3 * floor['seconds']:.1f} ms: at most {best:,.0f} new tokens/s = "
+          f"{best / hf_b16:.1f}x transformers, for any implementation on this machine")
 
 
 def main() -> None:
