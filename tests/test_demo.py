@@ -18,7 +18,8 @@ def test_problems_are_fixed_and_splits_disjoint():
     assert arith.problems("test", 5) == arith.problems("test", 5)
     train = {arith.problem("train", i).terms for i in range(2000)}
     test = [arith.problem("test", i).terms for i in range(200)]
-    assert sum(t in train for t in test) < 5  # a few random collisions at most, never by construction
+    assert not any(t in train for t in test)  # disjoint by construction
+    assert all(arith.held_out(t) for t in test) and not any(arith.held_out(t) for t in train)
     for p in arith.problems("test", 50):
         assert arith.MIN_TERMS <= len(p.terms) <= arith.MAX_TERMS
         assert extract_boxed(p.solution()) == str(sum(p.terms)) == p.answer

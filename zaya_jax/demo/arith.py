@@ -1,9 +1,11 @@
 """A verifiable synthetic task: multi-term integer addition written out step by step.
 
-Question ``47+38+91+26``; solution ``47+38=85\\n85+91=176\\n176+26=202\\n\\boxed{202}``. Problems are a
-pure function of (split, index), so the held-out split is fixed and never overlaps training.
-Corrupted solutions (one wrong step, propagated to the end) stand in for wrong candidates when
-teaching aggregation.
+A two-digit number plus three to five one-digit numbers. Question ``47+8+6+9``; solution
+``47+8=55\\n55+6=61\\n61+9=70\\n\\boxed{70}``: each step is easy, and a slip anywhere carries to the
+answer, so longer chains fail more often (the room test-time compute works in). Problems are a pure
+function of (split, index); which split a problem belongs to is a function of its terms, so the
+held-out split is fixed and never overlaps training. Corrupted solutions (one wrong step, propagated
+to the end) stand in for wrong candidates when teaching aggregation.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import hashlib
 import random
 
 SPLITS = {"train": 0, "test": 1}
-MIN_TERMS, MAX_TERMS = 3, 4
-MIN_VALUE, MAX_VALUE = 10, 99
+MIN_TERMS, MAX_TERMS = 4, 6
+FIRST_TERM = (10, 99)  # the starting two-digit number
+STEP_TERM = (2, 9)  # every later term
+TEST_SHARE = 8  # 1 in TEST_SHARE of all problems is held out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,12 +56,20 @@ def corrupt(value: int, rng: random.Random) -> int:
     return int("".join(digits))
 
 
+def held_out(terms: tuple[int, ...]) -> bool:
+    """Whether a problem belongs to the test split: a hash of its terms, so the splits never overlap."""
+    return hashlib.sha256("+".join(map(str, terms)).encode()).digest()[0] % TEST_SHARE == 0
+
+
 def problem(split: str, index: int) -> Problem:
     """Problem ``index`` of ``split``: a deterministic function of both."""
     seed = int.from_bytes(hashlib.sha256(f"{SPLITS[split]}:{index}".encode()).digest()[:8], "little")
     rng = random.Random(seed)
-    n = rng.randint(MIN_TERMS, MAX_TERMS)
-    return Problem(tuple(rng.randint(MIN_VALUE, MAX_VALUE) for _ in range(n)))
+    while True:  # draw until the problem falls in ``split``
+        n = rng.randint(MIN_TERMS, MAX_TERMS)
+        terms = (rng.randint(*FIRST_TERM),) + tuple(rng.randint(*STEP_TERM) for _ in range(n - 1))
+        if held_out(terms) == (split == "test"):
+            return Problem(terms)
 
 
 def problems(split: str, count: int, start: int = 0) -> list[Problem]:

@@ -18,8 +18,8 @@ from zaya_jax.infer.rsa import AggregationTemplate
 from . import arith
 
 TAILS = 4
-TAIL_TOKENS = 24  # characters = tokens: the last two steps and the boxed answer
-BUDGET = 48  # longest solution (4 terms) is 41 characters
+TAIL_TOKENS = 24  # characters = tokens: about the last two steps and the boxed answer
+BUDGET = 64  # the longest solution (6 terms, 3-digit sums) is 61 characters
 TEMPLATE = AggregationTemplate(intro="Combine: ", before_candidates="\n", header="#{i} ...", separator="\n",
                                closing="Answer:")
 
