@@ -67,3 +67,14 @@ def test_demo_command(capsys):
     assert out["problems"] == 3 and out["rounds"] == 1
     tokens = [r["tokens"] for r in out["rows"][1:]]
     assert tokens == sorted(tokens) and tokens[0] > 0
+
+
+def test_demo_table(capsys):
+    assert main(["demo", "--problems", "2", "--population", "4", "--rounds", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index("-" * 65) + 1:]
+    assert [line.split("  ")[0] for line in table[:4]] == [
+        "single sample", "majority vote (N=4)", "Markov RSA round 1 (N=4, C=4)", "Markov RSA round 1 + majority vote"]
+    single, rsa = (float(table[i].split()[-2].rstrip("%")) for i in (0, 2))
+    assert table[4] == f"Markov RSA after round 1 vs a single sample: {rsa - single:+.1f} points"
+    assert table[5].startswith("2 held-out problems")

@@ -57,5 +57,9 @@ def evaluate(params, config, tokenizer, problems: list[arith.Problem], *, popula
 def format_table(rows: list[Row], info: dict) -> str:
     lines = [f"{'method':<44} {'accuracy':>9} {'tokens':>10}", "-" * 65]
     lines += [f"{r.method:<44} {r.accuracy:>8.1%} {r.tokens:>10,d}" for r in rows]
+    if info["rounds"] > 0:
+        last = next(r for r in reversed(rows) if r.method.startswith(f"Markov RSA round {info['rounds']} ("))
+        lift = 100 * (last.accuracy - rows[0].accuracy)
+        lines.append(f"Markov RSA after round {info['rounds']} vs a single sample: {lift:+.1f} points")
     lines.append(f"{info['problems']} held-out problems, {info['seconds']:.1f} s")
     return "\n".join(lines)
