@@ -39,7 +39,7 @@ def test_aggregation_records_use_the_rsa_template():
     p = arith.problem("train", 3)
     record = data.aggregate_record(p, rng)
     user, assistant = record["messages"]
-    assert assistant["content"] == p.solution()
+    assert assistant["content"] == data.final_step(p) and p.solution().endswith("\n" + data.final_step(p))
     assert user["content"].startswith(data.TEMPLATE.intro + p.question + data.TEMPLATE.before_candidates)
     assert user["content"].count("#") == data.TAILS and user["content"].endswith(data.TEMPLATE.closing)
 
