@@ -2,8 +2,9 @@
 
 60% of the examples teach the task (question -> step-by-step solution); the other 40% teach
 aggregation: the question plus ``TAILS`` candidate tails — the last ``TAIL_TOKENS`` characters of
-solutions of which a random number are wrong (one corrupted step, propagated) — and as the target the
-correct solution's final step and boxed answer (``final_step``), the part of a solution a tail shows.
+whole solutions or of final steps, a random number of them wrong (one corrupted step, propagated) —
+and as the target the correct solution's final step and boxed answer (``final_step``), the part of a
+solution a tail shows.
 The aggregation prompt is exactly what Markov RSA builds at run time from ``TEMPLATE`` (see
 ``zaya_jax.infer.rsa``).
 
@@ -12,7 +13,8 @@ it and ignore the candidates, because under teacher forcing its own earlier line
 at sampling time its slips then compound exactly as in a fresh sample, and Markov RSA gained nothing
 (58.1% single sample vs 56.0% after two rounds, 64 problems, step 750 of that run). Reconciling the
 candidates' running totals and re-checking the last addition is what it can do better than a fresh
-sample.
+sample. Final steps appear among the candidates because later rounds aggregate earlier aggregations:
+trained on whole-solution tails only, round 2 fell below round 1 (20.3% -> 8.0% at step 500).
 """
 
 from __future__ import annotations
@@ -37,18 +39,23 @@ def solve_record(prob: arith.Problem) -> dict:
                          {"role": "assistant", "content": prob.solution()}]}
 
 
-def final_step(prob: arith.Problem) -> str:
-    """The correct solution's last line and boxed answer, e.g. ``61+9=70\\n\\boxed{70}``."""
-    return "\n".join(prob.solution().split("\n")[-2:])
+def final_step(prob: arith.Problem, error_step: int | None = None, rng: random.Random | None = None) -> str:
+    """The solution's last line and boxed answer, e.g. ``61+9=70\\n\\boxed{70}`` (``error_step``: of a
+    corrupted solution, see ``arith.Problem.solution``)."""
+    return "\n".join(prob.solution(error_step, rng).split("\n")[-2:])
 
 
 def aggregate_record(prob: arith.Problem, rng: random.Random, tails: int = TAILS) -> dict:
+    """An aggregation example. Candidates are, half and half, tails of whole solutions (what round 1
+    aggregates) and final steps (what an aggregation round writes, so what later rounds aggregate)."""
     wrong_rate = rng.random() * 0.8
     candidates = []
     for _ in range(tails):
         steps = len(prob.terms) - 1
         error_step = rng.randrange(steps) if rng.random() < wrong_rate else None
-        candidates.append(prob.solution(error_step, rng)[-TAIL_TOKENS:])
+        whole = rng.random() < 0.5
+        text = prob.solution(error_step, rng) if whole else final_step(prob, error_step, rng)
+        candidates.append(text[-TAIL_TOKENS:])
     return {"messages": [{"role": "user", "content": TEMPLATE.render(prob.question, candidates)},
                          {"role": "assistant", "content": final_step(prob)}]}
 
