@@ -14,7 +14,7 @@ import json
 import os
 
 import zaya_jax
-from zaya_jax.demo import DEFAULT_MODEL_DIR, arith
+from zaya_jax.demo import DEFAULT_MODEL_DIR, DEMO_TEMPERATURE, arith
 from zaya_jax.demo.evaluate import evaluate, format_table
 from zaya_jax.infer.tokenizer import Tokenizer
 
@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=200)
     parser.add_argument("--population", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=DEMO_TEMPERATURE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="docs/rsa_accuracy.png")
     args = parser.parse_args()
@@ -36,7 +37,8 @@ def main() -> None:
 
     config, params = zaya_jax.load(args.model)
     rows, info = evaluate(params, config, Tokenizer.from_dir(args.model), arith.problems("test", args.problems),
-                          population=args.population, rounds=args.rounds, seed=args.seed)
+                          population=args.population, rounds=args.rounds, temperature=args.temperature,
+                          seed=args.seed)
     print(format_table(rows, info))
     rsa_rows = [r for r in rows if r.method.startswith("Markov RSA round") and "majority" not in r.method]
     single, vote = rows[0], rows[1]
@@ -49,7 +51,8 @@ def main() -> None:
     ax.axhline(vote.accuracy, color="gray", linestyle="--", label=f"majority vote of T=0 (N={args.population})")
     ax.set_xlabel(f"generated tokens ({args.problems} held-out problems)")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"Demo model, N={args.population}, C={info['tails']}, tau={info['tail_tokens']}")
+    ax.set_title(f"Demo model, N={args.population}, C={info['tails']}, tau={info['tail_tokens']}, "
+                 f"temperature {args.temperature}")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from . import DEFAULT_MODEL_DIR, arith, data
+from . import DEFAULT_MODEL_DIR, DEMO_TEMPERATURE, arith, data
 
 
 def register(subparsers) -> None:
@@ -17,7 +17,8 @@ def register(subparsers) -> None:
     p.add_argument("--population", type=int, default=16, help="N (default 16)")
     p.add_argument("--tails", type=int, default=data.TAILS, help=f"C (default {data.TAILS})")
     p.add_argument("--rounds", type=int, default=2, help="T aggregation rounds (default 2)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=DEMO_TEMPERATURE,
+                   help=f"sampling temperature of every round (default {DEMO_TEMPERATURE})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_demo_command)

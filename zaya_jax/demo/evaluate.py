@@ -9,7 +9,7 @@ import numpy as np
 
 from zaya_jax.infer import rsa
 
-from . import arith, data
+from . import DEMO_TEMPERATURE, arith, data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +23,7 @@ class Row:
 
 def evaluate(params, config, tokenizer, problems: list[arith.Problem], *, population: int = 16,
              tails: int = data.TAILS, rounds: int = 2, budget: int = data.BUDGET, tail_tokens: int = data.TAIL_TOKENS,
-             temperature: float = 1.0, seed: int = 0, progress=None) -> tuple[list[Row], dict]:
+             temperature: float = DEMO_TEMPERATURE, seed: int = 0, progress=None) -> tuple[list[Row], dict]:
     """Runs Markov RSA on ``problems`` and scores every stage.
 
     Rows: single sample (mean correctness over round-0 members), majority vote over the round-0
@@ -49,7 +49,8 @@ def evaluate(params, config, tokenizer, problems: list[arith.Problem], *, popula
             rows.append(Row(f"Markov RSA round {t} (N={population}, C={tails})", float(correct.mean()), spent))
         if t == rounds and rounds > 0:
             rows.append(Row(f"Markov RSA round {t} + majority vote", float(votes.mean()), spent))
-    info = {"problems": len(problems), "seconds": seconds, "population": population, "tails": tails,
+    info = {"problems": len(problems), "seconds": seconds, "temperature": temperature, "population": population,
+            "tails": tails,
             "rounds": rounds, "budget": budget, "tail_tokens": tail_tokens}
     return rows, info
 
