@@ -18,7 +18,7 @@ the router's skip route and get ``skip_scale[t] * x[t]`` (zero for the native be
 ``impl="auto"`` chooses by backend, token count and whether the call is differentiated (training),
 from measurements (``python bench/moe_bench.py [--grad]``, bench-124M widths D = F = 512, E = 16,
 8 layers, XLA:CPU, 2 cores). Inference: the loop is as fast as anything up to 4 tokens; ``sorted``
-is 1.3-2.8x faster than ``tiled`` from 16 to 1024 tokens, level at 2048 and slower at 4096 (its
+is 1.3-3.9x faster than ``tiled`` from 16 to 1024 tokens, level at 2048 and slower at 4096 (its
 power-of-two padding costs more there). Training (``--grad``, 1024 tokens): ``tiled`` with its custom
 backward takes 0.72 s forward + backward (2.9 s under plain autodiff); ``sorted``'s backward, which
 saves every switch branch's residuals, 9.9 s. ragged_dot (``grouped``) is 4-9x slower than ``tiled``
