@@ -175,6 +175,7 @@ def run(name: str, repeats: int) -> None:
         assert int(out.step) == DECODE_NEW, "the decode loop stopped early"
         agree = (np.asarray(out.tokens)[:, :DECODE_NEW] == hf_runs[0][1]).mean()
         rows.append((f"decode batch {batch} (new tokens/s)", batch * steps / hf_t, batch * steps / jx_t, agree))
+    b16_ids, hf_b16 = ids, rows[-1][1]  # the batch-16 prompts and transformers' figure on them
 
     print(f"\n{name}: float32, {jax.device_count()} jax device(s), torch threads {torch.get_num_threads()}, "
           f"median of {repeats}")
@@ -187,8 +188,7 @@ def run(name: str, repeats: int) -> None:
     print("| --- | ---: |")
     for what, seconds in compiles:
         print(f"| {what} | {seconds:.1f} |")
-    floor = decode_floor(params, config, jax_start(params, config, ids, DECODE_NEW), repeats)
-    hf_b16 = rows[-1][1]
+    floor = decode_floor(params, config, jax_start(params, config, b16_ids, DECODE_NEW), repeats)
     best = 16 / floor["seconds"]
     print(f"\ndecode batch 16 floor: a step does >= {floor['flop'] / 1e9:.2f} GFLOP and reads >= "
           f"{floor['bytes'] / 1e6:.0f} MB of weights ({floor['experts_per_layer']:.1f} experts per layer); this "

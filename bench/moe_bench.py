@@ -20,9 +20,6 @@ import jax.numpy as jnp
 
 from zaya_jax import moe
 
-STACK_IMPLS = ("loop", "sorted")  # take the whole layer stack and a layer index
-
-
 def layer_stack_moe(impl: str, grad: bool = False):
     """A jitted ``(x [T, D], idx [L, T], gate [L, T], gate_up [L, E, D, 2F], down [L, E, F, D]) -> [T, D]``.
 
@@ -33,7 +30,7 @@ def layer_stack_moe(impl: str, grad: bool = False):
         skip = jnp.zeros_like(gate[0])
 
         def layer(h, xs):
-            if impl in STACK_IMPLS:
+            if impl in moe.STACK_IMPLS:
                 i, layer_idx, layer_gate = xs
                 y = moe.experts(h, layer_idx, layer_gate, skip, gate_up, down, impl, layer=i)
             else:
@@ -42,7 +39,7 @@ def layer_stack_moe(impl: str, grad: bool = False):
             return h + y, None
 
         n = idx.shape[0]
-        xs = (jnp.arange(n), idx, gate) if impl in STACK_IMPLS else (idx, gate, gate_up, down)
+        xs = (jnp.arange(n), idx, gate) if impl in moe.STACK_IMPLS else (idx, gate, gate_up, down)
         return jax.lax.scan(layer, x, xs)[0]
 
     if grad:

@@ -308,7 +308,7 @@ class Experts(nn.Module):
         """x: [N, D]; route, gate: [N] -> [N, D].
 
         ``stack`` (with ``layer``): this parameter's whole layer stack, for the decode path that slices
-        each token's expert straight out of it (see ``moe.experts_loop``).
+        each token's expert straight out of it (``moe.STACK_IMPLS``).
         """
         c = self.config
         E, D, F = c.num_experts, c.hidden_size, c.moe_intermediate_size
@@ -407,14 +407,14 @@ class ZayaModel(nn.Module):
         return logits, new_cache, aux
 
     def _expert_stack(self, tokens: int):
-        """The stacked expert weights when the decode path slices them directly, else None.
+        """The stacked expert weights when the MoE dispatch slices them directly, else None.
 
-        Only for the ``loop`` implementation without a mesh, after init (the stack is read from the
-        params being applied, so its gradient is exact, though training never takes this path).
+        Only for the implementations in ``moe.STACK_IMPLS``, without a mesh, after init (the stack is
+        read from the params being applied, so its gradient is exact).
         """
         if self.is_initializing() or expert_parallel.active_mesh() is not None:
             return None
-        if moe.resolve_impl(self.moe_impl, tokens) not in ("loop", "sorted"):
+        if moe.resolve_impl(self.moe_impl, tokens) not in moe.STACK_IMPLS:
             return None
         return self.variables["params"]["layers"]["experts"]
 

@@ -38,6 +38,8 @@ LOOP_MAX_TOKENS_CPU = 4
 SORTED_MAX_TOKENS_CPU = 2048
 TRAIN_LOOP_MAX_TOKENS_CPU = 16
 GATHER_MAX_TOKENS = 8
+# Implementations that can take the whole layer stack ``[L, E, ...]`` and a layer index.
+STACK_IMPLS = ("loop", "sorted")
 
 
 def _swiglu(h: jax.Array, ffn: int) -> jax.Array:
@@ -84,6 +86,17 @@ def experts_gather(x, idx, gate, skip_scale, gate_up, down, act=None):
     return _finish(y, x, idx, gate, skip_scale, num_experts)
 
 
+def _expert_weights(gate_up, down, e, layer=None):
+    """Expert ``e``'s ``gate_up [D, 2F]`` and ``down [F, D]``, sliced straight out of the weights; with
+    ``layer``, the weights are the whole layer stack and the slice is taken at ``(layer, e)``."""
+    prefix = () if layer is None else (layer,)
+    lead = (1,) * (len(prefix) + 1)
+    (D, two_f), (F, D_out) = gate_up.shape[-2:], down.shape[-2:]
+    gu = jax.lax.dynamic_slice(gate_up, prefix + (e, 0, 0), lead + (D, two_f)).reshape(D, two_f)
+    dn = jax.lax.dynamic_slice(down, prefix + (e, 0, 0), lead + (F, D_out)).reshape(F, D_out)
+    return gu, dn
+
+
 def experts_loop(x, idx, gate, skip_scale, gate_up, down, act=None, layer=None):
     """One token at a time, each slicing its own expert's weights: ``[T, D] -> [T, D]``.
 
@@ -91,16 +104,12 @@ def experts_loop(x, idx, gate, skip_scale, gate_up, down, act=None, layer=None):
     the slice is taken at ``(layer, expert)``: inside the layer scan this reads only the touched
     experts, where a per-layer slice would first copy all of that layer's experts (bench/moe_bench.py).
     """
-    prefix = () if layer is None else (layer,)
-    num_experts, D, two_f = gate_up.shape[-3:]
-    F = down.shape[-2]
+    num_experts, _, two_f = gate_up.shape[-3:]
     act = _activation(act, two_f)
-    lead = (1,) * (len(prefix) + 1)
 
     def one(args):
         xt, e = args
-        gu = jax.lax.dynamic_slice(gate_up, prefix + (e, 0, 0), lead + (D, two_f)).reshape(D, two_f)
-        dn = jax.lax.dynamic_slice(down, prefix + (e, 0, 0), lead + (F, down.shape[-1])).reshape(F, -1)
+        gu, dn = _expert_weights(gate_up, down, e, layer)
         return act(xt @ gu) @ dn
 
     y = jax.lax.map(one, (x, jnp.minimum(idx, num_experts - 1)))
@@ -228,9 +237,7 @@ def experts_sorted(x, idx, gate, skip_scale, gate_up, down, act=None, layer=None
     stack (``[L, E, ...]``) and each expert is sliced at ``(layer, e)`` (no copy of the layer's experts).
     """
     T, D = x.shape
-    prefix = () if layer is None else (layer,)
     num_experts, _, two_f = gate_up.shape[-3:]
-    F = down.shape[-2]
     act = _activation(act, two_f)
     buckets = capacity_buckets(T)
     order = jnp.argsort(idx, stable=True)
@@ -238,14 +245,12 @@ def experts_sorted(x, idx, gate, skip_scale, gate_up, down, act=None, layer=None
     starts = jnp.cumsum(sizes) - sizes
     # A static tail of zero rows, so every bucket-sized slice stays in bounds (no clamping).
     xs = jnp.concatenate([x[order], jnp.zeros((buckets[-1], D), x.dtype)])
-    lead = (1,) * (len(prefix) + 1)
 
     def expert_branch(rows: int):
         def run(ys, e, start, size):
             if rows == 0:
                 return ys
-            gu = jax.lax.dynamic_slice(gate_up, prefix + (e, 0, 0), lead + (D, two_f)).reshape(D, two_f)
-            dn = jax.lax.dynamic_slice(down, prefix + (e, 0, 0), lead + (F, D)).reshape(F, D)
+            gu, dn = _expert_weights(gate_up, down, e, layer)
             out = act(jax.lax.dynamic_slice(xs, (start, 0), (rows, D)) @ gu) @ dn
             out = jnp.where((jnp.arange(rows) < size)[:, None], out, 0).astype(ys.dtype)
             # Experts run in sorted order: rows past this group belong to later experts, which overwrite them.
@@ -294,7 +299,7 @@ def experts(x, idx, gate, skip_scale, gate_up, down, impl: str = "auto", act=Non
     ``layer``, the weights are the whole layer stack (``[L, E, ...]``) and ``layer`` picks the layer.
     """
     impl = resolve_impl(impl, x.shape[0])
-    if impl in ("loop", "sorted"):
+    if impl in STACK_IMPLS:
         fn = experts_loop if impl == "loop" else experts_sorted
         return fn(x, idx, gate, skip_scale, gate_up, down, act=act, layer=layer)
     if layer is not None:
