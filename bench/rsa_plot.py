@@ -56,9 +56,12 @@ def main() -> None:
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fig.savefig(args.out)
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+    stem, ext = os.path.splitext(args.out)
+    fig.savefig(stem + ".tmp" + ext)  # written whole, then renamed: never a half-written figure
+    with open(stem + ".json.tmp", "w") as f:
         json.dump({**info, "rows": [r.__dict__ for r in rows]}, f, indent=1)
+    os.replace(stem + ".tmp" + ext, args.out)
+    os.replace(stem + ".json.tmp", stem + ".json")
     print(f"wrote {args.out}")
 
 
