@@ -10,7 +10,8 @@ import transformers
 
 import zaya_jax
 from zaya_jax.cli import main
-from zaya_jax.demo import DEFAULT_MODEL_DIR, arith, data
+from zaya_jax.demo import DEFAULT_MODEL_DIR, arith, build, data
+from zaya_jax.infer.tokenizer import Tokenizer
 from zaya_jax.infer.rsa import extract_boxed
 
 
@@ -23,6 +24,7 @@ def test_problems_are_fixed_and_splits_disjoint():
     for p in arith.problems("test", 50):
         assert arith.MIN_TERMS <= len(p.terms) <= arith.MAX_TERMS
         assert extract_boxed(p.solution()) == str(sum(p.terms)) == p.answer
+        assert len(p.solution()) < data.BUDGET  # one token per character, plus the stop token
         lines = p.solution().split("\n")[:-1]
         assert all(eval(line.split("=")[0]) == int(line.split("=")[1]) for line in lines)  # noqa: S307
 
@@ -34,14 +36,41 @@ def test_corrupted_solutions_end_wrong():
         assert not arith.is_correct(extract_boxed(wrong), p)
 
 
-def test_aggregation_records_use_the_rsa_template():
+@pytest.mark.parametrize("target, lines", [("final_step", 2), ("answer", 1)])
+def test_aggregation_records_use_the_rsa_template(target, lines):
     rng = random.Random(1)
     p = arith.problem("train", 3)
-    record = data.aggregate_record(p, rng)
+    record = data.aggregate_record(p, rng, target=target)
     user, assistant = record["messages"]
-    assert assistant["content"] == data.final_step(p) and p.solution().endswith("\n" + data.final_step(p))
+    assert assistant["content"] == "\n".join(p.solution().split("\n")[-lines:])
+    assert extract_boxed(assistant["content"]) == p.answer
     assert user["content"].startswith(data.TEMPLATE.intro + p.question + data.TEMPLATE.before_candidates)
     assert user["content"].count("#") == data.TAILS and user["content"].endswith(data.TEMPLATE.closing)
+    with pytest.raises(ValueError, match="unknown aggregation target"):
+        data.aggregate_record(p, rng, target="whole")
+
+
+def test_training_stages_mix_solving_and_aggregation(tmp_path):
+    for stage, share in ((1, 0.4), (2, 0.8)):
+        path = tmp_path / f"stage{stage}.jsonl"
+        data.write_training_data(str(path), 500, stage=stage, first_problem=1000 * stage)
+        records = [json.loads(line)["messages"] for line in path.read_text().splitlines()]
+        aggregating = [m for m in records if m[0]["content"].startswith(data.TEMPLATE.intro)]
+        assert len(aggregating) == share * 500
+        targets = {m[1]["content"].count("\n") for m in aggregating}
+        assert targets == {1 if stage == 1 else 0}  # final step + boxed answer, or the boxed answer alone
+    with pytest.raises(ValueError, match="stage must be"):
+        data.write_training_data(str(tmp_path / "x.jsonl"), 5, stage=3)
+    assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "x.jsonl.tmp").exists()
+
+
+def test_training_examples_fit_the_documented_seq_len(tmp_path):
+    tokenizer = Tokenizer.from_dir(DEFAULT_MODEL_DIR)
+    for stage in (1, 2):
+        path = tmp_path / f"stage{stage}.jsonl"
+        data.write_training_data(str(path), 3000, stage=stage)
+        lengths = [len(tokenizer.encode_chat(json.loads(line)["messages"])) for line in path.read_text().splitlines()]
+        assert len(lengths) == 3000 and max(lengths) <= build.SEQ_LEN  # else `zaya train` would truncate targets
 
 
 def test_shipped_model_matches_transformers():

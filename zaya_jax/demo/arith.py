@@ -1,11 +1,11 @@
 """A verifiable synthetic task: multi-term integer addition written out step by step.
 
-A two-digit number plus three to five one-digit numbers. Question ``47+8+6+9``; solution
-``47+8=55\\n55+6=61\\n61+9=70\\n\\boxed{70}``: each step is easy, and a slip anywhere carries to the
-answer, so longer chains fail more often (the room test-time compute works in). Problems are a pure
-function of (split, index); which split a problem belongs to is a function of its terms, so the
-held-out split is fixed and never overlaps training. Corrupted solutions (one wrong step, propagated
-to the end) stand in for wrong candidates when teaching aggregation.
+Three to five two-digit numbers. Question ``47+85+26``; solution ``47+85=132\\n132+26=158\\n\\boxed{158}``:
+most steps carry, and a slip anywhere carries to the answer, so longer chains fail more often (the room
+test-time compute works in). Problems are a pure function of (split, index); which split a problem
+belongs to is a function of its terms, so the held-out split is fixed and never overlaps training.
+Corrupted solutions (one wrong step, propagated to the end) stand in for wrong candidates when teaching
+aggregation.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import hashlib
 import random
 
 SPLITS = {"train": 0, "test": 1}
-MIN_TERMS, MAX_TERMS = 4, 6
+MIN_TERMS, MAX_TERMS = 3, 5
 FIRST_TERM = (10, 99)  # the starting two-digit number
-STEP_TERM = (2, 9)  # every later term
+STEP_TERM = (10, 99)  # every later term: two digits too, so most steps carry
 TEST_SHARE = 8  # 1 in TEST_SHARE of all problems is held out
 
 

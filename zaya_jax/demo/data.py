@@ -1,12 +1,12 @@
 """Training data for the demo model: solving, and aggregating candidate tails (ZAYA1-style).
 
-60% of the examples teach the task (question -> step-by-step solution); the other 40% teach
-aggregation: the question plus ``TAILS`` candidate tails — the last ``TAIL_TOKENS`` characters of
-whole solutions or of final steps, a random number of them wrong (one corrupted step, propagated) —
-and as the target the correct solution's final step and boxed answer (``final_step``), the part of a
-solution a tail shows.
-The aggregation prompt is exactly what Markov RSA builds at run time from ``TEMPLATE`` (see
-``zaya_jax.infer.rsa``).
+Two stages. Stage 1 (from a fresh init): 60% of the examples teach the task (question -> step-by-step
+solution), 40% teach aggregation with the correct final step and boxed answer as the target. Stage 2
+(fine-tuning stage 1's model on problems it has not seen): 20% solve, 80% aggregation with the boxed
+answer alone as the target. An aggregation example is the question plus ``TAILS`` candidate tails —
+the last ``TAIL_TOKENS`` characters of whole solutions or of what an aggregation round writes, a
+random number of them wrong (one corrupted step, propagated). The aggregation prompt is exactly what
+Markov RSA builds at run time from ``TEMPLATE`` (see ``zaya_jax.infer.rsa``).
 
 Why the final step and not the whole chain: trained on the whole chain, the model learns to re-derive
 it and ignore the candidates, because under teacher forcing its own earlier lines are always right;
@@ -14,7 +14,12 @@ at sampling time its slips then compound exactly as in a fresh sample, and Marko
 (58.1% single sample vs 56.0% after two rounds, 64 problems, step 750 of that run). Reconciling the
 candidates' running totals and re-checking the last addition is what it can do better than a fresh
 sample. Final steps appear among the candidates because later rounds aggregate earlier aggregations:
-trained on whole-solution tails only, round 2 fell below round 1 (20.3% -> 8.0% at step 500).
+trained on whole-solution tails only, round 2 fell below round 1 (20.3% -> 8.0% at step 500). (Both
+measured on an earlier version of the task, with one-digit steps.)
+Why stage 2 drops the final step: rewriting the last addition, the stage-1 aggregator slipped even where
+most candidates agreed (87.7% right with 3 of 4 candidates right, round 2) and accuracy decayed after
+round 2; choosing the answer alone, it is 94.6% right there, and Markov RSA's lift after two rounds went
+from +4.4 to +8.4 points (200 validation problems; README, "The demo model").
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ from zaya_jax.infer.rsa import AggregationTemplate
 from . import arith
 
 TAILS = 4
-TAIL_TOKENS = 24  # characters = tokens: about the last two steps and the boxed answer
-BUDGET = 64  # the longest solution (6 terms, 3-digit sums) is 61 characters
+TAIL_TOKENS = 24  # characters = tokens: the last step and the boxed answer
+BUDGET = 64  # the longest solution (5 terms, 3-digit sums) is 54 characters
 TEMPLATE = AggregationTemplate(intro="Combine: ", before_candidates="\n", header="#{i} ...", separator="\n",
                                closing="Answer:")
 
@@ -39,34 +44,58 @@ def solve_record(prob: arith.Problem) -> dict:
                          {"role": "assistant", "content": prob.solution()}]}
 
 
-def final_step(prob: arith.Problem, error_step: int | None = None, rng: random.Random | None = None) -> str:
-    """The solution's last line and boxed answer, e.g. ``61+9=70\\n\\boxed{70}`` (``error_step``: of a
-    corrupted solution, see ``arith.Problem.solution``)."""
-    return "\n".join(prob.solution(error_step, rng).split("\n")[-2:])
+# What an aggregation round is taught to write: the solution's last lines. Stage 1 (the mixed
+# curriculum) targets the final step and boxed answer; stage 2 (aggregation-heavy) the boxed answer alone.
+TARGET_LINES = {"final_step": 2, "answer": 1}
+STAGE2_EXAMPLES = 40_000
+# Which of every five consecutive problems become aggregation examples (the others: solve examples).
+AGGREGATE_SLOTS = {1: (3, 4), 2: (0, 1, 2, 3)}
 
 
-def aggregate_record(prob: arith.Problem, rng: random.Random, tails: int = TAILS) -> dict:
+def last_lines(text: str, count: int) -> str:
+    """The last ``count`` lines of a solution: ``last_lines(s, 2)`` is e.g. ``132+26=158\\n\\boxed{158}``."""
+    return "\n".join(text.split("\n")[-count:])
+
+
+def aggregate_record(prob: arith.Problem, rng: random.Random, tails: int = TAILS, target: str = "final_step") -> dict:
     """An aggregation example. Candidates are, half and half, tails of whole solutions (what round 1
-    aggregates) and final steps (what an aggregation round writes, so what later rounds aggregate)."""
+    aggregates) and what an aggregation round writes (``target``'s lines, so what later rounds aggregate);
+    a random number of them come from corrupted solutions."""
+    if target not in TARGET_LINES:
+        raise ValueError(f"unknown aggregation target {target!r}; expected one of {sorted(TARGET_LINES)}")
     wrong_rate = rng.random() * 0.8
     candidates = []
     for _ in range(tails):
         steps = len(prob.terms) - 1
         error_step = rng.randrange(steps) if rng.random() < wrong_rate else None
-        whole = rng.random() < 0.5
-        text = prob.solution(error_step, rng) if whole else final_step(prob, error_step, rng)
-        candidates.append(text[-TAIL_TOKENS:])
+        # A coin for the candidate's kind: drawn before the solution in stage 1, after it in stage 2 (the
+        # order the shipped model's data was drawn in, kept so the documented commands reproduce it).
+        if target == "final_step":
+            whole = rng.random() < 0.5
+            text = prob.solution(error_step, rng)
+        else:
+            text = prob.solution(error_step, rng)
+            whole = rng.random() < 0.5
+        candidates.append((text if whole else last_lines(text, TARGET_LINES[target]))[-TAIL_TOKENS:])
     return {"messages": [{"role": "user", "content": TEMPLATE.render(prob.question, candidates)},
-                         {"role": "assistant", "content": final_step(prob)}]}
+                         {"role": "assistant", "content": last_lines(prob.solution(), TARGET_LINES[target])}]}
 
 
-def write_training_data(path: str, count: int, seed: int = 0) -> None:
-    """``count`` JSONL records (60% solve, 40% aggregate) from the train split, written atomically."""
-    rng = random.Random(seed)
+def write_training_data(path: str, count: int, seed: int = 0, *, stage: int = 1, first_problem: int = 0) -> None:
+    """``count`` JSONL records from the train split (problems ``first_problem`` on), written atomically.
+
+    Stage 1: 60% solve, 40% aggregate with final-step targets. Stage 2 (fine-tuning the stage-1 model;
+    give it problems stage 1 did not use): 20% solve, 80% aggregate with boxed-answer targets.
+    """
+    if stage not in AGGREGATE_SLOTS:
+        raise ValueError(f"stage must be 1 or 2, got {stage}")
+    target = "final_step" if stage == 1 else "answer"
+    rng = random.Random(seed + stage - 1)  # each stage a stream of its own
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        for i in range(count):
+        for i in range(first_problem, first_problem + count):
             prob = arith.problem("train", i)
-            record = solve_record(prob) if i % 5 < 3 else aggregate_record(prob, rng)
+            aggregate = i % 5 in AGGREGATE_SLOTS[stage]
+            record = aggregate_record(prob, rng, target=target) if aggregate else solve_record(prob)
             f.write(json.dumps(record) + "\n")
     os.replace(tmp, path)
