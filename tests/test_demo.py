@@ -1,7 +1,9 @@
 """The demo: task generator, training data, the shipped model (vs transformers) and `zaya demo`."""
 
 import json
+import pathlib
 import random
+import re
 
 import numpy as np
 import pytest
@@ -71,6 +73,13 @@ def test_training_examples_fit_the_documented_seq_len(tmp_path):
         data.write_training_data(str(path), 3000, stage=stage)
         lengths = [len(tokenizer.encode_chat(json.loads(line)["messages"])) for line in path.read_text().splitlines()]
         assert len(lengths) == 3000 and max(lengths) <= build.SEQ_LEN  # else `zaya train` would truncate targets
+
+
+def test_readme_gives_the_commands_build_prints():
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    readme = re.sub(r" \\\n\s+", " ", readme)  # join the shell line continuations
+    for stage, data_file in ((1, "work/demo/train.jsonl"), (2, "work/demo/aggregate.jsonl")):
+        assert f"--data {data_file} --out " in readme and build.TRAIN_ARGS[stage] in readme
 
 
 def test_shipped_model_matches_transformers():
