@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from zaya_jax.cli import add_model_args, resolve_model
+from zaya_jax.demo import DEFAULT_MODEL_DIR, DEMO_POPULATION, DEMO_ROUNDS
 
 # Zyphra's APEX settings (ZAYA1 report, Table XIII): rounds T, population N, tails C, budget beta, tail tau.
 PRESETS = {
@@ -14,6 +16,9 @@ PRESETS = {
     "extra-high": dict(rounds=8, population=32, tails=4, budget=32768, tail_tokens=4096),
 }
 KNOBS = ("population", "tails", "rounds", "budget", "tail_tokens")
+# The shipped demo model has a 1024-token context and was taught its own aggregation template: with no
+# model given, `zaya rsa` runs the settings `zaya demo` measures (zaya_jax.demo.data) instead of APEX's.
+DEMO_MODE = "demo"
 
 
 def register(subparsers) -> None:
@@ -23,8 +28,9 @@ def register(subparsers) -> None:
     source.add_argument("--prompt", help="the question as text (needs the model's tokenizer)")
     source.add_argument("--prompt-ids", help="the question as comma-separated token ids")
     source.add_argument("--prompts-file", help='JSONL: one {"prompt": TEXT} or {"prompt_ids": [...]} per line')
-    p.add_argument("--mode", choices=sorted(PRESETS), default="light",
-                   help="preset (APEX settings of the ZAYA1 report); the flags below override it (default light)")
+    p.add_argument("--mode", choices=sorted(PRESETS) + [DEMO_MODE],
+                   help="preset: APEX settings of the ZAYA1 report, or the demo model's; the flags below override "
+                        "it (default: demo for the shipped demo model, light otherwise)")
     p.add_argument("--population", type=int, help="N, candidates per round")
     p.add_argument("--tails", type=int, help="C, tails per aggregation prompt")
     p.add_argument("--rounds", type=int, help="T, aggregation rounds after the first generation")
@@ -38,16 +44,27 @@ def register(subparsers) -> None:
     p.set_defaults(func=_rsa_command)
 
 
+def is_demo_model(path: str) -> bool:
+    return os.path.abspath(path) == os.path.abspath(DEFAULT_MODEL_DIR)
+
+
 def settings(args) -> dict:
-    """The preset of ``--mode`` with the explicitly given flags on top."""
-    out = dict(PRESETS[args.mode])
+    """The preset of ``--mode`` (default: demo for the demo model, else light) with the given flags on top."""
+    from zaya_jax.demo import data
+
+    mode = args.mode or (DEMO_MODE if is_demo_model(args.model) else "light")
+    demo = dict(rounds=DEMO_ROUNDS, population=DEMO_POPULATION, tails=data.TAILS, budget=data.BUDGET,
+                tail_tokens=data.TAIL_TOKENS)
+    out = demo if mode == DEMO_MODE else dict(PRESETS[mode])
     out.update({k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None})
     return out
 
 
 def _rsa_command(args) -> int:
+    from zaya_jax.demo import data
+
     from .cli import _read_lines, _single_line, _tokenizer
-    from .rsa import markov_rsa
+    from .rsa import TokenTemplate, markov_rsa
 
     config, params, desc = resolve_model(args.model, args.dtype)
     tokenizer = _tokenizer(args.model, config)
@@ -59,14 +76,16 @@ def _rsa_command(args) -> int:
         ids = line["prompt_ids"] if "prompt_ids" in line else tokenizer.encode(line["prompt"], add_special_tokens=False)
         questions.append(list(ids))
     knobs = settings(args)
+    # The demo model aggregates with the template it was trained on; other models get the default one.
+    template = TokenTemplate.from_tokenizer(data.TEMPLATE, knobs["tails"], tokenizer) if is_demo_model(args.model) else None
 
     def progress(t, rnd):
         print(f"round {t}/{knobs['rounds']}: {rnd.generated_tokens} tokens generated, longest prompt "
               f"{rnd.longest_prompt}, {rnd.seconds:.1f} s", file=sys.stderr, flush=True)
 
     result = markov_rsa(params, config, questions, **knobs, final_budget=args.final_budget,
-                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, tokenizer=tokenizer,
-                        progress=progress)
+                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, template=template,
+                        tokenizer=tokenizer, progress=progress)
     if args.json:
         print(json.dumps({
             "model": desc, "settings": dict(knobs, final_budget=args.final_budget or knobs["budget"]),

@@ -173,3 +173,19 @@ def test_cli(text_model, capsys):
     assert "round 1/1" in captured.err
     assert main(["rsa", str(text_model), "--prompt", "1+2", "--population", "2", "--tails", "3"]) == 2
     assert "cannot exceed population" in capsys.readouterr().err
+
+
+def test_cli_on_the_demo_model_runs_the_demo_settings(capsys):
+    import json
+
+    from zaya_jax.cli import main
+    from zaya_jax.demo import data
+
+    assert main(["rsa", "--prompt", "47+85+26", "--population", "4", "--rounds", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["settings"] == dict(population=4, tails=data.TAILS, rounds=1, budget=data.BUDGET,
+                                   tail_tokens=data.TAIL_TOKENS, final_budget=data.BUDGET)
+    # aggregating with the template it was trained on, the demo model answers in \boxed{}
+    assert all(rsa.extract_boxed(text) is not None for text in out["problems"][0]["final_texts"])
+    assert main(["rsa", "--prompt", "47+85+26", "--mode", "light"]) == 2  # APEX budgets exceed its context
+    assert "exceed the maximum length 1024" in capsys.readouterr().err

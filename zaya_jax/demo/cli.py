@@ -7,16 +7,16 @@ import json
 import os
 import sys
 
-from . import DEFAULT_MODEL_DIR, DEMO_TEMPERATURE, arith, data
+from . import DEFAULT_MODEL_DIR, DEMO_POPULATION, DEMO_ROUNDS, DEMO_TEMPERATURE, arith, data
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="the trained demo model: single samples vs majority vote vs Markov RSA")
     p.add_argument("--model", default=None, help="model directory (default: the demo model shipped in the package)")
     p.add_argument("--problems", type=int, default=64, help="held-out problems to solve (default 64)")
-    p.add_argument("--population", type=int, default=16, help="N (default 16)")
+    p.add_argument("--population", type=int, default=DEMO_POPULATION, help=f"N (default {DEMO_POPULATION})")
     p.add_argument("--tails", type=int, default=data.TAILS, help=f"C (default {data.TAILS})")
-    p.add_argument("--rounds", type=int, default=2, help="T aggregation rounds (default 2)")
+    p.add_argument("--rounds", type=int, default=DEMO_ROUNDS, help=f"T aggregation rounds (default {DEMO_ROUNDS})")
     p.add_argument("--temperature", type=float, default=DEMO_TEMPERATURE,
                    help=f"sampling temperature of every round (default {DEMO_TEMPERATURE})")
     p.add_argument("--seed", type=int, default=0)

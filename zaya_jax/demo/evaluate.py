@@ -9,7 +9,7 @@ import numpy as np
 
 from zaya_jax.infer import rsa
 
-from . import DEMO_TEMPERATURE, arith, data
+from . import DEMO_POPULATION, DEMO_ROUNDS, DEMO_TEMPERATURE, arith, data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,8 +21,8 @@ class Row:
     tokens: int  # generated tokens spent on all problems (cumulative over rounds)
 
 
-def evaluate(params, config, tokenizer, problems: list[arith.Problem], *, population: int = 16,
-             tails: int = data.TAILS, rounds: int = 2, budget: int = data.BUDGET, tail_tokens: int = data.TAIL_TOKENS,
+def evaluate(params, config, tokenizer, problems: list[arith.Problem], *, population: int = DEMO_POPULATION,
+             tails: int = data.TAILS, rounds: int = DEMO_ROUNDS, budget: int = data.BUDGET, tail_tokens: int = data.TAIL_TOKENS,
              temperature: float = DEMO_TEMPERATURE, seed: int = 0, progress=None) -> tuple[list[Row], dict]:
     """Runs Markov RSA on ``problems`` and scores every stage.
 
