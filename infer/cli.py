@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 
-from zaya_jax.cli import add_model_args, parse_ids, resolve_model
+from zaya_jax.cli import add_model_args, is_demo_model, parse_ids, resolve_model
 from zaya_jax.jsonl import read_objects
 
 KNOBS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p")
@@ -26,7 +27,9 @@ def register(subparsers) -> None:
     source.add_argument("--prompts-file", help='JSONL: one {"prompt": TEXT} | {"prompt_ids": [...]} | {"messages": '
                                                '[...]} per line, optionally with per-line max_new_tokens, temperature, '
                                                'top_k, top_p, min_p')
-    p.add_argument("--chat", action="store_true", help="wrap text prompts as a user turn in the model's chat template")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap text prompts as a user turn in the model's chat template (default: on for the shipped "
+                        "demo model, which was trained on chats; off otherwise)")
     p.add_argument("--no-thinking", action="store_true", help="render the chat template with enable_thinking=False")
     p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt at most (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
@@ -46,7 +49,8 @@ def _generate_command(args) -> int:
     lines = _read_lines(args.prompts_file) if args.prompts_file else [_single_line(args)]
     needs_text = any("prompt" in line or "messages" in line for line in lines)
     tokenizer = _tokenizer(args.model, config) if needs_text else _optional_tokenizer(args.model, config)
-    prompts = [_prompt_ids(line, tokenizer, args.chat, template_kwargs) for line in lines]
+    chat = is_demo_model(args.model) if args.chat is None else args.chat
+    prompts = [_prompt_ids(line, tokenizer, chat, template_kwargs) for line in lines]
     knobs = {k: [line.get(k, getattr(args, k)) for line in lines] for k in KNOBS}
     common = dict(stop_token_ids=None, seed=args.seed, **knobs)
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-from zaya_jax.cli import add_model_args, resolve_model
-from zaya_jax.demo import DEFAULT_MODEL_DIR, DEMO_POPULATION, DEMO_ROUNDS
+from zaya_jax.cli import add_model_args, is_demo_model, resolve_model
+from zaya_jax.demo import DEMO_POPULATION, DEMO_ROUNDS
 
 # Zyphra's APEX settings (ZAYA1 report, Table XIII): rounds T, population N, tails C, budget beta, tail tau.
 PRESETS = {
@@ -42,10 +41,6 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object with every round")
     p.set_defaults(func=_rsa_command)
-
-
-def is_demo_model(path: str) -> bool:
-    return os.path.abspath(path) == os.path.abspath(DEFAULT_MODEL_DIR)
 
 
 def settings(args) -> dict:

@@ -49,6 +49,17 @@ def test_errors_on_the_default_model(capsys, argv, message):
     assert re.search(message, err), err
 
 
+def test_text_prompts_on_the_default_model_are_chats(capsys):
+    tokenizer = Tokenizer.from_dir(DEFAULT_MODEL_DIR)
+    user = [{"role": "user", "content": "47+85+26"}]
+    for flags, ids in (((), tokenizer.encode_chat(user, add_generation_prompt=True)),
+                       (("--no-chat",), tokenizer.encode("47+85+26"))):
+        code, out, _ = run(capsys, "--prompt", "47+85+26", "--max-new-tokens", "40", "--json", *flags)
+        assert code == 0 and json.loads(out)["prompt_ids"] == ids
+    assert json.loads(out)["prompt_ids"] != tokenizer.encode_chat(user, add_generation_prompt=True)
+    code, out, _ = run(capsys, "--prompt", "47+85+26", "--max-new-tokens", "40", "--json")
+    assert json.loads(out)["text"].endswith("\\boxed{158}")  # the model was trained on chats
+
 def test_empty_prompts_are_refused(capsys):
     with pytest.raises(SystemExit, match="--prompt-ids is empty"):
         main(["generate", "--prompt-ids", ","])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 # Modules exposing ``register(subparsers)``; each adds its subcommand(s) with ``set_defaults(func=...)``.
@@ -24,7 +25,14 @@ def resolve_model(path: str | None, dtype: str | None = None):
     jdtype = {None: None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     path = path or DEFAULT_MODEL_DIR
     config, params = checkpoint.load(path, dtype=jdtype)
-    return config, params, "the shipped demo model (trained on multi-term addition)" if path == DEFAULT_MODEL_DIR else path
+    return config, params, "the shipped demo model (trained on multi-term addition)" if is_demo_model(path) else path
+
+
+def is_demo_model(path: str | None) -> bool:
+    """Whether ``path`` (None: no model given) is the shipped demo model."""
+    from .demo import DEFAULT_MODEL_DIR
+
+    return path is None or os.path.abspath(path) == os.path.abspath(DEFAULT_MODEL_DIR)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
