@@ -43,14 +43,18 @@ def register(subparsers) -> None:
     p.set_defaults(func=_rsa_command)
 
 
-def settings(args) -> dict:
-    """The preset of ``--mode`` (default: demo for the demo model, else light) with the given flags on top."""
+def _demo_preset() -> dict:
+    """What `zaya demo` runs: its N and T, and the C, tau and budget of the demo model's training data."""
     from zaya_jax.demo import data
 
-    mode = args.mode or (DEMO_MODE if is_demo_model(args.model) else "light")
-    demo = dict(rounds=DEMO_ROUNDS, population=DEMO_POPULATION, tails=data.TAILS, budget=data.BUDGET,
+    return dict(rounds=DEMO_ROUNDS, population=DEMO_POPULATION, tails=data.TAILS, budget=data.BUDGET,
                 tail_tokens=data.TAIL_TOKENS)
-    out = demo if mode == DEMO_MODE else dict(PRESETS[mode])
+
+
+def settings(args) -> dict:
+    """The preset of ``--mode`` (default: demo for the demo model, else light) with the given flags on top."""
+    mode = args.mode or (DEMO_MODE if is_demo_model(args.model) else "light")
+    out = _demo_preset() if mode == DEMO_MODE else dict(PRESETS[mode])
     out.update({k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None})
     return out
 
