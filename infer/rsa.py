@@ -258,6 +258,17 @@ class RSAResult:
     def generated_tokens(self) -> int:
         return sum(r.generated_tokens for r in self.rounds)
 
+    def problem(self, p: int) -> "RSAResult":
+        """Problem ``p``'s part alone, as ``markov_rsa`` on that one question returns it."""
+        def one(r: RSARound) -> RSARound:
+            return dataclasses.replace(
+                r, candidates=[r.candidates[p]], stop_reasons=[r.stop_reasons[p]], tails=[r.tails[p]],
+                subsets=None if r.subsets is None else [r.subsets[p]], prompts=[r.prompts[p]],
+                generated_tokens=sum(len(c) for c in r.candidates[p]))
+
+        return RSAResult(rounds=[one(r) for r in self.rounds], answers=[self.answers[p]], majority=[self.majority[p]],
+                         texts=None if self.texts is None else [self.texts[p]])
+
 
 def _round_keys(seed: int, round_index: int, rows: int):
     """Round 0 uses generate's row keys (so ``rounds=0`` equals ``generate``); later rounds a salted stream."""
@@ -272,14 +283,16 @@ def markov_rsa(params, config: ZayaConfig, prompt_ids, *, population: int, tails
                seed: int = 0, template: TokenTemplate | None = None, tokenizer=None,
                extract: Callable[[str], str | None] = extract_boxed, stop_token_ids=None,
                max_cache_len: int | None = None, moe_impl: str = "auto",
-               progress: Callable[[int, RSARound], None] | None = None) -> RSAResult:
+               progress: Callable[[int, RSARound], None] | None = None,
+               on_problem: Callable[[int, "RSAResult"], None] | None = None) -> RSAResult:
     """Runs Markov RSA on one question (``prompt_ids``: the question's token ids) or several (a list of them).
 
     ``budget`` caps the tokens each candidate generates in rounds 0..T-1, ``final_budget`` (default
     ``budget``) in round T. ``template`` is a TokenTemplate; by default it is built from
     ``AggregationTemplate.default(tails)`` and ``tokenizer`` (a ``zaya_jax.infer.tokenizer.Tokenizer``),
     whose ``decode`` then feeds ``extract``.
-    ``progress(round_index, round)`` is called after each round.
+    ``progress(round_index, round)`` is called after each round; ``on_problem(p, result)`` once problem
+    ``p`` is finished, with its part alone (``RSAResult.problem(p)``).
     """
     questions = [list(map(int, prompt_ids))] if prompt_ids and np.isscalar(prompt_ids[0]) else [list(map(int, q)) for q in prompt_ids]
     final_budget = budget if final_budget is None else final_budget
@@ -362,7 +375,11 @@ def markov_rsa(params, config: ZayaConfig, prompt_ids, *, population: int, tails
     final = out_rounds[-1].candidates
     texts = [[tokenizer.decode(c) for c in row] for row in final] if tokenizer is not None else None
     answers = [[extract(x) for x in row] for row in (texts if texts is not None else final)]
-    return RSAResult(rounds=out_rounds, answers=answers, majority=[majority(a) for a in answers], texts=texts)
+    result = RSAResult(rounds=out_rounds, answers=answers, majority=[majority(a) for a in answers], texts=texts)
+    if on_problem is not None:
+        for p in range(P):
+            on_problem(p, result.problem(p))
+    return result
 
 
 def _pieces(template: TokenTemplate, tails: int) -> tuple[dict, int]:
