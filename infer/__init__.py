@@ -1,28 +1,28 @@
-"""Inference: sampler, decode loop, tokenizer and chat, Markov RSA (installed as ``zaya_jax.infer``).
+"""Inference: the engine, the sampler, tokenizer and chat, Markov RSA (installed as ``zaya_jax.infer``).
 
-- ``generate``: batched generation over token ids (``GenerationResult``: ``.tokens``, ``.stop_reasons``).
-- ``engine``: the reusable pure pieces — ``prefill``, ``decode_step``, ``start``, ``decode`` (the
-  ``lax.while_loop``), ``DecodeState``.
+- ``Engine``: continuous batching over a fixed slot pool (``generate``, ``stream``, ``submit`` + ``step``).
+- ``generate``: batched generation over token ids (``GenerationResult``: ``.tokens``, ``.stop_reasons``),
+  run on an ``Engine`` sized for the call.
+- ``decode``: the engine's compiled programs — ``prefill_chunk``, ``insert``, ``decode`` over ``SlotState``.
 - ``sampling``: ``SamplingParams`` (per-row arrays), ``filter_logits``, ``sample``.
-- ``rsa``: ``markov_rsa`` (Markov RSA population search; ``RSAResult`` with every round).
+- ``rsa``: ``markov_rsa`` (Markov RSA population search on the engine; ``RSAResult`` with every round).
 """
 
-from .engine import DecodeState, decode, decode_step, prefill, start
+from .decode import SlotState
+from .engine import Engine, Request
 from .generation import GenerationResult, generate
 from .rsa import RSAResult, markov_rsa
 from .sampling import SamplingParams, filter_logits, sample
 
 __all__ = [
-    "DecodeState",
+    "Engine",
     "GenerationResult",
     "RSAResult",
+    "Request",
     "SamplingParams",
-    "decode",
-    "decode_step",
+    "SlotState",
     "filter_logits",
     "generate",
     "markov_rsa",
-    "prefill",
     "sample",
-    "start",
 ]

@@ -1,141 +1,378 @@
-"""The decode engine: prefill, one decode step, and a decode loop in one ``lax.while_loop``.
+"""The engine: a fixed pool of slots that requests stream through (continuous batching).
 
-Pure functions over pytrees, jit-friendly, with no host logic: ``generate`` (and Markov RSA) compose
-them. Rows are left-padded (see ``zaya_jax.cache``): all rows write the same cache slot at each step.
+``Engine`` owns a ``decode.SlotState`` of ``slots`` rows x ``max_len`` cache slots; its memory is set
+by those two numbers, never by the number of requests or by ``max_new_tokens`` (a request stops with
+"cache_full" when prompt + output reach ``max_len``). The host scheduler:
 
-Flow: ``prefill`` fills the cache and gives the last position's logits; ``start`` samples and emits
-the first token; ``decode`` then feeds the last emitted token, samples the next and emits it, until
-every row has stopped, the output buffer is full, or ``until`` steps are done (for streaming).
+1. admit: while slots are free, take the oldest waiting request's prompt-length bucket, gather the
+   waiting requests of that bucket (up to the free slots and ``prefill_tokens``), prefill each distinct
+   prompt once (in chunks of ``prefill_chunk`` tokens), and insert it into one slot per request (prefix
+   sharing: requests with the same prompt copy one prefill);
+2. decode: ``decode_steps`` steps of every running slot in one compiled call; finished requests leave
+   and free their slots for the next admit.
 
-Shapes: B rows, S prompt slots, T cache slots, V vocabulary, N output buffer length.
+A request's tokens depend only on its prompt, its knobs and its key (``fold_in(key(seed), index)``, as
+``generate`` keys row ``index``): not on its slot, its batch company or the slot count.
+
+Not thread-safe: one thread drives it (``step``, or ``generate`` / ``stream``, which step until done).
 """
 
 from __future__ import annotations
 
-import flax.struct
+import collections
+import dataclasses
+import itertools
+from typing import Callable, Iterator, Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from zaya_jax.cache import KVCache
+from zaya_jax import expert_parallel
+from zaya_jax import sharding as shd
+from zaya_jax.cache import init_cache
 from zaya_jax.config import ZayaConfig
-from zaya_jax.model import apply, cached_context, head_kernel
+from zaya_jax.model import compute_dtype
+from zaya_jax.sharding import to_host
 
-from .sampling import SamplingParams, sample, step_keys
+from . import decode
+from .sampling import SamplingParams, check_knobs
 
-Array = jax.Array
-
-# Stop reasons, as stored in DecodeState.reason.
-RUNNING, STOP_TOKEN, MAX_NEW_TOKENS, CACHE_FULL = 0, 1, 2, 3
-STOP_REASONS = ("running", "stop_token", "max_new_tokens", "cache_full")
+MIN_PROMPT_BUCKET = 16
 
 
-@flax.struct.dataclass
-class DecodeState:
-    """Everything the decode loop carries.
+def bucket(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    m = max(int(n), minimum, 1)
+    return 1 << (m - 1).bit_length()
 
-    cache:    KVCache holding the prompt and every fed token
-    token:    [B] int32    last emitted token of each row (fed at the next step)
-    tokens:   [B, N] int32 emitted tokens; row b's are tokens[b, :num_new[b]]
-    num_new:  [B] int32    tokens emitted per row
-    reason:   [B] int32    RUNNING or why the row stopped
-    step:     []  int32    decode steps taken (tokens emitted by a row that never stopped)
-    keys:     [B] keys     per-row base keys; step s draws with fold_in(keys[b], s)
-    sampling: SamplingParams of [B] arrays
-    max_new:  [B] int32    per-row limit on emitted tokens
-    limit:    [B] int32    slots a row may fill before its last token: min(T, starts + max_len - 1)
-    stop_ids: [K] int32    stop tokens, padded with -1
+
+def request_keys(seed: int, indices) -> np.ndarray:
+    """Key data ``[n, 2]`` uint32 of requests ``indices`` under ``seed``: ``fold_in(key(seed), index)``,
+    the key ``generate`` gives row ``index``."""
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.asarray(indices, jnp.uint32))
+    return np.asarray(jax.random.key_data(keys))
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation request and its output so far.
+
+    tokens: emitted tokens (the stop token included when one ended it); stop_reason: None while it
+    runs, then "stop_token", "max_new_tokens", "cache_full", "non_finite" or "cancelled".
     """
 
-    cache: KVCache
-    token: Array
-    tokens: Array
-    num_new: Array
-    reason: Array
-    step: Array
-    keys: Array
-    sampling: SamplingParams
-    max_new: Array
-    limit: Array
-    stop_ids: Array
+    id: int
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    knobs: dict  # temperature, top_k, top_p, min_p: numpy scalars
+    stop_ids: np.ndarray  # [K] int32, -1 padded
+    key: np.ndarray  # [2] uint32 key data
+    on_update: Callable[["Request", list[int]], None] | None = None
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    stop_reason: str | None = None
+    slot: int | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None
 
 
-def prefill(params, config: ZayaConfig, tokens: Array, cache: KVCache, *, moe_impl: str = "auto"):
-    """Writes left-padded prompts ``tokens [B, S]`` at ``cache.index`` (``cache.starts`` set).
+class Engine:
+    """Continuous batching over a fixed slot pool (see the module docstring).
 
-    Returns (logits of the last slot [B, V] float32, the cache). The LM head runs on the last slot
-    only. Works as a chunked continuation too: the cache may already hold tokens.
+    slots: rows decoded together; max_len: tokens (prompt + output) a row holds, default and cap the
+    model's context; decode_steps: decode steps per host round trip; moe_impl: the MoE dispatch;
+    mesh: a ``zaya_jax.sharding`` mesh (default: the one set with ``jax.set_mesh``, if any) — slots
+    split over its data axes, experts as the params are sharded; prefill_chunk: prompt tokens per
+    prefill call and row; prefill_tokens: tokens (rows x chunk) per prefill call at most; max_stop_ids:
+    stop tokens a request may have.
     """
-    ctx = cached_context(cache, tokens.shape[1])
-    hidden, cache, _ = apply(params, config, tokens, ctx, cache, moe_impl=moe_impl, return_hidden=True)
-    head = head_kernel(params, config).astype(hidden.dtype)
-    logits = jnp.einsum("bd,dv->bv", hidden[:, -1], head, preferred_element_type=jnp.float32)
-    return logits, cache
+
+    def __init__(self, params, config: ZayaConfig, *, slots: int = 64, max_len: int | None = None,
+                 decode_steps: int = 16, moe_impl: str = "auto", mesh=None, prefill_chunk: int = 512,
+                 prefill_tokens: int = 4096, max_stop_ids: int = 16):
+        for name, value in (("slots", slots), ("decode_steps", decode_steps), ("prefill_chunk", prefill_chunk),
+                            ("prefill_tokens", prefill_tokens), ("max_stop_ids", max_stop_ids)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        context = config.max_position_embeddings
+        if max_len is None:
+            max_len = context
+        if not isinstance(max_len, (int, np.integer)) or max_len < 2:
+            raise ValueError(f"max_len must be an integer >= 2 (a prompt token and a new one), got {max_len!r}")
+        self.params, self.config = params, config
+        self.slots, self.max_len = int(slots), min(int(max_len), context)
+        self.decode_steps, self.moe_impl = int(decode_steps), moe_impl
+        self.prefill_chunk = bucket(prefill_chunk)
+        self.prefill_tokens = max(int(prefill_tokens), self.prefill_chunk)
+        self.max_stop_ids = int(max_stop_ids)
+        self.mesh = mesh if mesh is not None else expert_parallel.active_mesh()
+        self._dtype = compute_dtype(params)
+        # Cache slots: max_len rounded up to a multiple of the prompt bucket, so nearby max_len values
+        # share compiled programs (rows still stop at max_len: it is a per-slot limit, not a shape).
+        self._cache_len = -(-self.max_len // MIN_PROMPT_BUCKET) * MIN_PROMPT_BUCKET
+        with self._mesh_context():
+            state = decode.init_slots(init_cache(config, self.slots, self._cache_len, self._dtype), self.max_stop_ids)
+            if self.mesh is not None:
+                state = jax.device_put(state, self._state_shardings(state))
+        self._state = state
+        self._free = collections.deque(range(self.slots))
+        self._running: dict[int, Request] = {}
+        self._waiting: dict[int, collections.deque] = collections.defaultdict(collections.deque)  # bucket -> FIFO
+        self._cancel: set[int] = set()
+        self._ids = itertools.count()
+        self.stats = collections.Counter()  # tokens, slot_steps, decode_calls, prefill_calls, prefill_rows
+
+    # ------------------------------------------------------------------------------------------ requests
+    def submit(self, prompt: Sequence[int], *, max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0,
+               min_p=0.0, stop_token_ids=None, seed: int = 0, index: int = 0, key: np.ndarray | None = None,
+               on_update: Callable[[Request, list[int]], None] | None = None) -> Request:
+        """Queues one request; returns its ``Request`` (filled in as ``step`` runs).
+
+        Its key is ``fold_in(key(seed), index)`` unless ``key`` (key data ``[2]`` uint32) is given.
+        ``on_update(request, new_tokens)`` is called from ``step`` whenever it emits tokens or stops.
+        ``max_new_tokens`` is clamped to what ``max_len`` leaves ("cache_full" says where).
+        """
+        prompt = tuple(self.check_prompt(prompt))
+        max_new = check_max_new_tokens(max_new_tokens)
+        knobs = {k: v[0] for k, v in check_knobs(1, temperature=temperature, top_k=top_k, top_p=top_p,
+                                                 min_p=min_p).items()}
+        if key is None:
+            key = request_keys(seed, [index])[0]
+        request = Request(id=next(self._ids), prompt=prompt, max_new_tokens=max_new, knobs=knobs,
+                          stop_ids=self.stop_id_row(stop_token_ids), key=np.asarray(key, np.uint32),
+                          on_update=on_update)
+        self._waiting[self._prompt_bucket(len(prompt))].append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stops ``request`` ("cancelled"): a waiting one at once, a running one at the next step."""
+        if request.done:
+            return
+        for queue in self._waiting.values():
+            if request in queue:
+                queue.remove(request)
+                self._finish(request, decode.CANCELLED, [])
+                return
+        if request.slot is not None:
+            self._cancel.add(request.slot)
+
+    @property
+    def busy(self) -> bool:
+        """Whether any request is waiting or running."""
+        return bool(self._running) or any(self._waiting.values())
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(q) for q in self._waiting.values())
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def step(self) -> None:
+        """Admits waiting requests into free slots, then runs ``decode_steps`` steps of the running ones."""
+        self._admit()
+        if self._running:
+            self._decode()
+
+    # ------------------------------------------------------------------------------------------ batch API
+    def submit_batch(self, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                     stop_token_ids=None, seed: int = 0, on_update=None) -> list[Request]:
+        """Queues ``prompts`` as requests ``0 .. n-1`` (keyed as ``generate``'s rows); every knob is a scalar
+        or one value per prompt. All are validated before any is queued."""
+        prompts = [self.check_prompt(p, f"prompt {i}") for i, p in enumerate(check_prompt_list(prompts))]
+        n = len(prompts)
+        knobs = check_knobs(n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        max_new = np.asarray(max_new_tokens, object)
+        if max_new.ndim and max_new.shape != (n,):
+            raise ValueError(f"max_new_tokens must be a scalar or have one value per prompt ({n}), got shape "
+                             f"{max_new.shape}")
+        max_new = [check_max_new_tokens(m) for m in np.broadcast_to(max_new, (n,))]
+        self.stop_id_row(stop_token_ids)
+        keys = request_keys(seed, np.arange(n))
+        return [self.submit(p, max_new_tokens=max_new[i], stop_token_ids=stop_token_ids, key=keys[i],
+                            on_update=on_update, **{k: v[i] for k, v in knobs.items()})
+                for i, p in enumerate(prompts)]
+
+    def stream(self, prompts, **kwargs) -> Iterator[tuple[int, list[int], str]]:
+        """Yields ``(index, tokens, stop_reason)`` for each prompt as it finishes; arguments as
+        ``submit_batch`` (``generate``'s knobs)."""
+        finished: collections.deque = collections.deque()
+        requests = self.submit_batch(prompts, on_update=lambda r, _: r.done and finished.append(r), **kwargs)
+        index = {r: i for i, r in enumerate(requests)}
+        try:
+            while index:
+                self.step()
+                while finished:
+                    r = finished.popleft()
+                    yield index.pop(r), r.tokens, r.stop_reason
+        finally:  # a consumer that stops early leaves nothing of its own in the pool
+            for r in index:
+                self.cancel(r)
+            while any(r.slot is not None and not r.done for r in index):
+                self.step()
+
+    def generate(self, prompts, **kwargs):
+        """All of ``stream``'s results in input order, as a ``GenerationResult``."""
+        from .generation import GenerationResult
+
+        out: dict[int, tuple[list[int], str]] = {}
+        for index, tokens, reason in self.stream(prompts, **kwargs):
+            out[index] = (tokens, reason)
+        return GenerationResult(tokens=[out[i][0] for i in range(len(out))],
+                                stop_reasons=[out[i][1] for i in range(len(out))])
+
+    # ------------------------------------------------------------------------------------------ checks
+    def check_prompt(self, prompt, what: str = "prompt") -> list[int]:
+        """``prompt`` as a list of ints; raises ValueError naming ``what`` and the problem."""
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(f"{what} must be a flat sequence of integer token ids")
+        if ids.size == 0:
+            raise ValueError(f"{what} is empty: a prompt needs at least one token")
+        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
+        if bad.size:
+            raise ValueError(f"{what} has token id(s) {sorted(set(bad.tolist()))[:8]} outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
+        if ids.size >= self.max_len:
+            raise ValueError(f"{what} has {ids.size} tokens; the maximum length (prompt + new tokens) is "
+                             f"{self.max_len}, which leaves no room to generate")
+        return ids.tolist()
+
+    def stop_id_row(self, stop_token_ids=None) -> np.ndarray:
+        """Stop ids ``[max_stop_ids]`` int32 padded with -1; None means the config's EOS ids."""
+        stops = list(self.config.eos_token_id) if stop_token_ids is None else [int(t) for t in stop_token_ids]
+        if len(stops) > self.max_stop_ids:
+            raise ValueError(f"{len(stops)} stop token ids; at most {self.max_stop_ids} (Engine max_stop_ids)")
+        out = np.full((self.max_stop_ids,), -1, np.int32)
+        out[: len(stops)] = stops
+        return out
+
+    # ------------------------------------------------------------------------------------------ scheduler
+    def _prompt_bucket(self, n: int) -> int:
+        return min(bucket(n, MIN_PROMPT_BUCKET), self._cache_len)
+
+    def _take_group(self) -> list[Request]:
+        """The oldest waiting request and others of its bucket, as many as free slots and
+        ``prefill_tokens`` allow (a repeated prompt costs a slot, not a prefill row)."""
+        S = min(self._waiting, key=lambda b: self._waiting[b][0].id if self._waiting[b] else float("inf"))
+        queue, chunk = self._waiting[S], min(S, self.prefill_chunk)
+        group, distinct = [], set()
+        while queue and len(group) < len(self._free):
+            fresh = queue[0].prompt not in distinct
+            if fresh and group and bucket(len(distinct) + 1) * chunk > self.prefill_tokens:
+                break
+            distinct.add(queue[0].prompt)
+            group.append(queue.popleft())
+        if not queue:
+            del self._waiting[S]
+        return group
+
+    def _admit(self) -> None:
+        while self._free and any(self._waiting.values()):
+            group = self._take_group()
+            if group:
+                self._prefill_and_insert(group)
+
+    def _prefill_and_insert(self, group: list[Request]) -> None:
+        rows: dict[tuple[int, ...], int] = {}
+        for r in group:
+            rows.setdefault(r.prompt, len(rows))
+        S = self._prompt_bucket(len(group[0].prompt))
+        C, G = min(S, self.prefill_chunk), bucket(len(rows))
+        V = self.config.vocab_size
+        with self._mesh_context():
+            cache = init_cache(self.config, G, S, self._dtype)
+            last = jnp.zeros((G, V), jnp.float32)
+            longest = max(len(p) for p in rows)
+            for start in range(0, longest, C):
+                tokens, new_len = np.zeros((G, C), np.int32), np.zeros((G,), np.int32)
+                for prompt, g in rows.items():
+                    piece = prompt[start:start + C]
+                    tokens[g, : len(piece)], new_len[g] = piece, len(piece)
+                last, cache = decode.prefill_chunk_compiled(self.params, self.config, cache, jnp.asarray(tokens),
+                                                            jnp.asarray(new_len), last, moe_impl=self.moe_impl)
+                self.stats["prefill_calls"] += 1
+            self.stats["prefill_rows"] += len(rows)
+
+            n = bucket(len(group))
+            src, dst = np.zeros((n,), np.int32), np.full((n,), self.slots, np.int32)
+            keys, max_new = np.zeros((n, 2), np.uint32), np.ones((n,), np.int32)
+            limit = np.full((n,), self.max_len, np.int32)
+            stop_ids = np.full((n, self.max_stop_ids), -1, np.int32)
+            knobs = {k: np.zeros((n,), np.asarray(v).dtype) for k, v in group[0].knobs.items()}
+            for i, r in enumerate(group):
+                r.slot = self._free.popleft()
+                src[i], dst[i], keys[i], stop_ids[i] = rows[r.prompt], r.slot, r.key, r.stop_ids
+                max_new[i] = min(r.max_new_tokens, np.iinfo(np.int32).max)
+                for k, v in r.knobs.items():
+                    knobs[k][i] = v
+            self._state, first, reason = decode.insert_compiled(
+                self._state, cache, last, jnp.asarray(src), jnp.asarray(dst), jax.random.wrap_key_data(keys),
+                SamplingParams(**{k: jnp.asarray(v) for k, v in knobs.items()}), jnp.asarray(max_new),
+                jnp.asarray(limit), jnp.asarray(stop_ids))
+        first, reason = to_host(first), to_host(reason)
+        for i, r in enumerate(group):
+            self._running[r.slot] = r
+            new = [] if reason[i] == decode.NON_FINITE else [int(first[i])]
+            self._advance(r, new, int(reason[i]))
+
+    def _decode(self) -> None:
+        cancel = np.zeros((self.slots,), bool)
+        cancel[list(self._cancel)] = True
+        self._cancel.clear()
+        with self._mesh_context():
+            self._state, out = decode.decode_compiled(self.params, self.config, self._state, jnp.asarray(cancel),
+                                                      steps=self.decode_steps, moe_impl=self.moe_impl)
+        out, reason = to_host(out), to_host(self._state.reason)
+        emitted = out >= 0
+        self.stats["decode_calls"] += 1
+        self.stats["slot_steps"] += self.slots * int(emitted.any(axis=0).sum())
+        self.stats["tokens"] += int(emitted.sum())
+        for slot, r in list(self._running.items()):
+            self._advance(r, out[slot][emitted[slot]].tolist(), int(reason[slot]))
+
+    def _advance(self, request: Request, new: list[int], reason: int) -> None:
+        request.tokens += new
+        if reason != decode.RUNNING:
+            del self._running[request.slot]
+            self._free.append(request.slot)
+            self._finish(request, reason, new)
+        elif new and request.on_update is not None:
+            request.on_update(request, new)
+
+    def _finish(self, request: Request, reason: int, new: list[int]) -> None:
+        request.stop_reason = decode.STOP_REASONS[reason]
+        if request.on_update is not None:
+            request.on_update(request, new)
+
+    # ------------------------------------------------------------------------------------------ placement
+    def _mesh_context(self):
+        import contextlib
+
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _state_shardings(self, state: decode.SlotState):
+        rows = lambda a: shd.batch_sharding(self.mesh, a.ndim, batch=a.shape[0])  # noqa: E731
+        return state.replace(cache=shd.cache_shardings(state.cache, self.config, self.mesh),
+                             **{f: jax.tree.map(rows, getattr(state, f))
+                                for f in ("token", "num_new", "reason", "keys", "sampling", "max_new", "limit",
+                                          "stop_ids")})
 
 
-def decode_step(params, config: ZayaConfig, cache: KVCache, token: Array, *, moe_impl: str = "auto"):
-    """Feeds one token per row (``token [B]``). Returns (next-token logits [B, V] float32, cache)."""
-    ctx = cached_context(cache, 1)
-    logits, cache, _ = apply(params, config, token[:, None], ctx, cache, moe_impl=moe_impl)
-    return logits[:, 0], cache
+def check_prompt_list(prompts) -> list:
+    """``prompts`` as a non-empty list of prompts; raises ValueError otherwise."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)):
+        raise ValueError("prompts must be a sequence of token-id sequences (use a tokenizer for text)")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: give at least one prompt")
+    return list(prompts)
 
 
-def start(logits: Array, cache: KVCache, sampling: SamplingParams, keys: Array, max_new: Array,
-          stop_ids: Array, max_len, buffer_len: int) -> DecodeState:
-    """The state after sampling and emitting the first token from the prefill ``logits [B, V]``.
-
-    A row stops with CACHE_FULL once prompt plus emitted tokens reach ``max_len`` (at most the
-    config's ``max_position_embeddings``) or the cache has no slot left for its last token. Rows with ``max_new <= 0`` start
-    stopped (reason MAX_NEW_TOKENS) and emit nothing.
-    """
-    B = logits.shape[0]
-    state = DecodeState(
-        cache=cache,
-        token=jnp.zeros((B,), jnp.int32),
-        tokens=jnp.zeros((B, buffer_len), jnp.int32),
-        num_new=jnp.zeros((B,), jnp.int32),
-        reason=jnp.where(max_new <= 0, MAX_NEW_TOKENS, RUNNING).astype(jnp.int32),
-        step=jnp.zeros((), jnp.int32),
-        keys=keys,
-        sampling=sampling,
-        max_new=max_new.astype(jnp.int32),
-        limit=jnp.minimum(cache.max_len, cache.starts + max_len - 1).astype(jnp.int32),
-        stop_ids=stop_ids.astype(jnp.int32),
-    )
-    return _emit(state, sample(logits, sampling, step_keys(keys, 0)))
-
-
-def _emit(state: DecodeState, token: Array) -> DecodeState:
-    """Records ``token [B]`` for running rows at ``state.step`` and decides which rows stop."""
-    running = state.reason == RUNNING
-    tokens = state.tokens.at[:, state.step].set(jnp.where(running, token, 0))
-    num_new = state.num_new + running.astype(jnp.int32)
-    hit_stop = jnp.any(token[:, None] == state.stop_ids[None, :], axis=-1)
-    no_slot = state.cache.index >= state.limit  # the token just emitted could not be fed
-    new_reason = jnp.select(
-        [hit_stop, num_new >= state.max_new, no_slot], [STOP_TOKEN, MAX_NEW_TOKENS, CACHE_FULL], RUNNING
-    )
-    return state.replace(
-        token=jnp.where(running, token, state.token),
-        tokens=tokens,
-        num_new=num_new,
-        reason=jnp.where(running, new_reason, state.reason).astype(jnp.int32),
-        step=state.step + 1,
-    )
-
-
-def decode(params, config: ZayaConfig, state: DecodeState, until: Array | int | None = None, *,
-           moe_impl: str = "auto") -> DecodeState:
-    """Runs decode steps in one ``lax.while_loop`` until every row stopped, the buffer is full, or
-    ``state.step`` reaches ``until`` (a traced int, so chunked streaming reuses one program)."""
-    buffer_len = state.tokens.shape[1]
-    end = buffer_len if until is None else jnp.minimum(until, buffer_len)
-
-    def cond(s: DecodeState):
-        return (s.step < end) & jnp.any(s.reason == RUNNING)
-
-    def body(s: DecodeState):
-        logits, cache = decode_step(params, config, s.cache, s.token, moe_impl=moe_impl)
-        token = sample(logits, s.sampling, step_keys(s.keys, s.step))
-        return _emit(s.replace(cache=cache), token)
-
-    return jax.lax.while_loop(cond, body, state)
+def check_max_new_tokens(value) -> int:
+    """``max_new_tokens`` as a positive int (any size: the engine clamps it to the context)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {value!r}")
+    return int(value)

@@ -1,17 +1,17 @@
 """Markov RSA: Zyphra's Markovian Recursive Self-Aggregation as a compiled population search.
 
-Round 0 samples ``population`` rollouts of the question (the question is prefilled once per problem
-and its cache broadcast to the members). Each of ``rounds`` aggregation rounds gives every member a
+Round 0 samples ``population`` rollouts of the question (the engine prefills the shared prompt once
+and copies its cache to the members' slots). Each of ``rounds`` aggregation rounds gives every member a
 prompt of the question plus ``tails`` tails drawn without replacement from the previous round only
 (``tails=1``: each member continues from its own tail), and samples again. A tail is the last
 ``tail_tokens`` generated tokens of a candidate, stop token excluded, finished or not.
 
 Everything per member is array code: tail extraction, subset draws and prompt assembly run in one
-jitted, vmapped function, the population is folded into the batch axis of the model, and all
-aggregation rounds share one compiled program (the same static shapes). Only answer extraction and
-the result bookkeeping run on the host.
+jitted, vmapped function, and every member is a request on the engine's slot pool (see ``RSASearch``):
+problems interleave, each advancing to its next round as soon as its own round is done. Only answer
+extraction and the result bookkeeping run on the host.
 
-Shapes: P problems, N population, C tails per prompt, tau tail tokens, R = P * N rows.
+Shapes: P problems, N population, C tails per prompt, tau tail tokens.
 """
 
 from __future__ import annotations
@@ -28,11 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from zaya_jax.config import ZayaConfig
-from zaya_jax.model import compute_dtype
 
-from . import engine
-from .generation import MIN_OUTPUT_BUCKET, MIN_PROMPT_BUCKET, MIN_STOP_BUCKET, bucket, decode_compiled, prefill_and_start
-from .sampling import SamplingParams, pad_rows, row_keys
+from .decode import inference_jit
+from .engine import Engine, bucket, request_keys
 
 _ROUND_SALT, _SUBSET_SALT = 0x52534147, 0x53554253  # "RSAG", "SUBS": key streams disjoint from row keys
 
@@ -178,7 +176,6 @@ def assemble_prompts(pieces: dict, tails, tail_len, subsets, question, question_
     return jax.vmap(per_member)(question, question_len, chosen, chosen_len)
 
 
-@functools.partial(jax.jit, static_argnames=("tau", "tails"))
 def _aggregate(pieces, tokens, gen_len, question, question_len, key, *, tau: int, tails: int):
     """tokens [P, N, Lgen], gen_len [P, N] -> (prompts [P*N, L], lengths [P*N], subsets, tails, tail_len)."""
     P, N, Lgen = tokens.shape
@@ -189,19 +186,7 @@ def _aggregate(pieces, tokens, gen_len, question, question_len, key, *, tau: int
     return prompts.reshape(P * N, -1), lengths.reshape(-1), subsets, tail_tok, tail_len
 
 
-@functools.partial(jax.jit, static_argnames=("config", "population", "cache_len", "buffer_len", "moe_impl"))
-def _round0(params, config, tokens, starts, max_len, sampling, keys, max_new, stop_ids, *, population,
-            cache_len, buffer_len, moe_impl):
-    """Prefills each problem's prompt once ([P, S]) and broadcasts its cache to ``population`` rows."""
-    from zaya_jax.cache import init_cache
-
-    cache = init_cache(config, tokens.shape[0], cache_len, compute_dtype(params)).replace(starts=starts)
-    logits, cache = engine.prefill(params, config, tokens, cache, moe_impl=moe_impl)
-    rep = lambda a: jnp.repeat(a, population, axis=0)  # noqa: E731
-    cache = cache.replace(k=jnp.repeat(cache.k, population, 1), v=jnp.repeat(cache.v, population, 1),
-                          conv=jnp.repeat(cache.conv, population, 1), v_prev=jnp.repeat(cache.v_prev, population, 1),
-                          starts=rep(cache.starts))
-    return engine.start(rep(logits), cache, sampling, keys, max_new, stop_ids, max_len, buffer_len)
+_aggregate_compiled = inference_jit(_aggregate, static_argnames=("tau", "tails"))
 
 
 # ---------------------------------------------------------------------------------------------- answers
@@ -270,12 +255,14 @@ class RSAResult:
                          texts=None if self.texts is None else [self.texts[p]])
 
 
-def _round_keys(seed: int, round_index: int, rows: int):
-    """Round 0 uses generate's row keys (so ``rounds=0`` equals ``generate``); later rounds a salted stream."""
+def _round_keys(seed: int, round_index: int, members: int) -> np.ndarray:
+    """Key data ``[members, 2]`` of one round. Round 0 uses generate's row keys (so ``rounds=0`` equals
+    ``generate``); later rounds a salted stream. The same for every problem: a problem's samples never
+    depend on which others share the run."""
     if round_index == 0:
-        return row_keys(seed, rows)
+        return request_keys(seed, np.arange(members))
     base = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _ROUND_SALT), round_index)
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.arange(rows))
+    return np.asarray(jax.random.key_data(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.arange(members))))
 
 
 def markov_rsa(params, config: ZayaConfig, prompt_ids, *, population: int, tails: int, rounds: int, budget: int,
@@ -284,102 +271,184 @@ def markov_rsa(params, config: ZayaConfig, prompt_ids, *, population: int, tails
                extract: Callable[[str], str | None] = extract_boxed, stop_token_ids=None,
                max_cache_len: int | None = None, moe_impl: str = "auto",
                progress: Callable[[int, RSARound], None] | None = None,
-               on_problem: Callable[[int, "RSAResult"], None] | None = None) -> RSAResult:
+               on_problem: Callable[[int, "RSAResult"], None] | None = None, slots: int | None = None,
+               engine: Engine | None = None) -> RSAResult:
     """Runs Markov RSA on one question (``prompt_ids``: the question's token ids) or several (a list of them).
 
     ``budget`` caps the tokens each candidate generates in rounds 0..T-1, ``final_budget`` (default
     ``budget``) in round T. ``template`` is a TokenTemplate; by default it is built from
     ``AggregationTemplate.default(tails)`` and ``tokenizer`` (a ``zaya_jax.infer.tokenizer.Tokenizer``),
     whose ``decode`` then feeds ``extract``.
-    ``progress(round_index, round)`` is called after each round; ``on_problem(p, result)`` once problem
-    ``p`` is finished, with its part alone (``RSAResult.problem(p)``).
+
+    Problems run on an ``Engine`` (``engine``, or one of ``slots`` slots, default min(problems x
+    population, 64), sized to the longest prompt plus budget): a problem's round t+1 is submitted as
+    soon as its own round t is done, so problems interleave with no global round barrier, and each
+    problem's result equals running it alone with the same seed. ``on_problem(p, result)`` is called
+    as problem ``p`` finishes, with its part alone; ``progress(t, round)`` once round ``t`` of every
+    problem is done, with that round over all problems.
     """
-    questions = [list(map(int, prompt_ids))] if prompt_ids and np.isscalar(prompt_ids[0]) else [list(map(int, q)) for q in prompt_ids]
-    final_budget = budget if final_budget is None else final_budget
-    _validate(config, questions, population, tails, rounds, budget, final_budget, tail_tokens)
-    if template is None:
-        if tokenizer is None:
-            raise ValueError("markov_rsa needs a `template` (TokenTemplate) or a `tokenizer` to build the default one")
-        template = TokenTemplate.from_tokenizer(AggregationTemplate.default(tails), tails, tokenizer)
-    if len(template.headers) != tails:
-        raise ValueError(f"template has {len(template.headers)} candidate headers but tails={tails}")
-    P, N, R = len(questions), population, len(questions) * population
-    max_len = config.max_position_embeddings if max_cache_len is None else min(max_cache_len, config.max_position_embeddings)
-    stops = list(config.eos_token_id) if stop_token_ids is None else [int(t) for t in stop_token_ids]
-    stop_ids = np.full((bucket(len(stops), MIN_STOP_BUCKET),), -1, np.int32)
-    stop_ids[: len(stops)] = stops
-    sampling = SamplingParams.create(R, temperature=temperature, top_p=top_p)
+    search = RSASearch(config, prompt_ids, population=population, tails=tails, rounds=rounds, budget=budget,
+                       tail_tokens=tail_tokens, final_budget=final_budget, temperature=temperature, top_p=top_p,
+                       seed=seed, template=template, tokenizer=tokenizer, extract=extract,
+                       stop_token_ids=stop_token_ids, max_cache_len=max_cache_len, progress=progress,
+                       on_problem=on_problem)
+    if engine is None:
+        engine = Engine(params, config, slots=slots or min(bucket(search.rows), 64), max_len=search.max_len,
+                        moe_impl=moe_impl)
+    search.start(engine)
+    while not search.done:
+        engine.step()
+    return search.result
 
-    # Static shapes: round 0 prompt width S0, aggregation width L (fixed by the pieces), outputs G.
-    q_width = max(len(q) for q in questions)
-    round0 = [list(template.round0_prefix) + q + list(template.round0_suffix) for q in questions]
-    S0 = bucket(max(len(p) for p in round0), MIN_PROMPT_BUCKET)
-    pieces, agg_width = _pieces(template, tails)
-    agg_width += q_width + tails * tail_tokens
-    if max(len(p) for p in round0) + budget > max_len or (rounds and agg_width + max(budget, final_budget) > max_len):
-        raise ValueError(f"budget beyond the context: prompts of up to {max(S0, agg_width)} tokens plus {budget} "
-                         f"new tokens exceed the maximum length {max_len}")
-    question = np.zeros((P, q_width), np.int32)
-    for p, q in enumerate(questions):
-        question[p, : len(q)] = q
-    question_len = np.array([len(q) for q in questions], np.int32)
 
-    out_rounds: list[RSARound] = []
-    for t in range(rounds + 1):
-        t0 = time.perf_counter()
-        limit = final_budget if t == rounds else budget
-        G = bucket(limit, MIN_OUTPUT_BUCKET)
-        keys = _round_keys(seed, t, R)
-        max_new = jnp.full((R,), limit, jnp.int32)
-        if t == 0:
-            tokens0 = np.zeros((P, S0), np.int32)
-            starts0 = np.zeros((P,), np.int32)
-            for p, prompt in enumerate(round0):
-                tokens0[p, S0 - len(prompt):] = prompt
-                starts0[p] = S0 - len(prompt)
-            state = _round0(params, config, jnp.asarray(tokens0), jnp.asarray(starts0), max_len, sampling, keys,
-                            max_new, jnp.asarray(stop_ids), population=N, cache_len=S0 + G, buffer_len=G,
-                            moe_impl=moe_impl)
-            prompt_rows = [[prompt] * N for prompt in round0]
-            subsets = None
+class RSASearch:
+    """Markov RSA over several problems as a graph of engine requests, driven by the engine's callbacks.
+
+    ``start(engine)`` submits every problem's round 0; each time a problem's round is complete, its next
+    round's aggregation prompts are built (one compiled, vmapped program) and submitted. Whoever steps
+    the engine (``markov_rsa``, or a server's loop) drives it; ``done`` / ``result`` say when it is over.
+    Arguments as ``markov_rsa``.
+    """
+
+    def __init__(self, config: ZayaConfig, prompt_ids, *, population, tails, rounds, budget, tail_tokens,
+                 final_budget=None, temperature=1.0, top_p=1.0, seed=0, template=None, tokenizer=None,
+                 extract=extract_boxed, stop_token_ids=None, max_cache_len=None, progress=None, on_problem=None):
+        single = len(prompt_ids) > 0 and np.isscalar(prompt_ids[0])
+        questions = [list(map(int, prompt_ids))] if single else [list(map(int, q)) for q in prompt_ids]
+        final_budget = budget if final_budget is None else final_budget
+        _validate(config, questions, population, tails, rounds, budget, final_budget, tail_tokens)
+        if template is None:
+            if tokenizer is None:
+                raise ValueError("markov_rsa needs a `template` (TokenTemplate) or a `tokenizer` to build the default one")
+            template = TokenTemplate.from_tokenizer(AggregationTemplate.default(tails), tails, tokenizer)
+        if len(template.headers) != tails:
+            raise ValueError(f"template has {len(template.headers)} candidate headers but tails={tails}")
+        self.config, self.questions, self.template = config, questions, template
+        self.population, self.tails, self.rounds, self.tail_tokens = population, tails, rounds, tail_tokens
+        self.budgets = [final_budget if t == rounds else budget for t in range(rounds + 1)]
+        self.knobs = dict(temperature=temperature, top_p=top_p, stop_token_ids=stop_token_ids)
+        self.seed, self.tokenizer, self.extract = seed, tokenizer, extract
+        self.progress, self.on_problem = progress, on_problem
+        self.rows = len(questions) * population
+
+        context = config.max_position_embeddings if max_cache_len is None else min(max_cache_len,
+                                                                                   config.max_position_embeddings)
+        self._pieces, fixed = _pieces(template, tails)
+        round0 = [len(template.round0_prefix) + len(q) + len(template.round0_suffix) for q in questions]
+        need = max(r + self.budgets[0] for r in round0)
+        if rounds:
+            agg = fixed + bucket(max(len(q) for q in questions)) + tails * tail_tokens
+            need = max(need, agg + max(self.budgets[1:]))
+        if need > context:
+            which = "round 0's prompts" if not rounds or need == max(r + self.budgets[0] for r in round0) else \
+                "aggregation prompts (question + tails x tail_tokens + template)"
+            raise ValueError(f"budget beyond the context: {which} plus the new tokens need {need} tokens, more than "
+                             f"the maximum length {context} (budget={budget}, final_budget={final_budget}, "
+                             f"tail_tokens={tail_tokens}, tails={tails})")
+        self.max_len = min(context, bucket(need, 16))
+        self._problems: list[dict] = []
+        self._round_done = [0] * (rounds + 1)
+        self._round_parts: list[list[RSARound | None]] = [[None] * len(questions) for _ in range(rounds + 1)]
+        self._t0 = self._last = 0.0
+        self.results: list[RSAResult | None] = [None] * len(questions)
+
+    @property
+    def done(self) -> bool:
+        return all(r is not None for r in self.results)
+
+    def start(self, engine: Engine) -> None:
+        self._engine, self._t0 = engine, time.perf_counter()
+        self._last = self._t0
+        for p, q in enumerate(self.questions):
+            prompt = list(self.template.round0_prefix) + q + list(self.template.round0_suffix)
+            self._problems.append({"rounds": []})
+            self._submit(p, 0, [prompt] * self.population, None)
+
+    def _submit(self, p: int, t: int, prompts: list[list[int]], subsets) -> None:
+        state = {"t": t, "prompts": prompts, "subsets": subsets, "left": self.population,
+                 "start": time.perf_counter(), "requests": []}
+        self._problems[p]["current"] = state
+        keys = _round_keys(self.seed, t, self.population)
+        for i, prompt in enumerate(prompts):
+            state["requests"].append(self._engine.submit(
+                prompt, max_new_tokens=self.budgets[t], key=keys[i],
+                on_update=lambda r, _, p=p, state=state: r.done and self._member_done(p, state), **self.knobs))
+
+    def _member_done(self, p: int, state: dict) -> None:
+        state["left"] -= 1
+        if state["left"]:
+            return
+        t, reqs = state["t"], state["requests"]
+        gen = [r.tokens[:-1] if r.stop_reason == "stop_token" else r.tokens for r in reqs]
+        width = bucket(self.budgets[t], 16)
+        tokens = np.zeros((1, self.population, width), np.int32)
+        for i, g in enumerate(gen):
+            tokens[0, i, : len(g)] = g
+        gen_len = np.array([[len(g) for g in gen]], np.int32)
+        tail_tok, tail_len = (np.asarray(a) for a in extract_tails(
+            jnp.asarray(tokens[0]), jnp.asarray(gen_len[0]), self.tail_tokens))
+        rnd = RSARound(candidates=[gen], stop_reasons=[[r.stop_reason for r in reqs]],
+                       tails=[[tail_tok[i, : tail_len[i]].tolist() for i in range(self.population)]],
+                       subsets=state["subsets"], prompts=[state["prompts"]],
+                       generated_tokens=sum(len(r.tokens) for r in reqs), seconds=time.perf_counter() - state["start"])
+        self._problems[p]["rounds"].append(rnd)
+        self._round_finished(p, t, rnd)
+        if t < self.rounds:
+            self._submit(p, t + 1, *self._aggregation_prompts(p, t + 1, tokens, gen_len))
         else:
-            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _SUBSET_SALT), t)
-            prompts, lengths, subsets, _, _ = _aggregate(pieces, prev_tokens, prev_len, jnp.asarray(question),
-                                                         jnp.asarray(question_len), key, tau=tail_tokens, tails=tails)
-            L = prompts.shape[1]
-            state = prefill_and_start(params, config, prompts, L - lengths, max_len, sampling, keys, max_new,
-                                       jnp.asarray(stop_ids), cache_len=L + G, buffer_len=G, moe_impl=moe_impl)
-            rows, lens = np.asarray(prompts), np.asarray(lengths)
-            prompt_rows = [[rows[p * N + i, L - lens[p * N + i]:].tolist() for i in range(N)] for p in range(P)]
-            subsets = np.asarray(subsets).tolist()
-        state = decode_compiled(params, config, state, G, moe_impl=moe_impl)
-        num_new, reason, out = (np.asarray(a) for a in (state.num_new, state.reason, state.tokens))
-        gen_len = num_new - (reason == engine.STOP_TOKEN)  # the stop token is not part of the candidate
-        prev_tokens = jnp.asarray(out.reshape(P, N, -1))
-        prev_len = jnp.asarray(gen_len.reshape(P, N).astype(np.int32))
-        tail_tok, tail_len = extract_tails(jnp.asarray(out), jnp.asarray(gen_len), tail_tokens)
-        tail_tok, tail_len = np.asarray(tail_tok), np.asarray(tail_len)
-        rnd = RSARound(
-            candidates=[[out[p * N + i, : gen_len[p * N + i]].tolist() for i in range(N)] for p in range(P)],
-            stop_reasons=[[engine.STOP_REASONS[reason[p * N + i]] for i in range(N)] for p in range(P)],
-            tails=[[tail_tok[p * N + i, : tail_len[p * N + i]].tolist() for i in range(N)] for p in range(P)],
-            subsets=subsets,
-            prompts=prompt_rows,
-            generated_tokens=int(num_new.sum()),
-            seconds=time.perf_counter() - t0,
-        )
-        out_rounds.append(rnd)
-        if progress is not None:
-            progress(t, rnd)
+            self._problem_finished(p)
 
-    final = out_rounds[-1].candidates
-    texts = [[tokenizer.decode(c) for c in row] for row in final] if tokenizer is not None else None
-    answers = [[extract(x) for x in row] for row in (texts if texts is not None else final)]
-    result = RSAResult(rounds=out_rounds, answers=answers, majority=[majority(a) for a in answers], texts=texts)
-    if on_problem is not None:
-        for p in range(P):
-            on_problem(p, result.problem(p))
-    return result
+    def _aggregation_prompts(self, p: int, t: int, tokens: np.ndarray, gen_len: np.ndarray):
+        """Round ``t``'s prompts for problem ``p`` from its previous round's outputs ``tokens [1, N, G]``."""
+        q = self.questions[p]
+        question = np.zeros((1, bucket(len(q))), np.int32)
+        question[0, : len(q)] = q
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), _SUBSET_SALT), t)
+        prompts, lengths, subsets, _, _ = _aggregate_compiled(
+            self._pieces, jnp.asarray(tokens), jnp.asarray(gen_len), jnp.asarray(question),
+            jnp.asarray([len(q)], jnp.int32), key, tau=self.tail_tokens, tails=self.tails)
+        rows, lens = np.asarray(prompts), np.asarray(lengths)
+        L = rows.shape[1]
+        return [rows[i, L - lens[i]:].tolist() for i in range(self.population)], [np.asarray(subsets)[0].tolist()]
+
+    def _round_finished(self, p: int, t: int, rnd: RSARound) -> None:
+        self._round_parts[t][p] = rnd
+        self._round_done[t] += 1
+        if self._round_done[t] == len(self.questions) and self.progress is not None:
+            now = time.perf_counter()
+            self.progress(t, _merge_rounds(self._round_parts[t], now - self._last))
+            self._last = now
+
+    def _problem_finished(self, p: int) -> None:
+        rounds = self._problems[p]["rounds"]
+        final = rounds[-1].candidates[0]
+        texts = [self.tokenizer.decode(c) for c in final] if self.tokenizer is not None else None
+        answers = [self.extract(x) for x in (texts if texts is not None else final)]
+        self.results[p] = RSAResult(rounds=rounds, answers=[answers], majority=[majority(answers)],
+                                    texts=None if texts is None else [texts])
+        if self.on_problem is not None:
+            self.on_problem(p, self.results[p])
+
+    @property
+    def result(self) -> RSAResult:
+        """Every problem's result together (problems in input order)."""
+        if not self.done:
+            raise RuntimeError("the search is still running: step its engine until `done`")
+        parts = self.results
+        rounds = [_merge_rounds([r.rounds[t] for r in parts], sum(r.rounds[t].seconds for r in parts))
+                  for t in range(self.rounds + 1)]
+        texts = None if parts[0].texts is None else [r.texts[0] for r in parts]
+        return RSAResult(rounds=rounds, answers=[r.answers[0] for r in parts],
+                         majority=[r.majority[0] for r in parts], texts=texts)
+
+
+def _merge_rounds(parts: list[RSARound], seconds: float) -> RSARound:
+    """One round over several problems from each problem's part (lists stay [problem][member])."""
+    return RSARound(candidates=[r.candidates[0] for r in parts], stop_reasons=[r.stop_reasons[0] for r in parts],
+                    tails=[r.tails[0] for r in parts],
+                    subsets=None if parts[0].subsets is None else [r.subsets[0] for r in parts],
+                    prompts=[r.prompts[0] for r in parts], generated_tokens=sum(r.generated_tokens for r in parts),
+                    seconds=seconds)
 
 
 def _pieces(template: TokenTemplate, tails: int) -> tuple[dict, int]:

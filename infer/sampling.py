@@ -37,19 +37,26 @@ class SamplingParams:
     @classmethod
     def create(cls, batch: int, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0) -> "SamplingParams":
         """Validated params for ``batch`` rows; each knob is a scalar or one value per row."""
-        temperature = per_row("temperature", temperature, batch, np.float32)
-        top_k = per_row("top_k", top_k, batch, np.int32)
-        top_p = per_row("top_p", top_p, batch, np.float32)
-        min_p = per_row("min_p", min_p, batch, np.float32)
-        if (temperature < 0).any() or not np.isfinite(temperature).all():
-            raise ValueError(f"temperature must be finite and >= 0, got {temperature.tolist()}")
-        if (top_k < 0).any():
-            raise ValueError(f"top_k must be >= 0 (0 disables), got {top_k.tolist()}")
-        if ((top_p <= 0) | (top_p > 1)).any():
-            raise ValueError(f"top_p must be in (0, 1], got {top_p.tolist()}")
-        if ((min_p < 0) | (min_p > 1)).any():
-            raise ValueError(f"min_p must be in [0, 1], got {min_p.tolist()}")
-        return cls(*(jnp.asarray(a) for a in (temperature, top_k, top_p, min_p)))
+        knobs = check_knobs(batch, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        return cls(**{k: jnp.asarray(v) for k, v in knobs.items()})
+
+
+def check_knobs(batch: int, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0) -> dict[str, np.ndarray]:
+    """The sampling knobs as validated ``[batch]`` numpy arrays (a scalar or one value per row each);
+    raises ValueError naming the knob and its bad values."""
+    temperature = per_row("temperature", temperature, batch, np.float32)
+    top_k = per_row("top_k", top_k, batch, np.int32)
+    top_p = per_row("top_p", top_p, batch, np.float32)
+    min_p = per_row("min_p", min_p, batch, np.float32)
+    if (temperature < 0).any() or not np.isfinite(temperature).all():
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature.tolist()}")
+    if (top_k < 0).any():
+        raise ValueError(f"top_k must be >= 0 (0 disables), got {top_k.tolist()}")
+    if ((top_p <= 0) | (top_p > 1)).any() or not np.isfinite(top_p).all():
+        raise ValueError(f"top_p must be in (0, 1], got {top_p.tolist()}")
+    if ((min_p < 0) | (min_p > 1)).any() or not np.isfinite(min_p).all():
+        raise ValueError(f"min_p must be in [0, 1], got {min_p.tolist()}")
+    return dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
 
 
 def per_row(name: str, value, batch: int, dtype) -> np.ndarray:
@@ -62,14 +69,6 @@ def per_row(name: str, value, batch: int, dtype) -> np.ndarray:
     if arr.shape != (batch,):
         raise ValueError(f"{name} must be a scalar or have one value per prompt ({batch}), got shape {arr.shape}")
     return arr.astype(dtype)
-
-
-def pad_rows(params: SamplingParams, batch: int) -> SamplingParams:
-    """Extends every knob to ``batch`` rows by repeating the last row (for batch bucketing)."""
-    def pad(a):
-        return jnp.concatenate([a, jnp.repeat(a[-1:], batch - a.shape[0])])
-
-    return jax.tree.map(pad, params)
 
 
 def filter_logits(logits: Array, params: SamplingParams) -> Array:
@@ -103,8 +102,9 @@ def _masked_softmax(x: Array, keep: Array) -> Array:
 
 
 def step_keys(keys: Array, step) -> Array:
-    """Per-row keys ``[B]`` for generation step ``step`` (a row's draws do not depend on the batch)."""
-    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+    """Per-row keys ``[B]`` for generation step ``step`` (a scalar, or ``[B]``: each row's own step).
+    A row's draws depend on its key and step alone, not on the batch."""
+    return jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(step, keys.shape))
 
 
 def row_keys(seed: int, batch: int) -> Array:

@@ -18,8 +18,7 @@ import transformers
 
 import zaya_jax
 from zaya_jax import convert, host
-from zaya_jax.infer import generation
-from zaya_jax.infer.sampling import SamplingParams, pad_rows, row_keys
+from zaya_jax.infer import decode
 
 _BENCH = os.path.join(os.path.dirname(__file__), "..", "bench", "full_size.py")
 SMALL = zaya_jax.ZayaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -101,16 +100,17 @@ def test_inference_programs_do_not_hoist_float32_weight_copies():
     would hold a float32 copy of the weights (2x their bf16 bytes) for the whole program."""
     config = SMALL.replace(vocab_size=8192, hidden_size=256, moe_intermediate_size=256, num_experts=8)
     params = jax.eval_shape(lambda: zaya_jax.init(config, jax.random.key(0), jnp.bfloat16))
-    B, S, N = 1, 16, 16
-    sampling = pad_rows(SamplingParams.create(1, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0), B)
-    prefill = generation.prefill_and_start.lower(
-        params, config, jnp.zeros((B, S), jnp.int32), jnp.zeros((B,), jnp.int32), 1024, sampling, row_keys(0, B),
-        jnp.ones((B,), jnp.int32), jnp.full((4,), -1, jnp.int32), cache_len=S + N, buffer_len=N, moe_impl="auto")
-    decode = generation.decode_compiled.lower(params, config, prefill.out_info, N, moe_impl="auto")
+    B, S, T = 1, 16, 32
+    cache = jax.eval_shape(lambda: zaya_jax.init_cache(config, B, S, jnp.bfloat16))
+    prefill = decode.prefill_chunk_compiled.lower(params, config, cache, jnp.zeros((B, S), jnp.int32),
+                                                  jnp.ones((B,), jnp.int32), jnp.zeros((B, config.vocab_size)),
+                                                  moe_impl="auto")
+    slots = jax.eval_shape(lambda: decode.init_slots(zaya_jax.init_cache(config, B, T, jnp.bfloat16), 4))
+    step = decode.decode_compiled.lower(params, config, slots, jnp.zeros((B,), bool), steps=4, moe_impl="auto")
     forward = zaya_jax.model._forward_jit.lower(params, config, jnp.zeros((1, 64), jnp.int32),
                                                 jnp.ones((1, 64), jnp.int32), "auto")
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
-    for name, lowered in (("prefill", prefill), ("decode", decode), ("forward", forward)):
+    for name, lowered in (("prefill", prefill), ("decode", step), ("forward", forward)):
         temp = lowered.compile().memory_analysis().temp_size_in_bytes
         assert temp < 0.5 * weights, f"{name}: {temp} bytes of temporaries for {weights} bytes of weights"
 

@@ -1,6 +1,8 @@
 """Decode cache and generation against references: cached logits vs the full forward, greedy
 generation vs transformers' ``generate``."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ import torch
 
 import hf_ref
 import zaya_jax
-from zaya_jax.infer import engine, generate
+from zaya_jax.infer import decode, generate
 
 LENGTHS = [11, 6, 1]  # a left-padded batch of unequal prompts, with a 1-token row
 # Untied heads keep random models from greedily repeating their last token, so 32 greedy steps
@@ -19,8 +21,15 @@ GREEDY_CONFIGS = {
     "sliding_untied": (dict(hf_ref.CONFIGS["sliding"], tie_word_embeddings=False), 2),
 }
 
-prefill = jax.jit(engine.prefill, static_argnames=("config", "moe_impl"))
-decode_step = jax.jit(engine.decode_step, static_argnames=("config", "moe_impl"))
+prefill = jax.jit(decode.prefill_chunk, static_argnames=("config", "moe_impl"))
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def decode_step(params, config, cache, token, active):
+    """One token per row (``active`` rows only); next-token logits [B, V] and the cache."""
+    ctx = zaya_jax.model.cached_context(cache, 1, active)
+    logits, cache, _ = zaya_jax.apply(params, config, token[:, None], ctx, cache)
+    return logits[:, 0], cache
 
 
 def prompts_of(ids, lengths):
@@ -41,38 +50,56 @@ def checkpoint(tmp_path_factory):
 
 
 def test_cached_decoding_equals_full_forward(checkpoint):
-    """Every decode step's logits equal the uncached forward at the same position, for one-token
-    steps and for a multi-token continuation from a cache (sliding window 4 is crossed)."""
+    """Rows of unequal lengths in one cache, each at its own position: every decode step's logits equal
+    the uncached forward at the same position, for one-token steps, for a chunked prefill, and with a
+    row idle for some steps (sliding window 4 is crossed)."""
     config, params = checkpoint
     rng = np.random.default_rng(4)
     prompt, mask = hf_ref.left_padded(LENGTHS, config.vocab_size, seed=5)
-    S, new = prompt.shape[1], 7
-    cont = rng.integers(1, config.vocab_size, (len(LENGTHS), new))
+    S, new, B = prompt.shape[1], 7, len(LENGTHS)
+    cont = rng.integers(1, config.vocab_size, (B, new))
     full = np.concatenate([prompt, cont], axis=1)
     full_mask = np.concatenate([mask, np.ones_like(cont)], axis=1)
-    ref = np.asarray(zaya_jax.forward(params, config, full, full_mask))
-    starts = jnp.asarray(S - np.array(LENGTHS), jnp.int32)
+    ref = np.asarray(zaya_jax.forward(params, config, full, full_mask))  # row b's last prompt token at S - 1
+    rows = prompts_of(prompt, LENGTHS)
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    V = config.vocab_size
+
+    def right_padded(chunks, width):  # chunks: per row, the tokens of this call
+        out = np.zeros((B, width), np.int32)
+        for b, c in enumerate(chunks):
+            out[b, : len(c)] = c
+        return jnp.asarray(out), jnp.asarray([len(c) for c in chunks], jnp.int32)
 
     def fresh():
-        return zaya_jax.init_cache(config, len(LENGTHS), S + new + 1).replace(starts=starts)
+        return zaya_jax.init_cache(config, B, S + new + 1)
 
-    # Prefill, then one token per step.
-    logits, cache = prefill(params, config, jnp.asarray(prompt, jnp.int32), fresh())
+    # Prefill in one chunk, then one token per step.
+    tokens, n = right_padded(rows, S)
+    logits, cache = prefill(params, config, fresh(), tokens, n, jnp.zeros((B, V)))
     errs = [np.abs(np.asarray(logits) - ref[:, S - 1]).max()]
     for i in range(new):
-        logits, cache = decode_step(params, config, cache, jnp.asarray(cont[:, i], jnp.int32))
+        logits, cache = decode_step(params, config, cache, jnp.asarray(cont[:, i], jnp.int32), jnp.ones((B,), jnp.int32))
         errs.append(np.abs(np.asarray(logits) - ref[:, S + i]).max())
     assert max(errs) <= 1e-4, errs
-    assert int(cache.index) == S + new
+    np.testing.assert_array_equal(np.asarray(cache.lengths), np.asarray(lengths) + new)
 
-    # Prefill, a 3-token continuation, then one token per step.
-    _, cache = prefill(params, config, jnp.asarray(prompt, jnp.int32), fresh())
-    logits, cache = prefill(params, config, jnp.asarray(cont[:, :3], jnp.int32), cache)
-    errs = [np.abs(np.asarray(logits) - ref[:, S + 2]).max()]
-    for i in range(3, new):
-        logits, cache = decode_step(params, config, cache, jnp.asarray(cont[:, i], jnp.int32))
-        errs.append(np.abs(np.asarray(logits) - ref[:, S + i]).max())
+    # Prefill in chunks of 4 (rows end in different chunks), then row 1 idles for two steps.
+    cache, logits = fresh(), jnp.zeros((B, V))
+    for start in range(0, S, 4):
+        tokens, n = right_padded([r[start:start + 4] for r in rows], 4)
+        logits, cache = prefill(params, config, cache, tokens, n, logits)
+    errs = [np.abs(np.asarray(logits) - ref[:, S - 1]).max()]
+    step = [0] * B
+    for active in ([1, 1, 1], [1, 0, 1], [1, 0, 1], [1, 1, 1], [0, 1, 1]):
+        token = jnp.asarray([cont[b, step[b]] for b in range(B)], jnp.int32)
+        logits, cache = decode_step(params, config, cache, token, jnp.asarray(active, jnp.int32))
+        for b in range(B):
+            if active[b]:
+                errs.append(np.abs(np.asarray(logits[b]) - ref[b, S + step[b]]).max())
+                step[b] += 1
     assert max(errs) <= 1e-4, errs
+    np.testing.assert_array_equal(np.asarray(cache.lengths), np.asarray(lengths) + np.asarray(step))
 
 
 @pytest.mark.parametrize("name", sorted(GREEDY_CONFIGS))

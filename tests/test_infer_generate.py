@@ -8,9 +8,7 @@ import pytest
 
 import hf_ref
 import zaya_jax
-from zaya_jax.infer import SamplingParams, engine, generate
-from zaya_jax.infer import generation
-from zaya_jax.infer.sampling import row_keys
+from zaya_jax.infer import Engine, decode, generate
 
 LENGTHS = [11, 6, 1]
 MAX_LEN = 20  # max_position_embeddings: an 11-token prompt has room for 9 new tokens
@@ -56,10 +54,12 @@ def test_stop_tokens_end_rows(params, prompts, greedy):
     assert result.tokens[0][-1] == stop
 
 
-def test_stop_ids_default_to_eos():
-    np.testing.assert_array_equal(generation.stop_id_array(TINY.replace(eos_token_id=(5, 7)), None), [5, 7, -1, -1])
-    np.testing.assert_array_equal(generation.stop_id_array(TINY, []), [-1] * 4)
-    assert len(generation.stop_id_array(TINY, range(1, 6))) == 8
+def test_stop_ids_default_to_eos(params):
+    engine = Engine(params, TINY.replace(eos_token_id=(5, 7)), slots=1, max_stop_ids=4)
+    np.testing.assert_array_equal(engine.stop_id_row(None), [5, 7, -1, -1])
+    np.testing.assert_array_equal(engine.stop_id_row([]), [-1] * 4)
+    with pytest.raises(ValueError, match="5 stop token ids; at most 4"):
+        engine.stop_id_row(range(1, 6))
 
 
 def test_per_row_max_new_tokens(params, prompts, greedy):
@@ -106,26 +106,22 @@ def test_sampling_is_reproducible(params, prompts, greedy):
 
 def test_varied_requests_reuse_compiled_programs(params):
     """Prompt lengths, knobs, limits, seeds and stop ids inside one bucket never recompile."""
-    programs = generation.prefill_and_start, generation.decode_compiled
     generate(params, TINY, [[1, 2, 3]], max_new_tokens=3)
-    before = [p._cache_size() for p in programs]
-    assert min(before) >= 1
-    generate(params, TINY, [[4] * 16], max_new_tokens=3, temperature=1.0, top_k=5, seed=3)
+    before = dict(decode.TRACES)
+    assert before["decode"] >= 1 and before["insert"] >= 1 and before["prefill_chunk"] >= 1
+    generate(params, TINY, [[4] * 12], max_new_tokens=3, temperature=1.0, top_k=5, seed=3)
     generate(params, TINY, [[5, 6]], max_new_tokens=16, temperature=0.5, top_p=0.8, min_p=0.1,
              stop_token_ids=[7, 8, 9, 10], max_cache_len=12)
     generate(params, TINY, [[9]], max_new_tokens=1, temperature=0.0, top_k=3)
-    assert [p._cache_size() for p in programs] == before
+    assert dict(decode.TRACES) == before
 
 
 def test_decode_state_is_donated(params):
-    """The decode loop consumes its input state (cache included) instead of copying it."""
-    tokens = jnp.zeros((1, 16), jnp.int32).at[0, -4:].set(jnp.array([1, 2, 3, 4]))
-    state = generation.prefill_and_start(
-        params, TINY, tokens, jnp.array([12], jnp.int32), MAX_LEN, SamplingParams.create(1), row_keys(0, 1),
-        jnp.array([5], jnp.int32), jnp.full((4,), -1, jnp.int32), cache_len=32, buffer_len=16, moe_impl="auto")
-    out = generation.decode_compiled(params, TINY, state, 16, moe_impl="auto")
-    assert state.cache.k.is_deleted() and state.cache.conv.is_deleted() and state.tokens.is_deleted()
-    assert int(out.num_new[0]) == 5 and engine.STOP_REASONS[int(out.reason[0])] == "max_new_tokens"
+    """The decode loop consumes its input slot pool (cache included) instead of copying it."""
+    state = decode.init_slots(zaya_jax.init_cache(TINY, 2, MAX_LEN), 4)
+    out, _ = decode.decode_compiled(params, TINY, state, jnp.zeros((2,), bool), steps=4, moe_impl="auto")
+    assert state.cache.k.is_deleted() and state.cache.conv.is_deleted() and state.token.is_deleted()
+    assert not out.cache.k.is_deleted()
 
 
 @pytest.mark.parametrize("prompts, message", [
@@ -143,5 +139,5 @@ def test_bad_prompts_are_named(params, prompts, message):
 
 
 def test_bad_max_new_tokens(params):
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
         generate(params, TINY, [[1, 2]], max_new_tokens=0)

@@ -188,4 +188,4 @@ def test_cli_on_the_demo_model_runs_the_demo_settings(capsys):
     # aggregating with the template it was trained on, the demo model answers in \boxed{}
     assert all(rsa.extract_boxed(text) is not None for text in out["problems"][0]["final_texts"])
     assert main(["rsa", "--prompt", "47+85+26", "--mode", "light"]) == 2  # APEX budgets exceed its context
-    assert "exceed the maximum length 1024" in capsys.readouterr().err
+    assert "more than the maximum length 1024" in capsys.readouterr().err

@@ -103,7 +103,7 @@ def test_kv_heads_fall_back_to_replication():
     assert cache.k.spec == P(None, None, None, None, None)
     cache2 = shd.cache_shardings(zaya_jax.init_cache(CONFIG, 2, 8), CONFIG, shd.make_mesh(data=2, expert=2, tensor=2))
     assert cache2.k.spec == P(None, "data", None, "tensor", None)
-    assert cache2.starts.spec == P("data")
+    assert cache2.lengths.spec == P("data")
 
 
 # ------------------------------------------------------------------ expert-parallel MoE vs the oracle

@@ -1,8 +1,9 @@
 """Decode state: per-layer K/V and CCA state, stacked over layers to match the layer scan.
 
-Rows are left-padded: every row writes slot ``index`` at the same step, and row ``b``'s real tokens
-start at slot ``starts[b]``. A row's position of slot ``t`` is ``t - starts[b]``; its length is
-``index - starts[b]``. Slots before ``starts[b]`` are never attended to.
+Every row is its own sequence: row ``b`` holds ``lengths[b]`` tokens in slots ``0 .. lengths[b] - 1``
+(slot = position), and its next token goes to slot ``lengths[b]``. Rows advance independently, so a
+slot pool can hold requests at different stages. Slots at or past a row's length may hold stale
+values; causality keeps them from ever being attended to, and the next write overwrites them.
 """
 
 from __future__ import annotations
@@ -21,25 +22,18 @@ class KVCache:
     k, v:    [layers, batch, max_len, kv_heads, head_dim]  keys after conv/norm/RoPE; values
     conv:    [layers, batch, conv_state_len, conv_channels] last raw (pre-conv) q/k frames
     v_prev:  [layers, batch, kv_dim // 2]                   delayed-value projection of the last token
-    index:   []      int32  next slot to write (shared by all rows)
-    starts:  [batch] int32  first real slot of each row
+    lengths: [batch] int32  tokens held per row (its next slot to write)
     """
 
     k: jax.Array
     v: jax.Array
     conv: jax.Array
     v_prev: jax.Array
-    index: jax.Array
-    starts: jax.Array
+    lengths: jax.Array
 
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
-
-    @property
-    def lengths(self) -> jax.Array:
-        """[batch] tokens held per row."""
-        return self.index - self.starts
 
     def layer_slices(self):
         """The per-layer part, scanned over by the model."""
@@ -54,6 +48,5 @@ def init_cache(config: ZayaConfig, batch: int, max_len: int, dtype=jnp.float32) 
         v=jnp.zeros((layers, batch, max_len, config.num_key_value_heads, config.head_dim), dtype),
         conv=jnp.zeros((layers, batch, config.conv_state_len, config.conv_channels), dtype),
         v_prev=jnp.zeros((layers, batch, config.kv_dim // 2), dtype),
-        index=jnp.zeros((), jnp.int32),
-        starts=jnp.zeros((batch,), jnp.int32),
+        lengths=jnp.zeros((batch,), jnp.int32),
     )

@@ -72,16 +72,14 @@ class AttentionContext:
 
     positions:  [B, S] int32  RoPE positions of the new tokens
     token_valid:[B, S] bool   real (non-padding) new tokens
-    q_slot:     [S]    int32  key slot of each new token
+    q_slot:     [B, S] int32  key slot of each new token (where a cache write puts it)
     key_valid:  [B, T] bool   slots holding real tokens (before causality)
-    index:      []     int32  slot of the first new token (cache write offset); None without a cache
     """
 
     positions: Array
     token_valid: Array
     q_slot: Array
     key_valid: Array
-    index: Array | None = None
 
 
 class RMSNorm(nn.Module):
@@ -139,7 +137,8 @@ class CCAProjection(nn.Module):
         (zeros when None); v_prev: [B, kv_dim/2] delayed-value projection of the token before ``x``.
 
         Returns q [B, S, Hq, Dh], k [B, S, Hkv, Dh], v [B, S, Hkv, Dh] (before q/k norm and RoPE), and
-        the state after ``x``: conv_state [B, Kc, C], v_prev [B, kv_dim/2].
+        the state after each row's valid tokens (with a state given, they are a prefix of ``x``:
+        right padding): conv_state [B, Kc, C], v_prev [B, kv_dim/2]; None without a state.
         """
         c, dt = self.config, self.dtype
         B, S, _ = x.shape
@@ -180,7 +179,13 @@ class CCAProjection(nn.Module):
         prev = jnp.zeros((B, 1, c.kv_dim // 2), dt) if v_prev is None else v_prev.astype(dt)[:, None]
         v_shift = jnp.concatenate([prev, v_del[:, :-1]], axis=1)
         v = jnp.concatenate([v_cur, v_shift], axis=-1).reshape(B, S, Hkv, Dh)
-        return q, k, v, frames[:, frames.shape[1] - kc :], v_del[:, -1]
+        if conv_state is None:
+            return q, k, v, None, None
+        # Row b's state ends at its last valid token: frames n .. n + Kc - 1 of [past, qk], n = its count.
+        n = jnp.sum(token_valid, axis=1).astype(jnp.int32)  # [B]
+        state = jnp.take_along_axis(frames, (n[:, None] + jnp.arange(kc))[..., None], axis=1)
+        last = jnp.take_along_axis(v_del, jnp.maximum(n - 1, 0)[:, None, None], axis=1)[:, 0]
+        return q, k, v, state, jnp.where(n[:, None] > 0, last, prev[:, 0])
 
 
 class CCAttention(nn.Module):
@@ -207,9 +212,10 @@ class CCAttention(nn.Module):
         k = rope(k.astype(dt), ctx.positions, theta, c.rotary_dim)
 
         if cache is not None:
-            start = (0, ctx.index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            # Each row writes its own slots; a write past the last slot is dropped (never wraps or shifts).
+            rows = jnp.arange(x.shape[0])[:, None]
+            k_all = cache["k"].at[rows, ctx.q_slot].set(k.astype(cache["k"].dtype), mode="drop")
+            v_all = cache["v"].at[rows, ctx.q_slot].set(v.astype(cache["v"].dtype), mode="drop")
             new_cache = {
                 "k": k_all,
                 "v": v_all,
@@ -253,9 +259,9 @@ def attention(q, k, v, ctx: AttentionContext, window):
     qg = q.reshape(B, S, Hkv, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * S, Dh)
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
     logits = jnp.einsum("bkmd,bktd->bkmt", qg, kt, preferred_element_type=jnp.float32) / math.sqrt(Dh)
-    distance = ctx.q_slot[:, None] - jnp.arange(T)[None, :]  # [S, T]
+    distance = ctx.q_slot[:, :, None] - jnp.arange(T)[None, None, :]  # [B, S, T]
     allowed = (distance >= 0) & (distance < window)
-    mask = allowed[None] & ctx.key_valid[:, None, :]  # [B, S, T]
+    mask = allowed & ctx.key_valid[:, None, :]  # [B, S, T]
     # A fully masked row (a padding query) gets uniform weights rather than NaN.
     logits = jnp.where(mask[:, None, None], logits.reshape(B, Hkv, G, S, T), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(B, Hkv, G * S, T)
@@ -456,17 +462,23 @@ def uncached_context(attention_mask: Array) -> AttentionContext:
     """
     valid = attention_mask.astype(bool)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
-    S = attention_mask.shape[1]
-    return AttentionContext(positions=positions, token_valid=valid, q_slot=jnp.arange(S, dtype=jnp.int32), key_valid=valid)
+    q_slot = jnp.broadcast_to(jnp.arange(attention_mask.shape[1], dtype=jnp.int32), attention_mask.shape)
+    return AttentionContext(positions=positions, token_valid=valid, q_slot=q_slot, key_valid=valid)
 
 
-def cached_context(cache: KVCache, num_new: int) -> AttentionContext:
-    """Context for writing ``num_new`` tokens into ``cache`` at ``cache.index`` (left-padded rows)."""
-    q_slot = cache.index + jnp.arange(num_new, dtype=jnp.int32)
-    key_valid = jnp.arange(cache.max_len)[None, :] >= cache.starts[:, None]
-    token_valid = q_slot[None, :] >= cache.starts[:, None]
-    positions = jnp.maximum(q_slot[None, :] - cache.starts[:, None], 0)
-    return AttentionContext(positions=positions, token_valid=token_valid, q_slot=q_slot, key_valid=key_valid, index=cache.index)
+def cached_context(cache: KVCache, num_new: int, new_len: Array | None = None) -> AttentionContext:
+    """Context for appending up to ``num_new`` tokens to each row of ``cache``.
+
+    new_len: [B] int32 valid new tokens per row (a prefix of the ``num_new``; default all). A row with
+    0 (an idle slot) computes on padding and changes nothing but slots past its length.
+    """
+    B = cache.lengths.shape[0]
+    offsets = jnp.arange(num_new, dtype=jnp.int32)
+    new_len = jnp.full((B,), num_new, jnp.int32) if new_len is None else new_len.astype(jnp.int32)
+    q_slot = cache.lengths[:, None] + offsets[None, :]  # slot = position
+    token_valid = offsets[None, :] < new_len[:, None]
+    key_valid = jnp.arange(cache.max_len)[None, :] < (cache.lengths + new_len)[:, None]
+    return AttentionContext(positions=q_slot, token_valid=token_valid, q_slot=q_slot, key_valid=key_valid)
 
 
 def compute_dtype(params: dict):
@@ -486,7 +498,7 @@ def apply(params, config: ZayaConfig, tokens, ctx: AttentionContext, cache: KVCa
     out, new_layers, aux = model.apply({"params": params}, tokens, ctx, layer_cache, return_hidden)
     new_cache = None
     if cache is not None:
-        new_cache = cache.replace(index=cache.index + tokens.shape[1], **new_layers)
+        new_cache = cache.replace(lengths=cache.lengths + jnp.sum(ctx.token_valid, axis=1, dtype=jnp.int32), **new_layers)
     return out, new_cache, aux
 
 

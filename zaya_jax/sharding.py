@@ -183,8 +183,7 @@ def cache_shardings(cache, config: ZayaConfig, mesh: Mesh, rules: Rules = INFERE
         "v": (None, "batch", None, "cache_kv_heads", None),
         "conv": (None, "batch", None, None),
         "v_prev": (None, "batch", None),
-        "index": (),
-        "starts": ("batch",),
+        "lengths": ("batch",),
     }
     specs = {name: rules.spec(axes, getattr(cache, name).shape, mesh, f"cache.{name}") for name, axes in logical.items()}
     return cache.replace(**{name: NamedSharding(mesh, spec) for name, spec in specs.items()})

@@ -1,0 +1,189 @@
+"""The engine's device programs: chunked prefill, insert into slots, and k decode steps.
+
+Pure functions over pytrees with no host logic; ``zaya_jax.infer.engine.Engine`` schedules them. A
+slot pool is ``SlotState``: ``slots`` rows of ``max_len`` cache slots, each row its own request at its
+own length and position (see ``zaya_jax.cache``), so memory is fixed by (slots, max_len) alone.
+
+Flow of a request: ``prefill_chunk`` runs its prompt (with others of the same length bucket) into a
+small cache of its own, chunk by chunk; ``insert`` copies that cache into a free slot (into several
+slots for requests sharing a prompt), samples the first token and sets the slot's knobs; ``decode``
+then feeds each running slot's last token, samples the next and emits it, ``steps`` times per call.
+A request's step-s draw uses ``fold_in(key, s)`` with its own key: no dependence on the slot, the
+batch company or the slot count.
+
+Shapes: M slots, T cache slots per slot (= max_len), G prefill rows, C chunk tokens, V vocabulary,
+K stop ids per request.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from zaya_jax.cache import KVCache
+from zaya_jax.config import ZayaConfig
+from zaya_jax.model import INFERENCE_COMPILER_OPTIONS, apply, cached_context, head_kernel
+
+from .sampling import SamplingParams, sample, step_keys
+
+Array = jax.Array
+
+# Why a slot stopped, as stored in SlotState.reason. IDLE: no request has used the slot yet.
+RUNNING, STOP_TOKEN, MAX_NEW_TOKENS, CACHE_FULL, NON_FINITE, CANCELLED, IDLE = range(7)
+STOP_REASONS = ("running", "stop_token", "max_new_tokens", "cache_full", "non_finite", "cancelled", "idle")
+
+
+# Traces of each inference program by name: a trace precedes every compile, so tests bound recompiles with it.
+TRACES: collections.Counter = collections.Counter()
+
+
+def inference_jit(fn, *, static_argnames=(), donate_argnames=()):
+    """``jax.jit`` with the inference compiler options; every inference program is compiled through here.
+
+    INFERENCE_COMPILER_OPTIONS keep XLA:CPU from hoisting float32 copies of bf16 weights out of the
+    layer scan and the decode loop (a float32 copy of the whole model otherwise; see zaya_jax.model).
+    """
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        TRACES[fn.__name__] += 1
+        return fn(*args, **kwargs)
+
+    return jax.jit(traced, static_argnames=static_argnames, donate_argnames=donate_argnames,
+                   compiler_options=INFERENCE_COMPILER_OPTIONS)
+
+
+@flax.struct.dataclass
+class SlotState:
+    """The slot pool: what the decode loop carries.
+
+    cache:    KVCache [layers, M, T, ...], lengths [M]: tokens fed per slot
+    token:    [M] int32     last emitted token of each slot (fed at the next step)
+    num_new:  [M] int32     tokens emitted by the slot's request so far (its step counter)
+    reason:   [M] int32     RUNNING, why the request stopped, or IDLE
+    keys:     [M] keys      per-request base keys; step s draws with fold_in(keys[m], s)
+    sampling: SamplingParams of [M] arrays
+    max_new:  [M] int32     per-request limit on emitted tokens
+    limit:    [M] int32     per-request limit on prompt + emitted tokens (<= T)
+    stop_ids: [M, K] int32  per-request stop tokens, padded with -1
+    """
+
+    cache: KVCache
+    token: Array
+    num_new: Array
+    reason: Array
+    keys: Array
+    sampling: SamplingParams
+    max_new: Array
+    limit: Array
+    stop_ids: Array
+
+
+def init_slots(cache: KVCache, stop_width: int) -> SlotState:
+    """An idle pool over an empty ``cache`` (``zaya_jax.init_cache(config, slots, max_len, dtype)``)."""
+    M = cache.lengths.shape[0]
+    zeros = lambda: jnp.zeros((M,), jnp.int32)  # noqa: E731  (distinct buffers: the state is donated)
+    return SlotState(cache=cache, token=zeros(), num_new=zeros(), reason=jnp.full((M,), IDLE, jnp.int32),
+                     keys=jax.random.split(jax.random.key(0), M), sampling=SamplingParams.create(M),
+                     max_new=zeros(), limit=zeros(), stop_ids=jnp.full((M, stop_width), -1, jnp.int32))
+
+
+def prefill_chunk(params, config: ZayaConfig, cache: KVCache, tokens: Array, new_len: Array, last: Array, *,
+                  moe_impl: str = "auto"):
+    """Appends one chunk of right-padded prompts to ``cache`` (a small [layers, G, S] prefill cache).
+
+    tokens: [G, C] int32, row g's next ``new_len[g]`` tokens first; last: [G, V] float32 logits after
+    each row's tokens so far. Returns (last logits [G, V] — updated for rows with new tokens —, cache).
+    The LM head runs on each row's last new token only.
+    """
+    ctx = cached_context(cache, tokens.shape[1], new_len)
+    hidden, cache, _ = apply(params, config, tokens, ctx, cache, moe_impl=moe_impl, return_hidden=True)
+    end = jnp.maximum(new_len - 1, 0)[:, None, None]
+    h = jnp.take_along_axis(hidden, end, axis=1)[:, 0]  # [G, D]
+    logits = jnp.einsum("gd,dv->gv", h, head_kernel(params, config).astype(h.dtype),
+                        preferred_element_type=jnp.float32)
+    return jnp.where(new_len[:, None] > 0, logits, last), cache
+
+
+def insert(state: SlotState, cache: KVCache, logits: Array, src: Array, dst: Array, keys: Array,
+           sampling: SamplingParams, max_new: Array, limit: Array, stop_ids: Array):
+    """Starts requests in slots: copies prefill row ``src[i]`` of ``cache`` into slot ``dst[i]``, samples
+    its first token from ``logits[src[i]]`` and stores its knobs. Entries with ``dst[i] >= M`` are padding.
+
+    cache: [layers, G, S] with S <= T; logits: [G, V]; src, dst, max_new, limit: [I]; keys: [I] keys;
+    sampling: [I] arrays; stop_ids: [I, K]. Returns (state, first tokens [I], reasons [I]).
+    """
+    S = cache.k.shape[2]
+    c = state.cache
+    put = lambda a, v: a.at[dst].set(v, mode="drop")  # noqa: E731
+    put_layers = lambda a, v: a.at[:, dst].set(v, mode="drop")  # noqa: E731
+    new_cache = c.replace(
+        k=c.k.at[:, dst, :S].set(cache.k[:, src].astype(c.k.dtype), mode="drop"),
+        v=c.v.at[:, dst, :S].set(cache.v[:, src].astype(c.v.dtype), mode="drop"),
+        conv=put_layers(c.conv, cache.conv[:, src].astype(c.conv.dtype)),
+        v_prev=put_layers(c.v_prev, cache.v_prev[:, src].astype(c.v_prev.dtype)),
+        lengths=put(c.lengths, cache.lengths[src]),
+    )
+    num_new = jnp.zeros_like(max_new)
+    token, reason = _choose(logits[src], sampling, keys, num_new, cache.lengths[src], max_new, stop_ids, limit)
+    state = state.replace(
+        cache=new_cache, token=put(state.token, token), num_new=put(state.num_new, num_new + (reason != NON_FINITE)),
+        reason=put(state.reason, reason), keys=put(state.keys, keys),
+        sampling=jax.tree.map(put, state.sampling, sampling), max_new=put(state.max_new, max_new),
+        limit=put(state.limit, limit), stop_ids=put(state.stop_ids, stop_ids))
+    return state, token, reason
+
+
+def _choose(logits, sampling, keys, num_new, held, max_new, stop_ids, limit):
+    """Samples step ``num_new`` of each row and decides which rows stop.
+
+    held: [R] tokens in the cache before the chosen token is fed. A row stops on a stop token, on
+    reaching ``max_new`` tokens, or once prompt + output reach ``limit`` (no room to feed the token
+    back: "cache_full"); non-finite logits stop it without a token ("non_finite").
+    """
+    token = sample(logits, sampling, step_keys(keys, num_new))
+    finite = jnp.all(jnp.isfinite(logits), axis=-1)
+    hit_stop = jnp.any(token[:, None] == stop_ids, axis=-1)
+    reason = jnp.select([~finite, hit_stop, num_new + 1 >= max_new, held + 1 >= limit],
+                        [NON_FINITE, STOP_TOKEN, MAX_NEW_TOKENS, CACHE_FULL], RUNNING)
+    return token, reason.astype(jnp.int32)
+
+
+def decode(params, config: ZayaConfig, state: SlotState, cancel: Array, *, steps: int, moe_impl: str = "auto"):
+    """Up to ``steps`` decode steps of every running slot in one ``lax.while_loop`` (fewer once none runs).
+
+    cancel: [M] bool, running slots to stop first (reason CANCELLED). Returns (state, emitted [M, steps]
+    int32 — the token a slot emitted at each step, -1 where it emitted none).
+    """
+    M = state.token.shape[0]
+    state = state.replace(reason=jnp.where(cancel & (state.reason == RUNNING), CANCELLED, state.reason))
+    out = jnp.full((M, steps), -1, jnp.int32)
+
+    def cond(carry):
+        i, s, _ = carry
+        return (i < steps) & jnp.any(s.reason == RUNNING)
+
+    def body(carry):
+        i, s, out = carry
+        running = s.reason == RUNNING
+        ctx = cached_context(s.cache, 1, running.astype(jnp.int32))
+        logits, cache, _ = apply(params, config, s.token[:, None], ctx, s.cache, moe_impl=moe_impl)
+        token, reason = _choose(logits[:, 0], s.sampling, s.keys, s.num_new, cache.lengths, s.max_new, s.stop_ids,
+                                s.limit)
+        emitted = running & (reason != NON_FINITE)
+        out = out.at[:, i].set(jnp.where(emitted, token, -1))
+        s = s.replace(cache=cache, token=jnp.where(emitted, token, s.token), num_new=s.num_new + emitted,
+                      reason=jnp.where(running, reason, s.reason))
+        return i + 1, s, out
+
+    _, state, out = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, out))
+    return state, out
+
+
+prefill_chunk_compiled = inference_jit(prefill_chunk, static_argnames=("config", "moe_impl"),
+                                       donate_argnames=("cache", "last"))
+insert_compiled = inference_jit(insert, donate_argnames=("state",))
+decode_compiled = inference_jit(decode, static_argnames=("config", "steps", "moe_impl"), donate_argnames=("state",))
