@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zaya_jax import expert_parallel
 from zaya_jax import sharding as shd
 from zaya_jax.cache import init_cache
 from zaya_jax.config import ZayaConfig
@@ -83,8 +82,8 @@ class Engine:
 
     slots: rows decoded together; max_len: tokens (prompt + output) a row holds, default and cap the
     model's context; decode_steps: decode steps per host round trip; moe_impl: the MoE dispatch;
-    mesh: a ``zaya_jax.sharding`` mesh (default: the one set with ``jax.set_mesh``, if any) — slots
-    split over its data axes, experts as the params are sharded; prefill_chunk: prompt tokens per
+    mesh: a ``zaya_jax.sharding`` mesh the pool is placed on (slots split over its data axes, experts
+    as the params are sharded); without one, a mesh set with ``jax.set_mesh`` applies as to any jit; prefill_chunk: prompt tokens per
     prefill call and row; prefill_tokens: tokens (rows x chunk) per prefill call at most; max_stop_ids:
     stop tokens a request may have.
     """
@@ -107,7 +106,7 @@ class Engine:
         self.prefill_chunk = bucket(prefill_chunk)
         self.prefill_tokens = max(int(prefill_tokens), self.prefill_chunk)
         self.max_stop_ids = int(max_stop_ids)
-        self.mesh = mesh if mesh is not None else expert_parallel.active_mesh()
+        self.mesh = mesh  # None: whatever mesh the caller set with jax.set_mesh applies, as to any jit
         self._dtype = compute_dtype(params)
         # Cache slots: max_len rounded up to a multiple of the prompt bucket, so nearby max_len values
         # share compiled programs (rows still stop at max_len: it is a per-slot limit, not a shape).

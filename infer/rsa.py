@@ -243,17 +243,6 @@ class RSAResult:
     def generated_tokens(self) -> int:
         return sum(r.generated_tokens for r in self.rounds)
 
-    def problem(self, p: int) -> "RSAResult":
-        """Problem ``p``'s part alone, as ``markov_rsa`` on that one question returns it."""
-        def one(r: RSARound) -> RSARound:
-            return dataclasses.replace(
-                r, candidates=[r.candidates[p]], stop_reasons=[r.stop_reasons[p]], tails=[r.tails[p]],
-                subsets=None if r.subsets is None else [r.subsets[p]], prompts=[r.prompts[p]],
-                generated_tokens=sum(len(c) for c in r.candidates[p]))
-
-        return RSAResult(rounds=[one(r) for r in self.rounds], answers=[self.answers[p]], majority=[self.majority[p]],
-                         texts=None if self.texts is None else [self.texts[p]])
-
 
 def _round_keys(seed: int, round_index: int, members: int) -> np.ndarray:
     """Key data ``[members, 2]`` of one round. Round 0 uses generate's row keys (so ``rounds=0`` equals

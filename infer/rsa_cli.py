@@ -39,6 +39,8 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slots", type=int, default=None,
+                   help="engine slots (default: problems x population, at most 64); problems interleave on them")
     p.add_argument("--json", action="store_true", help="print one JSON object with every round")
     p.set_defaults(func=_rsa_command)
 
@@ -61,18 +63,17 @@ def settings(args) -> dict:
 
 def _rsa_command(args) -> int:
     from zaya_jax.demo import data
+    from zaya_jax.jsonl import read_objects
 
-    from .cli import _read_lines, _single_line, _tokenizer
-    from .rsa import TokenTemplate, markov_rsa
+    from .cli import check_line, load_tokenizer, single_line
 
     config, params, desc = resolve_model(args.model, args.dtype)
-    tokenizer = _tokenizer(args.model, config)
-    lines = _read_lines(args.prompts_file) if args.prompts_file else [_single_line(args)]
+    tokenizer = load_tokenizer(args.model, config)
+    lines = read_objects(args.prompts_file, what="prompts") if args.prompts_file else [(0, single_line(args))]
     questions = []
-    for line in lines:
-        if "prompt_ids" not in line and "prompt" not in line:
-            raise ValueError("zaya rsa takes {\"prompt\": ...} or {\"prompt_ids\": [...]} lines")
-        ids = line["prompt_ids"] if "prompt_ids" in line else tokenizer.encode(line["prompt"], add_special_tokens=False)
+    for n, line in lines:
+        key = check_line(line, f"{args.prompts_file}:{n}", keys=("prompt", "prompt_ids"), knobs=())
+        ids = line[key] if key == "prompt_ids" else tokenizer.encode(line[key], add_special_tokens=False)
         questions.append(list(ids))
     knobs = settings(args)
     # The demo model aggregates with the template it was trained on; other models get the default one.
@@ -82,9 +83,14 @@ def _rsa_command(args) -> int:
         print(f"round {t}/{knobs['rounds']}: {rnd.generated_tokens} tokens generated, longest prompt "
               f"{rnd.longest_prompt}, {rnd.seconds:.1f} s", file=sys.stderr, flush=True)
 
+    def problem_done(p, res):  # problems interleave on the engine: each is reported as it finishes
+        answer, share = res.majority[0]
+        print(f"problem {p}: majority answer {answer!r} ({share:.0%} of {knobs['population']} candidates)", flush=True)
+
     result = markov_rsa(params, config, questions, **knobs, final_budget=args.final_budget,
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed, template=template,
-                        tokenizer=tokenizer, progress=progress)
+                        tokenizer=tokenizer, progress=progress, slots=args.slots,
+                        on_problem=None if args.json else problem_done)
     if args.json:
         print(json.dumps({
             "model": desc, "settings": dict(knobs, final_budget=args.final_budget or knobs["budget"]),
@@ -99,8 +105,6 @@ def _rsa_command(args) -> int:
             } for p in range(len(questions))],
         }))
     else:
-        for p, (answer, share) in enumerate(result.majority):
-            print(f"problem {p}: majority answer {answer!r} ({share:.0%} of {knobs['population']} candidates)")
         print(f"generated tokens: {result.generated_tokens} "
               f"({', '.join(str(r.generated_tokens) for r in result.rounds)} per round)")
     return 0

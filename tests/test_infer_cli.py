@@ -2,7 +2,12 @@
 
 import json
 import re
+import signal
+import subprocess
+import sys
+import time
 
+import numpy as np
 import pytest
 
 import hf_ref
@@ -106,26 +111,82 @@ def test_prompts_file_jsonl(capsys, model_dir, tmp_path):
     config, params = load(model_dir)
     ref = generate(params, config, prompts, max_new_tokens=[5, 3, 5], temperature=[0.0, 0.0, 0.7],
                    top_k=[0, 0, 5], seed=3)
-    assert [r["index"] for r in rows] == [0, 1, 2]
+    assert [r["line"] for r in rows] == [1, 2, 3]
     assert [r["tokens"] for r in rows] == ref.tokens
     assert [r["stop_reason"] for r in rows] == ref.stop_reasons
     assert rows[0]["text"] == tok.decode(ref.tokens[0], skip_special_tokens=True)
 
 
-def test_prompts_file_errors(capsys, model_dir, tmp_path):
+def test_prompts_file_bad_lines_get_error_records(capsys, model_dir, tmp_path):
+    """A bad line gets a record naming its file line; the other lines still run; the exit code says so."""
     file = tmp_path / "bad.jsonl"
-    for content, message in [
-        ('{"prompt": "a"}\nnot json\n', r"bad.jsonl:2: not valid JSON"),
-        ('{"prompt": "a", "prompt_ids": [1]}\n', "exactly one of prompt, prompt_ids, messages"),
-        ('{"prompt_ids": [1], "temp": 1}\n', r"unknown key\(s\) \['temp'\]"),
-        ("\n", "holds no prompts"),
-    ]:
-        file.write_text(content)
-        code, _, err = run(capsys, str(model_dir), "--prompts-file", str(file))
-        assert code == 2 and re.search(message, err), err
+    bad = [
+        ("not json", r"bad.jsonl:2: not valid JSON"),
+        ('{"prompt": "a", "prompt_ids": [1]}', r"bad.jsonl:3: each line must be an object with exactly one of"),
+        ('{"prompt_ids": [1], "temp": 1}', r"bad.jsonl:4: unknown key\(s\) \['temp'\]"),
+        ('{"prompt": 42}', r"bad.jsonl:5: \"prompt\" must be a non-empty string"),
+        ('{"prompt_ids": [1, 99999]}', r"bad.jsonl:6: prompt has token id\(s\) \[99999\] outside the vocabulary"),
+        ('{"prompt_ids": []}', r"bad.jsonl:7: prompt is empty"),
+        ('{"prompt_ids": [1], "top_p": 0}', r"bad.jsonl:8: top_p must be in"),
+        ('{"prompt_ids": [1], "max_new_tokens": 0}', r"max_new_tokens must be an integer >= 1"),
+        ('{"prompt_ids": %s}' % json.dumps([3] * 600), r"bad.jsonl:10: prompt has 600 tokens; the maximum length"),
+    ]
+    file.write_text("\n".join(['{"prompt_ids": [2, 40, 41]}'] + [b for b, _ in bad] + ['{"prompt_ids": [5]}']) + "\n")
+    code, out, err = run(capsys, str(model_dir), "--prompts-file", str(file), "--max-new-tokens", "3",
+                         "--max-len", "512")
+    assert code == 2 and "9 line(s) with errors" in err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["line"] for r in rows] == list(range(1, 12))
+    for row, (_, message) in zip(rows[1:-1], bad):
+        assert re.search(message, row["error"]), row["error"]
+    config, params = load(model_dir)
+    ref = generate(params, config, [[2, 40, 41], [5]], max_new_tokens=3)
+    assert [rows[0]["tokens"], rows[-1]["tokens"]] == ref.tokens
+    file.write_text("\n\n")
+    code, _, err = run(capsys, str(model_dir), "--prompts-file", str(file))
+    assert code == 2 and "holds no prompts" in err
+
+
+def test_prompts_file_out_is_never_overwritten(capsys, model_dir, tmp_path):
+    file, out = tmp_path / "p.jsonl", tmp_path / "out.jsonl"
+    file.write_text('{"prompt_ids": [2, 40]}\n')
+    out.write_text("my notes\n")
+    code, _, err = run(capsys, str(model_dir), "--prompts-file", str(file), "--out", str(out))
+    assert code == 2 and "--resume continues it, --force replaces it" in err and out.read_text() == "my notes\n"
+    code, _, err = run(capsys, str(model_dir), "--prompts-file", str(file), "--out", str(out), "--resume")
+    assert code == 2 and "not a record of zaya generate" in err and out.read_text() == "my notes\n"
+    assert run(capsys, str(model_dir), "--prompts-file", str(file), "--out", str(out), "--force")[0] == 0
+    assert json.loads(out.read_text())["line"] == 1
 
 
 def test_model_without_tokenizer_refuses_text(capsys, tmp_path):
     hf_ref.build("tiny", tmp_path, seed=0)
     code, _, err = run(capsys, str(tmp_path), "--prompt", "hello")
     assert code == 2 and "has no tokenizer.json" in err and "--prompt-ids" in err
+
+
+def test_resume_after_sigkill_gives_the_same_file(model_dir, tmp_path):
+    """`zaya generate --out` killed with SIGKILL mid-run (possibly mid-line), then --resume: the file equals an
+    uninterrupted run's, byte for byte (records in line order; each line's tokens depend on it alone)."""
+    rng = np.random.default_rng(0)
+    file = tmp_path / "p.jsonl"
+    file.write_text("".join(json.dumps({"prompt_ids": rng.integers(1, 200, rng.integers(1, 30)).tolist(),
+                                        "temperature": float(rng.choice([0.0, 1.0]))}) + "\n" for _ in range(48)))
+    argv = [sys.executable, "-m", "zaya_jax.cli", "generate", str(model_dir), "--prompts-file", str(file),
+            "--max-new-tokens", "24", "--slots", "2", "--decode-steps", "1", "--seed", "5", "--no-progress"]
+    whole, part = tmp_path / "whole.jsonl", tmp_path / "part.jsonl"
+    first = subprocess.run(argv + ["--out", str(whole)], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    proc = subprocess.Popen(argv + ["--out", str(part)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if part.exists() and part.read_bytes().count(b"\n") >= 6:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert 6 <= part.read_bytes().count(b"\n") < 48
+    resumed = subprocess.run(argv + ["--out", str(part), "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert part.read_bytes() == whole.read_bytes()
