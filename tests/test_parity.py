@@ -62,7 +62,10 @@ def test_bfloat16_agreement(checkpoint):
     out = np.asarray(zaya_jax.forward(params, config, ids, mask))
     real = mask.astype(bool)
     top1 = (out[real].argmax(-1) == ref[real].argmax(-1)).mean()
-    logp = lambda x: x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
+
+    def logp(x):
+        return x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
+
     p_ref = np.exp(logp(ref[real]))
     kl = (p_ref * (logp(ref[real]) - logp(out[real]))).sum(-1).mean()
     print(f"{name}: bfloat16 top-1 agreement {top1:.3f}, mean KL {kl:.4f} nats")
