@@ -26,7 +26,8 @@ from .host import to_host
 from .mesh import AXES, ShardingError, make_mesh, parse_mesh, token_axes
 from .model import init, logical_axes
 
-# Re-exported from their homes (mesh.py, host.py) for existing callers.
+# AXES, ShardingError, make_mesh, parse_mesh, token_axes (mesh.py) and to_host (host.py) are re-exported
+# here for existing callers.
 __all__ = [
     "AXES", "INFERENCE", "LOGICAL_AXES", "PRESETS", "TRAINING", "Rules", "ShardingError", "batch_sharding",
     "cache_shardings", "make_mesh", "param_shardings", "param_specs", "parse_mesh", "shard_params", "to_host",
