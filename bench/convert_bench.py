@@ -21,11 +21,10 @@ import sys
 import tempfile
 
 import ml_dtypes
-import numpy as np
 
+from zaya_jax import synthetic
 from zaya_jax.config import ZayaConfig
-from zaya_jax.convert import layout
-from zaya_jax.convert.hf_writer import Tensor, write_safetensors
+from zaya_jax.formats import layout
 
 SHARD_BYTES = 1 << 30
 
@@ -34,30 +33,9 @@ def real_width_config(layers: int) -> ZayaConfig:
     return ZayaConfig(num_hidden_layers=layers)  # the defaults are ZAYA1-8B's
 
 
-def random_bf16(shape, rng: np.random.Generator) -> np.ndarray:
-    """bf16 with random sign and mantissa and a few exponents: weight-like entropy, quick to make."""
-    n = int(np.prod(shape))
-    bits = np.frombuffer(rng.bytes(2 * n), np.uint16)
-    bits = (bits & 0x81FF) | 0x3C00  # |x| in [2^-7, 2^-3)
-    return bits.view(ml_dtypes.bfloat16).reshape(shape)
-
-
 def build(path: str, layers: int, seed: int = 0) -> int:
-    """Writes the synthetic native checkpoint; returns its tensor bytes."""
-    config = real_width_config(layers)
-    rng = np.random.default_rng(seed)
-    tensors = []
-    for name, entry, _ in layout.expected_tensors(config):
-        shape = entry.hf_shape(config)
-        dtype = np.float32 if entry.path in layout.FLOAT32_PATHS else ml_dtypes.bfloat16
-        make = (lambda s=shape: rng.standard_normal(s).astype(np.float32)) if dtype == np.float32 else (
-            lambda s=shape: random_bf16(s, rng))
-        tensors.append(Tensor(name, int(np.prod(shape)) * np.dtype(dtype).itemsize, make))
-    os.makedirs(path, exist_ok=True)
-    write_safetensors(path, tensors, SHARD_BYTES)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(dict(config.to_hf_dict(), dtype="bfloat16"), f)
-    return sum(t.nbytes for t in tensors)
+    """Writes the synthetic native checkpoint (``zaya_jax.synthetic``); returns its tensor bytes."""
+    return synthetic.write_checkpoint(path, real_width_config(layers), seed=seed, shard_bytes=SHARD_BYTES)["bytes"]
 
 
 def run_zaya(*args: str) -> dict:
@@ -67,14 +45,10 @@ def run_zaya(*args: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def param_bytes(config: ZayaConfig, dtype) -> int:
-    return sum(int(np.prod(shape)) * leaf_dtype.itemsize for _, shape, leaf_dtype in layout.leaves(config, dtype))
-
-
 def bench(layers: int, repeats: int, workdir: str) -> dict:
     src, dst, hf = (os.path.join(workdir, d) for d in ("hf", "converted", "exported"))
     checkpoint_bytes = build(src, layers)
-    params = param_bytes(real_width_config(layers), ml_dtypes.bfloat16)
+    params = layout.param_bytes(real_width_config(layers), ml_dtypes.bfloat16)
     target = 1.25 * params + 2**30
     result = {"layers": layers, "repeats": repeats, "checkpoint_bytes": checkpoint_bytes, "param_bytes": params,
               "target_peak_rss_bytes": int(target)}

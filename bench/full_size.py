@@ -30,13 +30,7 @@ recorded in results.json and the others still run):
 - ``bandwidth`` host memory read bandwidth (median of repeats) -> the decode floor: bytes read per
                token / bandwidth.
 
-Synthetic weights (deterministic per tensor name and ``--seed``): matrices and expert weights have
-random sign and mantissa with magnitudes spread over four octaves (std about 0.0275, like an HF init
-of 0.02); the embedding (= tied LM head) has std about 1.76, so the token's own embedding stays a
-sizeable part of the last residual stream (as in trained models) rather than being drowned by 80
-random branches; norm weights and residual scales are uniform in [0.95, 1.05]; biases small; key
-temperatures uniform in [0.5, 1.5]; the router's balancing biases are 0 with the skip route at -1.0 —
-the value transformers forces them to after loading, so both runs use the same biases.
+Synthetic weights: ``zaya_jax.synthetic`` (weight-like values, deterministic per tensor name and ``--seed``).
 """
 
 from __future__ import annotations
@@ -49,29 +43,20 @@ import statistics
 import subprocess
 import sys
 import time
-import zlib
 
 import ml_dtypes
 import numpy as np
 
+from zaya_jax.memory import peak_rss_bytes
+
 HERE = os.path.abspath(__file__)
 GIB = 2**30
-SHARD_BYTES = 4 * GIB  # the release uses a few multi-GB shards
 PROMPT_LEN, NEW_TOKENS, LOGIT_TOKENS = 16, 16, 64
 CONVERT_RSS_TARGET = 4 * GIB
 LOAD_RSS_SLACK = 3 * GIB
 
 
 # ---------------------------------------------------------------------------------------------- memory
-def peak_rss() -> int:
-    """This process's peak resident set (VmHWM), bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def start_watchdog(limit_bytes: int) -> None:
     """Ends this process (exit 3) as soon as its resident set exceeds ``limit_bytes``: a guard for
     shared machines, so a measurement that goes wrong cannot push other processes out of memory."""
@@ -110,212 +95,25 @@ def full_config(layers: int):
     return ZayaConfig(num_hidden_layers=layers)  # the defaults are ZAYA1-8B's (reference §1.1)
 
 
-def _random_bf16(shape, rng: np.random.Generator, exponent: int) -> np.ndarray:
-    """bf16 with random sign and mantissa, |x| in [2^(e-127), 2^(e-123)); std ~ 0.055 * 2^(e-120)."""
-    n = int(np.prod(shape))
-    bits = rng.bit_generator.random_raw(-(-n // 4)).view(np.uint16)[:n]
-    np.bitwise_and(bits, 0x81FF, out=bits)  # sign, two low exponent bits, mantissa
-    np.add(bits, np.uint16(exponent << 7), out=bits)
-    return bits.view(ml_dtypes.bfloat16).reshape(shape)
+def write_checkpoint(path: str, layers: int = 40, seed: int = 0, legacy: bool = False) -> dict:
+    """The synthetic ZAYA1-8B checkpoint of ``layers`` blocks at ``path`` (see ``zaya_jax.synthetic``)."""
+    from zaya_jax import synthetic
 
-
-def _uniform_bf16(shape, rng, low: float, high: float) -> np.ndarray:
-    return rng.uniform(low, high, shape).astype(np.float32).astype(ml_dtypes.bfloat16)
-
-
-W_EXP, EMBED_EXP, DEPTHWISE_EXP, BIAS_EXP = 119, 125, 123, 117  # std ~ 0.0275, 1.76, 0.44, 0.0069
-
-
-def synthetic_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
-    """The value of native tensor ``name`` (deterministic in ``seed`` and ``name``)."""
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    leaf = name.rsplit(".", 1)[-1]
-    if name.endswith("balancing_biases"):
-        out = np.zeros(shape, np.float32)
-        out[-1] = -1.0  # what transformers sets after from_pretrained
-        return out
-    if name == "model.embed_tokens.weight" or name == "lm_head.weight":
-        return _random_bf16(shape, rng, EMBED_EXP)
-    if name.endswith("qk_norm.temp"):
-        return _uniform_bf16(shape, rng, 0.5, 1.5)
-    if name.endswith("conv_qk_depthwise.weight"):
-        return _random_bf16(shape, rng, DEPTHWISE_EXP)
-    if leaf in ("bias", "hidden_states_bias", "residual_bias", "input_hidden_states_bias"):
-        return _random_bf16(shape, rng, BIAS_EXP)
-    if len(shape) == 1:  # norm weights, residual and router-state scales
-        return _uniform_bf16(shape, rng, 0.95, 1.05)
-    return _random_bf16(shape, rng, W_EXP)
-
-
-def _native_tensors(config) -> list[tuple[str, tuple[int, ...], np.dtype]]:
-    """(name, shape, dtype) of every native tensor, globals first, then block by block (as HF saves)."""
-    from zaya_jax.convert import layout
-
-    out = []
-    for name, entry, layer in layout.expected_tensors(config):
-        dtype = np.dtype(np.float32) if entry.path in layout.FLOAT32_PATHS else np.dtype(ml_dtypes.bfloat16)
-        out.append((layer if layer is not None else -1, name, entry.hf_shape(config), dtype))
-    out.sort(key=lambda t: t[0])  # stable: entry order within a block
-    return [(name, shape, dtype) for _, name, shape, dtype in out]
-
-
-def _legacy_config(config) -> dict:
-    """The legacy config.json (reference §1.2) describing ``config``'s model."""
-    return {
-        "architectures": ["ZayaForCausalLM"], "model_type": "zaya", "activation_func": "swiglu", "cca": True,
-        "gated_linear_unit": True, "normalization": "RMSNorm", "add_bias_linear": False, "attention_bias": False,
-        "zaya_use_eda": True, "zaya_use_mod": True, "scale_residual_merge": True, "residual_in_fp32": True,
-        "dtype": "bfloat16", "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
-        "num_hidden_layers": 2 * config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
-        "num_query_groups": config.num_key_value_heads, "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": config.head_dim, "kv_channels": config.head_dim, "ffn_hidden_size": 2 * config.moe_intermediate_size,
-        "num_experts": config.num_experts, "moe_router_topk": 1, "zaya_mlp_expansion": config.router_hidden_size,
-        "norm_epsilon": config.rms_norm_eps, "rope_theta": config.rope_theta_for("hybrid"),
-        "partial_rotary_factor": config.partial_rotary_factor, "cca_time0": config.cca_time0,
-        "cca_time1": config.cca_time1, "max_position_embeddings": config.max_position_embeddings,
-        "bos_token_id": 2, "eos_token_id": 106, "pad_token_id": 0, "sliding_window": None,
-    }
-
-
-_ST_DTYPES = {"bfloat16": "BF16", "float32": "F32"}
-
-
-def write_safetensors_streaming(directory: str, tensors: list[tuple[str, tuple[int, ...], np.dtype]], make,
-                                shard_bytes: int = SHARD_BYTES) -> int:
-    """Writes sharded safetensors + index, producing and writing one tensor at a time (``make(name)``).
-
-    The headers are planned from the shapes, so nothing but the tensor being written is in memory.
-    Returns the tensor bytes written.
-    """
-    shards: list[list] = [[]]
-    size = 0
-    for t in tensors:
-        nbytes = int(np.prod(t[1])) * t[2].itemsize
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += nbytes
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape, dtype in shard:
-            nbytes = int(np.prod(shape)) * dtype.itemsize
-            header[name] = {"dtype": _ST_DTYPES[dtype.name], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[name] = file
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        with open(os.path.join(directory, file), "wb") as f:
-            f.write(len(blob).to_bytes(8, "little"))
-            f.write(blob)
-            for name, shape, dtype in shard:
-                array = np.ascontiguousarray(make(name))
-                assert array.shape == tuple(shape) and array.dtype == dtype, (name, array.shape, array.dtype)
-                array.tofile(f)
-                del array
-        total += offset
-    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
-    return total
-
-
-def write_checkpoint(path: str, layers: int = 40, seed: int = 0, legacy: bool = False,
-                     shard_bytes: int = SHARD_BYTES, config=None) -> dict:
-    """The synthetic ZAYA1-8B checkpoint at ``path`` (must not exist); returns a summary.
-
-    ``config`` replaces the ZAYA1-8B config of ``layers`` blocks (tests use small ones)."""
-    from zaya_jax.convert import legacy as legacy_map
-
-    config = config or full_config(layers)
-    layers = config.num_hidden_layers
-    tensors = _native_tensors(config)
-    if os.path.exists(path):
-        raise FileExistsError(f"{path} already exists; remove it first")
-    os.makedirs(path)
-    t = time.perf_counter()
-    if not legacy:
-        shapes = {n: s for n, s, _ in tensors}
-        nbytes = write_safetensors_streaming(path, tensors, lambda name: synthetic_tensor(name, shapes[name], seed),
-                                             shard_bytes)
-        hf_config = dict(config.to_hf_dict(), dtype="bfloat16")
-    else:  # same values, legacy names: per-expert tensors are slices of the native stacked ones
-        sources = legacy_map.sources(config)
-        shapes = {n: (s, d) for n, s, d in tensors}
-        plan, origin = [], {}
-        for name, shape, dtype in tensors:
-            srcs = sources[name]
-            for e, src in enumerate(srcs):
-                plan.append((src, shape[1:] if len(srcs) > 1 else shape, dtype))
-                origin[src] = (name, e if len(srcs) > 1 else None)
-        cache: dict = {}
-
-        def make(src):
-            name, e = origin[src]
-            if e is None:
-                return synthetic_tensor(name, shapes[name][0], seed)
-            if cache.get("name") != name:
-                cache.update(name=name, value=synthetic_tensor(name, shapes[name][0], seed))
-            return cache["value"][e]
-
-        nbytes = write_safetensors_streaming(path, plan, make, shard_bytes)
-        hf_config = _legacy_config(config)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    seconds = time.perf_counter() - t
-    return {"path": path, "layers": layers, "legacy": legacy, "tensors": len(tensors), "bytes": nbytes,
-            "seconds": seconds, "mb_per_s": nbytes / 1e6 / seconds, "peak_rss_bytes": peak_rss()}
-
-
-# ----------------------------------------------------------------------------------------------- verify
-def leaf_checksums(reader_read, config, sample_layers: int | None = None) -> dict[str, int]:
-    """Per param leaf: CRC-32 chained over its layer slices' bytes (param layout, stored dtype)."""
-    from zaya_jax.convert import layout
-
-    out = {}
-    for entry in layout.entries(config):
-        crc = 0
-        layers = range(entry.first_layer, config.num_hidden_layers) if entry.per_layer else [None]
-        if sample_layers and entry.per_layer and len(layers) > sample_layers:
-            layers = [layers[round(i * (len(layers) - 1) / (sample_layers - 1))] for i in range(sample_layers)]
-        for layer in layers:
-            crc = zlib.crc32(np.ascontiguousarray(reader_read(entry, layer)).view(np.uint8), crc)
-        out["/".join(entry.path)] = crc
-    return out
-
-
-def verify(src: str, dst: str, sample_layers: int | None = None) -> dict:
-    """Checksums of every converted leaf against the source tensors moved into param layout."""
-    from zaya_jax.config import ZayaConfig
-    from zaya_jax.convert import HFCheckpoint
-    from zaya_jax.convert.orbax_store import OrbaxReader
-
-    config = ZayaConfig.from_pretrained(src)
-    ckpt = HFCheckpoint(src, config)
-    items = {(item.entry.path, item.layer): item for item in ckpt.items}
-    t = time.perf_counter()
-    source = leaf_checksums(lambda e, l: e.to_jax(ckpt.read(items[(e.path, l)]), config), config, sample_layers)
-    reader = OrbaxReader(os.path.join(dst, "params"), config)
-    converted = leaf_checksums(reader.read, config, sample_layers)
-    mismatched = sorted(k for k in source if source[k] != converted.get(k))
-    return {"leaves": len(source), "mismatched": mismatched, "all_equal": not mismatched,
-            "layers_checked": "all" if not sample_layers else f"{sample_layers} per leaf",
-            "seconds": time.perf_counter() - t, "peak_rss_bytes": peak_rss()}
+    return synthetic.write_checkpoint(path, full_config(layers), seed=seed, legacy_layout=legacy)
 
 
 # ------------------------------------------------------------------------------------------- the model
 def weight_bytes(config, dtype=ml_dtypes.bfloat16) -> int:
-    from zaya_jax.convert import layout
+    from zaya_jax.formats import layout
 
-    return sum(int(np.prod(shape)) * d.itemsize for _, shape, d in layout.leaves(config, dtype))
+    return layout.param_bytes(config, dtype)
 
 
 def bytes_per_token(config, dtype=ml_dtypes.bfloat16) -> dict:
     """Weight bytes one batch-1 decode step reads: every non-expert leaf (the embedding once, as the
     tied LM head reads all of it), one expert per layer (top-1; an upper bound, the skip route reads
     none). The KV cache of a few dozen tokens (40 KiB per token) is left out."""
-    from zaya_jax.convert import layout
+    from zaya_jax.formats import layout
 
     experts = other = 0
     for entry, shape, d in layout.leaves(config, dtype):
@@ -341,7 +139,7 @@ def _load(args) -> dict:
     config, params = zaya_jax.load(args.model, dtype=jnp.bfloat16)
     seconds = time.perf_counter() - t
     nbytes = sum(x.nbytes for x in __import__("jax").tree_util.tree_leaves(params))
-    return {"model": args.model, "seconds": seconds, "param_bytes": nbytes, "peak_rss_bytes": peak_rss(),
+    return {"model": args.model, "seconds": seconds, "param_bytes": nbytes, "peak_rss_bytes": peak_rss_bytes(),
             "gb_per_s": nbytes / 1e9 / seconds}
 
 
@@ -355,7 +153,7 @@ def _run(args) -> dict:
 
     t = time.perf_counter()
     config, params, _ = resolve_model(args.model, "bfloat16")  # what `zaya generate --dtype bfloat16` runs
-    out = {"load_seconds": time.perf_counter() - t, "load_peak_rss_bytes": peak_rss(),
+    out = {"load_seconds": time.perf_counter() - t, "load_peak_rss_bytes": peak_rss_bytes(),
            "param_bytes": sum(x.nbytes for x in jax.tree_util.tree_leaves(params))}
 
     ids = prompt_ids(LOGIT_TOKENS, config.vocab_size)
@@ -383,7 +181,7 @@ def _run(args) -> dict:
         tokens=first.tokens[0], stop_reason=first.stop_reasons[0], repeats=args.repeats,
         prefill_seconds_median=statistics.median(one), generate_seconds_median=statistics.median(full),
         decode_seconds_per_token=(statistics.median(full) - statistics.median(one)) / (NEW_TOKENS - 1),
-        peak_rss_bytes=peak_rss(),
+        peak_rss_bytes=peak_rss_bytes(),
     )
     return out
 
@@ -403,7 +201,7 @@ def _hf(args) -> dict:
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].float().numpy()
     np.save(args.logits, logits)
-    return {"load_seconds": load_seconds, "forward_seconds": time.perf_counter() - t, "peak_rss_bytes": peak_rss(),
+    return {"load_seconds": load_seconds, "forward_seconds": time.perf_counter() - t, "peak_rss_bytes": peak_rss_bytes(),
             "balancing_biases_after_load": [np.frombuffer(b, np.float32).tolist() for b in biases]}
 
 
@@ -456,7 +254,7 @@ def _cli(args) -> dict:
 
     t = time.perf_counter()
     rc = main(args.argv)
-    return {"rc": rc, "seconds": time.perf_counter() - t, "peak_rss_bytes": peak_rss()}
+    return {"rc": rc, "seconds": time.perf_counter() - t, "peak_rss_bytes": peak_rss_bytes()}
 
 
 # ------------------------------------------------------------------------------------------------- all
@@ -579,7 +377,7 @@ def targets(r: dict, big: int, small: int) -> dict:
 
 
 def report(r: dict, big: int, small: int) -> str:
-    """The results as a markdown table (the README's)."""
+    """The results as a markdown table (as in docs/benchmarks.md, with the targets)."""
     t = r.get("targets", {})
     gib = lambda n: f"{n / GIB:.2f} GiB"  # noqa: E731
     yes = lambda ok: "yes" if ok else "**no**"  # noqa: E731
@@ -692,6 +490,8 @@ def main(argv=None) -> int:
                     shutil.rmtree(os.path.join(args.workdir, name))
         return 0 if all(v for k, v in results["targets"].items() if k.endswith("_ok")) else 1
     elif args.cmd == "_verify":
+        from zaya_jax.formats.checksums import verify
+
         out = verify(args.src, args.dst, args.sample_layers)
     else:
         out = {"_load": _load, "_run": _run, "_hf": _hf, "_bandwidth": _bandwidth, "_cli": _cli}[args.cmd](args)

@@ -28,16 +28,11 @@ import torch
 import transformers
 
 import zaya_jax
-from zaya_jax.infer import generation
-from zaya_jax.infer.sampling import SamplingParams, row_keys
+from zaya_jax.bench_configs import CONFIGS
+from zaya_jax.infer import decode
+from zaya_jax.infer.engine import request_keys
+from zaya_jax.infer.sampling import SamplingParams
 
-CONFIGS = {
-    "bench-124M": dict(vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                       num_key_value_heads=2, head_dim=64, num_experts=16, moe_intermediate_size=512,
-                       router_hidden_size=128),
-    "tiny": dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 head_dim=16, moe_intermediate_size=32, num_experts=4, router_hidden_size=16),
-}
 PREFILL_LEN = 512
 DECODE_PROMPT, DECODE_NEW = 128, 64  # 64 new tokens: 1 from the prefill, 63 decode steps
 
@@ -79,19 +74,28 @@ def hf_greedy(model, ids, steps):
 
 # ------------------------------------------------------------------------------------------ zaya-jax
 def jax_start(params, config, ids: np.ndarray, new: int):
-    """The compiled prefill of ``generate`` for equal-length prompts ``ids [B, S]``."""
+    """The engine's compiled prefill and insert of equal-length prompts ``ids [B, S]`` into a B-slot pool
+    (the first token sampled): (slot pool, first tokens [B])."""
     B, S = ids.shape
-    N = generation.bucket(new, generation.MIN_OUTPUT_BUCKET)
-    state = generation.prefill_and_start(
-        params, config, jnp.asarray(ids, jnp.int32), jnp.zeros((B,), jnp.int32), config.max_position_embeddings,
-        SamplingParams.create(B), row_keys(0, B), jnp.full((B,), new, jnp.int32),
-        jnp.asarray(generation.stop_id_array(config, [])), cache_len=S + N, buffer_len=N, moe_impl="auto")
-    return jax.block_until_ready(state)
+    dtype = zaya_jax.model.compute_dtype(params)
+    last, cache = decode.prefill_chunk_compiled(
+        params, config, zaya_jax.init_cache(config, B, S, dtype), jnp.asarray(ids, jnp.int32),
+        jnp.full((B,), S, jnp.int32), jnp.zeros((B, config.vocab_size)), moe_impl="auto")
+    T = -(-(S + new) // 16) * 16
+    rows = jnp.arange(B, dtype=jnp.int32)
+    state, first, _ = decode.insert_compiled(
+        decode.init_slots(zaya_jax.init_cache(config, B, T, dtype), 4), cache, last, rows, rows,
+        jax.random.wrap_key_data(request_keys(0, np.arange(B))), SamplingParams.create(B),
+        jnp.full((B,), new, jnp.int32), jnp.full((B,), T, jnp.int32), jnp.full((B, 4), -1, jnp.int32))
+    return jax.block_until_ready((state, first))
 
 
-def jax_decode(params, config, state):
-    out = generation.decode_compiled(params, config, state, state.tokens.shape[1], moe_impl="auto")
-    return jax.block_until_ready(out)
+def jax_decode(params, config, start, steps: int):
+    """``steps`` compiled decode steps of the pool; every token so far ``[B, 1 + steps]``."""
+    state, first = start
+    state, out = decode.decode_compiled(params, config, state, jnp.zeros(first.shape, bool), steps=steps,
+                                        moe_impl="auto")
+    return jnp.concatenate([first[:, None], jax.block_until_ready(out)], axis=1)
 
 
 def machine_rates(repeats: int) -> tuple[float, float]:
@@ -162,18 +166,18 @@ def run(name: str, repeats: int) -> None:
         hf_t = statistics.median(r[0] for r in hf_runs)
         jax_start(params, config, ids, DECODE_NEW)  # compile the prefill for this shape
         t = time.perf_counter()
-        out = jax_decode(params, config, jax_start(params, config, ids, DECODE_NEW))
+        out = jax_decode(params, config, jax_start(params, config, ids, DECODE_NEW), steps)
         first = time.perf_counter() - t
         runs = []
         for _ in range(repeats):
-            state = jax_start(params, config, ids, DECODE_NEW)
+            start = jax_start(params, config, ids, DECODE_NEW)
             t = time.perf_counter()
-            out = jax_decode(params, config, state)
+            out = jax_decode(params, config, start, steps)
             runs.append(time.perf_counter() - t)
         jx_t = statistics.median(runs)
         compiles.append((f"decode loop, batch {batch}", first - jx_t))
-        assert int(out.step) == DECODE_NEW, "the decode loop stopped early"
-        agree = (np.asarray(out.tokens)[:, :DECODE_NEW] == hf_runs[0][1]).mean()
+        assert (np.asarray(out) >= 0).all(), "the decode loop stopped early"
+        agree = (np.asarray(out) == hf_runs[0][1]).mean()
         rows.append((f"decode batch {batch} (new tokens/s)", batch * steps / hf_t, batch * steps / jx_t, agree))
     b16_ids, hf_b16 = ids, rows[-1][1]  # the batch-16 prompts and transformers' figure on them
 
@@ -188,7 +192,7 @@ def run(name: str, repeats: int) -> None:
     print("| --- | ---: |")
     for what, seconds in compiles:
         print(f"| {what} | {seconds:.1f} |")
-    floor = decode_floor(params, config, jax_start(params, config, b16_ids, DECODE_NEW), repeats)
+    floor = decode_floor(params, config, jax_start(params, config, b16_ids, DECODE_NEW)[0], repeats)
     best = 16 / floor["seconds"]
     print(f"\ndecode batch 16 floor: a step does >= {floor['flop'] / 1e9:.2f} GFLOP and reads >= "
           f"{floor['bytes'] / 1e6:.0f} MB of weights ({floor['experts_per_layer']:.1f} experts per layer); this "

@@ -1,9 +1,10 @@
 """MoE dispatch benchmark: every ``zaya_jax.moe`` implementation on the same routed tokens.
 
-    python bench/moe_bench.py [--tokens 1,4,16,64,512,2048] [--impls loop,tiled,sorted] [--repeats 20] [--grad]
+    python bench/moe_bench.py [--config bench-124M|tiny] [--tokens 1,4,16,64,512,2048] [--impls loop,tiled,sorted]
+                               [--repeats 20] [--grad]
 
 Runs the MoE of all ``--layers`` layers the way the model does, inside one ``lax.scan`` over the
-layer stack (bench-124M widths by default: D = F = 512, E = 16, 8 layers, float32, top-1 routing
+layer stack (``--config``'s widths, bench-124M by default: D = F = 512, E = 16, 8 layers; float32, top-1 routing
 uniform over the experts plus the skip route). Implementations that take the whole stack (``loop``,
 ``sorted``) slice each expert at (layer, expert); the others get the scan's per-layer slice. Prints the
 median milliseconds per call of each implementation for each token count; ``auto`` picks from these.
@@ -19,6 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from zaya_jax import moe
+from zaya_jax.bench_configs import CONFIGS
+
 
 def layer_stack_moe(impl: str, grad: bool = False):
     """A jitted ``(x [T, D], idx [L, T], gate [L, T], gate_up [L, E, D, 2F], down [L, E, F, D]) -> [T, D]``.
@@ -61,15 +64,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", default="1,4,16,32,64,512,2048")
     parser.add_argument("--impls", default="gather,loop,tiled,sorted")
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--ffn", type=int, default=512)
-    parser.add_argument("--experts", type=int, default=16)
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="bench-124M", help="widths and layer count")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--grad", action="store_true", help="time the backward pass too (training)")
     args = parser.parse_args()
     jax.config.update("jax_platforms", "cpu")
-    L, E, D, F = args.layers, args.experts, args.hidden, args.ffn
+    c = CONFIGS[args.config]
+    L, E, D, F = c["num_hidden_layers"], c["num_experts"], c["hidden_size"], c["moe_intermediate_size"]
     k = jax.random.split(jax.random.key(0), 4)
     gate_up = 0.02 * jax.random.normal(k[0], (L, E, D, 2 * F))
     down = 0.02 * jax.random.normal(k[1], (L, E, F, D))

@@ -5,8 +5,8 @@
 A population of 16 (C=4) runs T rounds on one random-weight bench-124M model (no stop tokens, so
 every candidate generates the full budget); generated tokens/s over the whole search are compared
 with ``generate`` at batch 16 on prompts as long as the aggregation prompts, same budget, same
-machine, same run. Medians over repeats after a warm-up run. Compilations are counted from the jit
-caches of the programs RSA runs.
+machine, same run. Medians over repeats after a warm-up run. Compilations are counted as the traces of
+the inference programs (``decode.TRACES``).
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ import jax
 import numpy as np
 
 import zaya_jax
-from zaya_jax.infer import generation, rsa
+from zaya_jax.bench_configs import CONFIGS
+from zaya_jax.infer import decode, generation, rsa
 
-BENCH_124M = zaya_jax.ZayaConfig(vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                                 num_key_value_heads=2, head_dim=64, moe_intermediate_size=512, num_experts=16,
-                                 router_hidden_size=128, eos_token_id=())
+BENCH_124M = zaya_jax.ZayaConfig(**CONFIGS["bench-124M"], eos_token_id=())
 
 
 def main() -> None:
@@ -42,10 +41,9 @@ def main() -> None:
                                  piece(10))
     run = lambda seed: rsa.markov_rsa(params, BENCH_124M, question, population=N, tails=C, rounds=args.rounds,  # noqa: E731
                                       budget=args.budget, tail_tokens=args.tail_tokens, template=template, seed=seed)
-    caches = (rsa._round0, rsa._aggregate, generation.prefill_and_start, generation.decode_compiled)
-    before = sum(f._cache_size() for f in caches)
+    before = sum(decode.TRACES.values())
     first = run(0)
-    compiles = sum(f._cache_size() for f in caches) - before
+    compiles = sum(decode.TRACES.values()) - before
     agg_len = first.rounds[-1].longest_prompt
     prompts = [rng.integers(10, 32000, agg_len).tolist() for _ in range(N)]
     generate = lambda seed: generation.generate(params, BENCH_124M, prompts, max_new_tokens=args.budget,  # noqa: E731
@@ -65,7 +63,7 @@ def main() -> None:
     print(f"generate batch {N}, {agg_len}-token prompts, {args.budget} new tokens: {gen_rate:.0f} tokens/s")
     print(f"ratio RSA / generate: {rsa_rate / gen_rate:.2f} (target >= 0.8)")
     print(f"compilations for the first {args.rounds}-round run: {compiles} "
-          f"(round-0 program, aggregation, and one prefill + one decode program shared by all aggregation rounds)")
+          f"(prefill and insert programs per prompt bucket and group size, the aggregation program, one decode program)")
 
 
 if __name__ == "__main__":

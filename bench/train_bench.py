@@ -14,9 +14,7 @@ losses of both are printed as a check that they train the same model on the same
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -26,11 +24,9 @@ import numpy as np
 import torch
 import transformers
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from infer_bench import CONFIGS  # noqa: E402  (one table of benchmark configs)
-
-import zaya_jax  # noqa: E402
-from zaya_jax.train import step  # noqa: E402
+import zaya_jax
+from zaya_jax.bench_configs import CONFIGS
+from zaya_jax.train import step
 
 LR, WEIGHT_DECAY, CLIP = 1e-4, 0.1, 1.0
 

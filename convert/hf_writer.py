@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 from safetensors.numpy import save_file
 
-from .hf_reader import INDEX_FILE, SINGLE_FILE
+from zaya_jax.formats.hf_reader import INDEX_FILE, SINGLE_FILE
 
 DEFAULT_MAX_SHARD_BYTES = 1 << 30
 

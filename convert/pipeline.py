@@ -12,9 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
-import resource
 import shutil
-import sys
 import tempfile
 import time
 from typing import Iterator
@@ -22,16 +20,17 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from zaya_jax import dtypes
 from zaya_jax.config import ZayaConfig
+from zaya_jax.formats import layout
+from zaya_jax.formats.converted import PARAMS_DIR, is_converted
+from zaya_jax.formats.hf_reader import CheckpointError, HFCheckpoint, resolve_dtype
+from zaya_jax.formats.orbax_store import OrbaxReader, OrbaxWriter, save_tree
+from zaya_jax.formats.tree import TreeReader
+from zaya_jax.memory import peak_rss_bytes
 
-from . import layout
-from .hf_reader import CheckpointError, HFCheckpoint, resolve_dtype
 from .hf_writer import DEFAULT_MAX_SHARD_BYTES, Tensor, write_safetensors
-from .orbax_store import OrbaxReader, OrbaxWriter, save_tree
-from .orbax_store import restore as restore_tree
-from .tree import TreeReader, TreeWriter
 
-PARAMS_DIR = "params"
 MANIFEST = "zaya_convert.json"
 ASSET_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
@@ -57,20 +56,6 @@ class Summary:
                 f"({self.mb_per_s:.0f} MB/s); peak RSS {self.peak_rss_bytes / 2**30:.2f} GiB")
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory. Linux: VmHWM, which (unlike ru_maxrss) does not inherit
-    the high-water mark of the parent a subprocess was forked from."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
-
-
 class _Meter:
     """A progress bar over bytes that ends as a Summary."""
 
@@ -87,11 +72,6 @@ class _Meter:
     def close(self) -> Summary:
         self.bar.close()
         return Summary(self.tensors, self.bytes, time.perf_counter() - self.start, peak_rss_bytes())
-
-
-def is_converted(path: str) -> bool:
-    """Whether ``path`` is a directory written by ``zaya convert`` (or ``checkpoint.save``)."""
-    return os.path.isfile(os.path.join(path, PARAMS_DIR, "_METADATA"))
 
 
 @contextlib.contextmanager
@@ -141,24 +121,12 @@ def copy_assets(src: str | None, dst: str) -> list[str]:
 
 
 def _fill(ckpt: HFCheckpoint, writer, meter: _Meter) -> Summary:
-    """Streams every tensor of ``ckpt`` into ``writer`` (TreeWriter or OrbaxWriter) in param layout."""
+    """Streams every tensor of ``ckpt`` into ``writer`` (an OrbaxWriter) in param layout."""
     for item, array in ckpt:
         writer.put(item.entry, item.layer, item.entry.to_jax(array, ckpt.config))
         del array
         meter.step(item.nbytes)
     return meter.close()
-
-
-def read_hf(path: str, config: ZayaConfig, dtype=None, progress: bool = False) -> dict:
-    """An HF checkpoint directory (native or legacy) -> param pytree of numpy arrays in host memory.
-
-    ``dtype`` default: the stored one. Peak memory: the params plus one source tensor.
-    """
-    ckpt = HFCheckpoint(path, config)
-    meter = _Meter(ckpt.nbytes, "reading", progress)
-    writer = TreeWriter(config, resolve_dtype(dtype) or ckpt.stored_dtype)
-    _fill(ckpt, writer, meter)
-    return writer.params
 
 
 def convert(src: str, dst: str, *, dtype=None, force: bool = False, progress: bool = True) -> Summary:
@@ -193,18 +161,13 @@ def save(params: dict, config: ZayaConfig, dst: str, *, force: bool = False) -> 
         _write_config(tmp, config, dtype)
 
 
-def restore(path: str, config: ZayaConfig, dtype=None, shardings: dict | None = None) -> dict:
-    """The params of a converted directory as jax arrays (see ``orbax_store.restore``)."""
-    return restore_tree(os.path.join(path, PARAMS_DIR), config, resolve_dtype(dtype), shardings)
-
-
 def _param_tensors(reader, config: ZayaConfig) -> list[Tensor]:
     """Every native HF tensor of a param reader (TreeReader or OrbaxReader), globals then by layer."""
     tensors = []
     for name, entry, layer in sorted(layout.expected_tensors(config), key=lambda t: -1 if t[2] is None else t[2]):
-        itemsize = layout.leaf_dtype(entry, reader.dtype).itemsize
+        itemsize = dtypes.leaf_dtype(entry.path, reader.dtype).itemsize
         nbytes = int(np.prod(entry.hf_shape(config))) * itemsize
-        tensors.append(Tensor(name, nbytes, lambda e=entry, l=layer: e.to_hf(reader.read(e, l), config)))
+        tensors.append(Tensor(name, nbytes, lambda e=entry, i=layer: e.to_hf(reader.read(e, i), config)))
     return tensors
 
 

@@ -31,8 +31,8 @@ import numpy as np
 from zaya_jax import sharding as shd
 from zaya_jax.cache import init_cache
 from zaya_jax.config import ZayaConfig
+from zaya_jax.host import to_host
 from zaya_jax.model import compute_dtype
-from zaya_jax.sharding import to_host
 
 from . import decode
 from .sampling import SamplingParams, check_knobs

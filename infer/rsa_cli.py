@@ -66,6 +66,7 @@ def _rsa_command(args) -> int:
     from zaya_jax.jsonl import read_objects
 
     from .cli import check_line, load_tokenizer, single_line
+    from .rsa import TokenTemplate, markov_rsa
 
     config, params, desc = resolve_model(args.model, args.dtype)
     tokenizer = load_tokenizer(args.model, config)

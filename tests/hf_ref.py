@@ -6,6 +6,8 @@ import numpy as np
 import torch
 import transformers
 
+import zaya_jax
+
 # Small configs covering the architecture's knobs (native transformers schema).
 TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, moe_intermediate_size=32, num_experts=4, router_hidden_size=16)
@@ -56,8 +58,6 @@ def build(name_or_kwargs, path=None, seed: int = 0, skip_bias: float = 0.0):
     config._attn_implementation = "eager"
     model = transformers.ZayaForCausalLM(config).eval()
     randomize(model, seed, skip_bias)
-    if not config.tie_word_embeddings:
-        pass
     if path is not None:
         model.save_pretrained(path)
     return model
@@ -82,3 +82,12 @@ def logits(model, ids, mask) -> np.ndarray:
     with torch.no_grad():
         out = model(input_ids=ids_t, attention_mask=mask_t, position_ids=positions)
     return out.logits.float().numpy()
+
+
+def max_logit_error(model_dir, ids, mask, ref: np.ndarray) -> float:
+    """Max abs difference, over the real (unpadded) positions, between zaya-jax's float32 logits of the
+    model in ``model_dir`` and ``ref [B, S, V]``."""
+    config, params = zaya_jax.load(model_dir)
+    out = np.asarray(zaya_jax.forward(params, config, ids, mask))
+    real = mask.astype(bool)
+    return float(np.abs(out[real] - ref[real]).max())

@@ -1,8 +1,9 @@
 """Test helper: rewrites a native HF ZAYA checkpoint in the legacy 80-layer layout.
 
-Written from the documented name map (shared/reference/zaya1-architecture.md §1.2 and §3.2) as a
-list of rename rules, independently of ``convert/legacy.py``, so that the converter is checked
-against the documentation rather than against itself.
+The tensor names are written from the documented name map (shared/reference/zaya1-architecture.md
+§1.2 and §3.2) as a list of rename rules, independently of ``zaya_jax/formats/legacy.py``, so that the
+converter is checked against the documentation rather than against itself. The legacy config.json is
+``ZayaConfig.to_legacy_hf_dict`` (tests/test_config.py checks it against the reading side).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import re
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
+
+from zaya_jax.config import ZayaConfig
 
 # (native regex, legacy template); {a} = 2l (attention half-layer), {m} = 2l+1 (MoE half-layer).
 _RULES = [
@@ -50,12 +53,12 @@ def legacy_tensors(native: dict[str, np.ndarray], blocks: int) -> dict[str, np.n
         if name in _GLOBAL:
             out[_GLOBAL[name]] = t
             continue
-        l, rest = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name).groups()
-        l = int(l)
-        a, m = 2 * l, 2 * l + 1
+        block, rest = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name).groups()
+        block = int(block)
+        a, m = 2 * block, 2 * block + 1
         if rest.startswith("post_mlp_residual_scale."):
             leaf = rest.split(".", 1)[1]
-            out[f"model.layers.{2 * l + 2}.res_scale.{leaf}" if l + 1 < blocks else f"model.res_scale.{leaf}"] = t
+            out[f"model.layers.{2 * block + 2}.res_scale.{leaf}" if block + 1 < blocks else f"model.res_scale.{leaf}"] = t
         elif rest in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
             fc = "linear_fc1" if rest.endswith("gate_up_proj") else "linear_fc2"
             for e in range(t.shape[0]):
@@ -71,37 +74,10 @@ def legacy_tensors(native: dict[str, np.ndarray], blocks: int) -> dict[str, np.n
     return out
 
 
-def legacy_config(native: dict) -> dict:
-    """The legacy config.json schema for a native one (§1.2)."""
-    sliding = [i for i, t in enumerate(native.get("layer_types") or []) if t == "hybrid_sliding"]
-    rope = native["rope_parameters"]["hybrid"]
-    out = {
-        "architectures": ["ZayaForCausalLM"], "model_type": "zaya", "activation_func": "swiglu", "cca": True,
-        "gated_linear_unit": True, "normalization": "RMSNorm", "add_bias_linear": False,
-        "zaya_use_eda": True, "zaya_use_mod": True, "scale_residual_merge": True, "residual_in_fp32": True,
-        "hidden_size": native["hidden_size"], "vocab_size": native["vocab_size"],
-        "num_hidden_layers": 2 * native["num_hidden_layers"], "num_attention_heads": native["num_attention_heads"],
-        "num_query_groups": native["num_key_value_heads"], "num_key_value_heads": native["num_key_value_heads"],
-        "head_dim": native["head_dim"], "kv_channels": native["head_dim"],
-        "ffn_hidden_size": 2 * native["moe_intermediate_size"], "num_experts": native["num_experts"],
-        "moe_router_topk": 1, "zaya_mlp_expansion": native["router_hidden_size"],
-        "norm_epsilon": native["rms_norm_eps"], "rope_theta": rope["rope_theta"],
-        "partial_rotary_factor": rope["partial_rotary_factor"], "cca_time0": native["cca_time0"],
-        "cca_time1": native["cca_time1"], "tie_word_embeddings": native["tie_word_embeddings"],
-        "max_position_embeddings": native["max_position_embeddings"], "bos_token_id": native["bos_token_id"],
-        "eos_token_id": native["eos_token_id"], "pad_token_id": native["pad_token_id"],
-        "swa_layers": [2 * b for b in sliding] or None,
-        "sliding_window": native["sliding_window"] - 1 if sliding else None,
-    }
-    return out
-
-
 def write_legacy(native_dir: str, legacy_dir: str, shards: int = 2) -> None:
     """Writes ``native_dir`` (one model.safetensors) in the legacy layout, in ``shards`` files + index."""
-    with open(os.path.join(native_dir, "config.json")) as f:
-        native_config = json.load(f)
-    tensors = legacy_tensors(load_file(os.path.join(native_dir, "model.safetensors")),
-                             native_config["num_hidden_layers"])
+    config = ZayaConfig.from_pretrained(native_dir)
+    tensors = legacy_tensors(load_file(os.path.join(native_dir, "model.safetensors")), config.num_hidden_layers)
     os.makedirs(legacy_dir, exist_ok=True)
     names = sorted(tensors)
     weight_map = {}
@@ -113,4 +89,4 @@ def write_legacy(native_dir: str, legacy_dir: str, shards: int = 2) -> None:
     with open(os.path.join(legacy_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
     with open(os.path.join(legacy_dir, "config.json"), "w") as f:
-        json.dump(legacy_config(native_config), f)
+        json.dump(config.to_legacy_hf_dict(), f)

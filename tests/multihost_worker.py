@@ -6,7 +6,6 @@ the results.
 usage: multihost_worker.py PROCESS_ID PORT MODEL_DIR INPUTS.npz OUT.npz [MESH] [NEW_TOKENS]
 """
 
-import os
 import sys
 
 import jax

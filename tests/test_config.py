@@ -39,6 +39,18 @@ def test_legacy_schema_translates_to_native():
         assert getattr(legacy, field) == getattr(native, field), field
 
 
+def test_legacy_dict_round_trip():
+    """to_legacy_hf_dict writes what the legacy reader reads back; on the release config it restates
+    the release's legacy config.json."""
+    config = ZayaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=4,
+                        router_hidden_size=16, layer_types=("hybrid", "hybrid_sliding", "hybrid"), sliding_window=6,
+                        tie_word_embeddings=False, eos_token_id=(1, 106))
+    assert ZayaConfig.from_hf_dict(config.to_legacy_hf_dict()) == config
+    written = ZayaConfig.from_hf_dict(LEGACY_8B).to_legacy_hf_dict()
+    assert {k: v for k, v in written.items() if k in LEGACY_8B} == {k: v for k, v in LEGACY_8B.items() if k in written}
+
+
 def test_from_pretrained_and_round_trip_through_transformers(tmp_path):
     hf = transformers.ZayaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                                  num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=4,

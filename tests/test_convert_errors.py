@@ -12,7 +12,7 @@ import hf_ref
 import zaya_jax
 from zaya_jax import convert
 from zaya_jax.convert import CheckpointError
-from zaya_jax.convert.hf_reader import HFCheckpoint
+from zaya_jax.formats.hf_reader import HFCheckpoint
 
 O_PROJ = "model.layers.1.self_attn.o_proj.weight"
 

@@ -13,8 +13,8 @@ import transformers
 import zaya_jax
 from zaya_jax.cli import main
 from zaya_jax.demo import DEFAULT_MODEL_DIR, arith, build, data
-from zaya_jax.infer.tokenizer import Tokenizer
 from zaya_jax.infer.rsa import extract_boxed
+from zaya_jax.infer.tokenizer import Tokenizer
 
 
 def test_problems_are_fixed_and_splits_disjoint():
@@ -75,11 +75,11 @@ def test_training_examples_fit_the_documented_seq_len(tmp_path):
         assert len(lengths) == 3000 and max(lengths) <= build.SEQ_LEN  # else `zaya train` would truncate targets
 
 
-def test_readme_gives_the_commands_build_prints():
-    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    readme = re.sub(r" \\\n\s+", " ", readme)  # join the shell line continuations
+def test_docs_give_the_commands_build_prints():
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "demo_model.md").read_text()
+    text = re.sub(r" \\\n\s+", " ", text)  # join the shell line continuations
     for stage, data_file in ((1, "work/demo/train.jsonl"), (2, "work/demo/aggregate.jsonl")):
-        assert f"--data {data_file} --out " in readme and build.TRAIN_ARGS[stage] in readme
+        assert f"--data {data_file} --out " in text and build.TRAIN_ARGS[stage] in text
 
 
 def test_shipped_model_matches_transformers():

@@ -13,8 +13,8 @@ import pytest
 import hf_ref
 import tokenizer_ref
 from zaya_jax import load
-from zaya_jax.demo import DEFAULT_MODEL_DIR
 from zaya_jax.cli import main
+from zaya_jax.demo import DEFAULT_MODEL_DIR
 from zaya_jax.infer import generate
 from zaya_jax.infer.tokenizer import Tokenizer
 

@@ -1,7 +1,6 @@
 """Markov RSA on a small random model: structure, reproducibility, accounting, special cases, errors."""
 
 import jax
-import numpy as np
 import pytest
 
 import zaya_jax

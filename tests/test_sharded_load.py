@@ -78,7 +78,7 @@ def test_hf_reads_only_device_slices(dirs, monkeypatch):
 
 
 def test_layout_permutations_are_detected():
-    from zaya_jax.convert import layout
+    from zaya_jax.formats import layout
 
     perms = {entry.path[-2:]: sharded_load._permutation(entry, CONFIG) for entry in layout.entries(CONFIG)}
     assert perms[("experts", "gate_up")] == (0, 2, 1)

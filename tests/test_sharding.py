@@ -10,23 +10,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import zaya_jax
+from helpers import CONFIG, MESHES
 from zaya_jax import expert_parallel, moe
+from zaya_jax import mesh as mesh_lib
 from zaya_jax import sharding as shd
-
-# Dimensions chosen so that expert-weight shapes are recognisable in HLO: D=48 and F-family sizes
-# {80, 40, 20} (2F, F, per-tensor-shard slices) appear in no other array.
-CONFIG = zaya_jax.ZayaConfig(
-    vocab_size=256, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=16, moe_intermediate_size=40, num_experts=8, router_hidden_size=16,
-    layer_types=("hybrid", "hybrid_sliding"), sliding_window=5,
-)
-# (mesh sizes, rules): pure expert, expert x tensor, data x expert, fsdp x expert.
-MESHES = {
-    "expert8": (dict(expert=8), shd.INFERENCE),
-    "expert4_tensor2": (dict(expert=4, tensor=2), shd.INFERENCE),
-    "data2_expert4": (dict(data=2, expert=4), shd.INFERENCE),
-    "fsdp2_expert4": (dict(fsdp=2, expert=4), shd.TRAINING),
-}
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +59,29 @@ def test_rule_mapping_one_mesh_axis_twice_is_an_error():
     rules = shd.INFERENCE.replace(embed="expert")  # experts and embed both on `expert`
     with pytest.raises(shd.ShardingError, match="mesh axis 'expert' used twice"):
         shd.param_specs(CONFIG, shd.make_mesh(expert=8), rules)
+
+
+def test_logical_axis_names_are_a_closed_set():
+    """A misspelt logical name raises instead of silently replicating; the model uses only known names."""
+    with pytest.raises(shd.ShardingError, match="unknown logical axis name 'expert'"):
+        shd.Rules.of({"expert": "expert"})  # the logical name is `experts`
+    with pytest.raises(shd.ShardingError, match="unknown logical axis name 'embd'"):
+        shd.INFERENCE.spec(("embd", None))
+    names = {n for spec in jax.tree_util.tree_leaves(zaya_jax.logical_axes(CONFIG), is_leaf=lambda x: isinstance(x, P))
+             for n in spec if n is not None}
+    assert names <= shd.LOGICAL_AXES
+
+
+def test_active_mesh_rejects_foreign_axis_names():
+    """A mesh with other axis names is an error, not a silent unsharded run."""
+    assert mesh_lib.active_mesh() is None
+    with jax.set_mesh(shd.make_mesh(expert=8)):
+        assert mesh_lib.active_mesh() is not None
+    with jax.set_mesh(shd.make_mesh(devices=jax.devices()[:1])):
+        assert mesh_lib.active_mesh() is None  # splits nothing
+    with jax.set_mesh(jax.make_mesh((8,), ("ep",), (jax.sharding.AxisType.Auto,))):
+        with pytest.raises(shd.ShardingError, match=r"axes \('ep',\)"):
+            mesh_lib.active_mesh()
 
 
 def test_indivisible_dimension_is_an_error():

@@ -4,7 +4,7 @@ import jax
 import pytest
 
 import zaya_jax
-from test_sharding import MESHES
+from helpers import MESHES
 from zaya_jax import sharding as shd
 from zaya_jax.infer import generate
 

@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import zaya_jax
-from test_sharding import CONFIG, MESHES
+from helpers import CONFIG, MESHES
 from zaya_jax import sharding as shd
 from zaya_jax.train import loss, step
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import tokenizers
-from tokenizers import models, pre_tokenizers, processors, decoders
+from tokenizers import decoders, models, pre_tokenizers, processors
 
 from zaya_jax.infer.tokenizer import Tokenizer
 from zaya_jax.train import data

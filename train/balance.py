@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-BIAS_PATH = ("layers", "router", "balancing_biases")
-
 
 def split_biases(params: dict) -> tuple[dict, jnp.ndarray]:
     """``params`` -> (trainable params without the biases, biases [L, E+1] float32). Does not copy leaves."""

@@ -18,9 +18,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable
 
-import numpy as np
-
 import jinja2
+import numpy as np
 
 from zaya_jax.infer.tokenizer import Tokenizer, TokenizerError
 from zaya_jax.jsonl import read_objects

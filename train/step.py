@@ -20,12 +20,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from zaya_jax import dtypes
 from zaya_jax import model as zmodel
 from zaya_jax.config import ZayaConfig
 
 from . import balance, loss
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,7 @@ class TrainConfig:
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         if self.remat_policy not in zmodel.REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {tuple(zmodel.REMAT_POLICIES)}, got {self.remat_policy!r}")
         if self.learning_rate < 0 or self.bias_rate < 0:
@@ -122,7 +123,7 @@ def train_step(state: TrainState, batch: dict, *, config: ZayaConfig, tcfg: Trai
     lr, target_tokens, tokens, route_counts [L, E+1] and balance.load_metrics)."""
     accum = tcfg.grad_accum
     micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
-    dtype = COMPUTE_DTYPES[tcfg.compute_dtype]
+    dtype = dtypes.resolve(tcfg.compute_dtype)
 
     def loss_of(trainable, mb):
         p = zmodel.cast_params(balance.merge_biases(trainable, state.biases), dtype)

@@ -9,6 +9,11 @@ import numpy as np
 
 from . import host
 from .config import ZayaConfig
+from .formats import converted, layout, tree
+from .formats.hf_reader import resolve_dtype
+from .formats.orbax_store import OrbaxReader
+from .sharded_load import load_sharded
+from .sharding import INFERENCE
 
 BLOCK_BYTES = 64 << 20  # rows of a global leaf (the embedding) read at a time
 
@@ -22,20 +27,15 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None) -> tuple
     ``mesh`` (``sharding.make_mesh``): every leaf is placed straight into its sharded layout under
     ``rules`` (default ``sharding.INFERENCE``), each process reading only the slices its devices hold.
     """
-    from zaya_jax import convert
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path} does not exist")
     config = ZayaConfig.from_pretrained(path)
     if mesh is not None:
-        from .sharded_load import load_sharded
-        from .sharding import INFERENCE
-
         return config, load_sharded(path, config, mesh, dtype=dtype, rules=rules or INFERENCE)
-    if convert.is_converted(path):
+    if converted.is_converted(path):
         return config, _restore_host(path, config, dtype)
-    params = convert.read_hf(path, config, dtype)  # preallocated aligned buffers, filled tensor by tensor
+    params = tree.read_hf(path, config, dtype)  # preallocated aligned buffers, filled tensor by tensor
     return config, jax.tree_util.tree_map(host.to_device, params)
 
 
@@ -43,12 +43,7 @@ def _restore_host(path: str, config: ZayaConfig, dtype) -> dict:
     """A converted directory's params on the default device, held once: each leaf is preallocated in its
     final dtype (aligned, see ``host``), filled block by block from the orbax arrays (casting per block)
     and handed to jax without a copy. Peak host memory: the params plus one block (a layer slice)."""
-    from zaya_jax.convert import layout
-    from zaya_jax.convert.hf_reader import resolve_dtype
-    from zaya_jax.convert.orbax_store import OrbaxReader
-    from zaya_jax.convert.pipeline import PARAMS_DIR
-
-    reader = OrbaxReader(os.path.join(path, PARAMS_DIR), config)  # validates shapes against config
+    reader = OrbaxReader(os.path.join(path, converted.PARAMS_DIR), config)  # validates shapes against config
     target = resolve_dtype(dtype) or reader.dtype
     params: dict = {}
     for entry, shape, leaf_dtype in layout.leaves(config, target):

@@ -17,14 +17,11 @@ COMMAND_MODULES = (
 
 def resolve_model(path: str | None, dtype: str | None = None):
     """``(config, params, description)`` for a model directory; None means the shipped demo model."""
-    import jax.numpy as jnp
-
     from . import checkpoint
     from .demo import DEFAULT_MODEL_DIR
 
-    jdtype = {None: None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     path = path or DEFAULT_MODEL_DIR
-    config, params = checkpoint.load(path, dtype=jdtype)
+    config, params = checkpoint.load(path, dtype=dtype)  # a dtype name or None
     return config, params, "the shipped demo model (trained on multi-term addition)" if is_demo_model(path) else path
 
 

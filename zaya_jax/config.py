@@ -290,6 +290,31 @@ class ZayaConfig:
             out["mod_skip"] = self.mod_skip
         return out
 
+    def to_legacy_hf_dict(self) -> dict[str, Any]:
+        """The legacy Megatron-style ``config.json`` (80 alternating layers) describing this model;
+        :func:`legacy_to_native_dict` reads it back (the hybrid_sliding RoPE theta is not stored)."""
+        native = self.to_hf_dict()
+        sliding = [b for b, t in enumerate(self.layer_types) if t == "hybrid_sliding"]
+        return {
+            "architectures": ["ZayaForCausalLM"], "model_type": "zaya", "activation_func": "swiglu", "cca": True,
+            "gated_linear_unit": True, "normalization": "RMSNorm", "add_bias_linear": False,
+            "zaya_use_eda": True, "zaya_use_mod": True, "scale_residual_merge": True, "residual_in_fp32": True,
+            "hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
+            "num_hidden_layers": 2 * self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+            "num_query_groups": self.num_key_value_heads, "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim, "kv_channels": self.head_dim,
+            "ffn_hidden_size": 2 * self.moe_intermediate_size, "num_experts": self.num_experts,
+            "moe_router_topk": self.num_experts_per_tok, "zaya_mlp_expansion": self.router_hidden_size,
+            "norm_epsilon": self.rms_norm_eps, "rope_theta": self.rope_theta_for("hybrid"),
+            "partial_rotary_factor": self.partial_rotary_factor, "cca_time0": self.cca_time0,
+            "cca_time1": self.cca_time1, "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings, "bos_token_id": self.bos_token_id,
+            "eos_token_id": native["eos_token_id"], "pad_token_id": self.pad_token_id,
+            # legacy swa_layers: 80-layer indices of the attention halves; its window excludes the current token
+            "swa_layers": [2 * b for b in sliding] or None,
+            "sliding_window": self.sliding_window - 1 if sliding else None,
+        }
+
 
 def is_legacy_dict(data: Mapping[str, Any]) -> bool:
     return any(k in data for k in _LEGACY_MARKERS)

@@ -1,7 +1,7 @@
 """Expert- and tensor-parallel MoE: ``shard_map`` over the mesh, local dispatch, one ``psum``.
 
 Inside the map every device holds ``E / expert`` experts and ``1 / tensor`` of each expert's hidden
-size ``F``; tokens are split over ``data x fsdp`` (see ``sharding.token_axes``) and replicated over
+size ``F``; tokens are split over ``data x fsdp`` (see ``mesh.token_axes``) and replicated over
 ``expert`` and ``tensor``. Each device maps global expert ids to its local ones (tokens routed to
 other shards become its local skip route, so they cost nothing and give zero), runs the ordinary
 single-device dispatch of ``moe.py`` on its local weights, and a ``psum`` over ``expert x tensor``
@@ -20,15 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from . import moe
-from .sharding import AXES, ShardingError, token_axes
-
-
-def active_mesh():
-    """The context mesh (``jax.set_mesh``) when it is a ``make_mesh`` mesh splitting anything, else None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or tuple(mesh.axis_names) != AXES or mesh.size == 1:
-        return None
-    return mesh
+from .mesh import ShardingError, token_axes
 
 
 def _tensor_swiglu(h: jax.Array, tensor: int) -> jax.Array:

@@ -5,6 +5,7 @@ hands the buffer itself to XLA; an unaligned array is copied, and ``jnp.asarray`
 aligns large allocations to 16 bytes only, so loaders allocate with :func:`empty`, fill the buffer in
 place (layer slice by layer slice), then call :func:`to_device`: peak host memory is the weights once
 plus one slice, instead of twice the weights. On an accelerator ``to_device`` is an ordinary transfer.
+The way back, :func:`to_host`, gathers an array that spans processes.
 """
 
 from __future__ import annotations
@@ -42,3 +43,12 @@ def to_device(array: np.ndarray) -> jax.Array:
     out = jax.device_put(array)
     out.block_until_ready()
     return out
+
+
+def to_host(array) -> np.ndarray:
+    """A jax array as numpy on every process, gathering the other processes' shards when it spans them."""
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))

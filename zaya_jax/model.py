@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import expert_parallel, moe
+from . import dtypes, expert_parallel, moe
 from .cache import KVCache
 from .config import ZayaConfig
+from .mesh import active_mesh
 
 Array = jax.Array
 # Sliding window of a full-attention layer: larger than any sequence.
@@ -323,7 +324,7 @@ class Experts(nn.Module):
         skip_scale = gate if c.mod_skip == "scaled_identity" else jnp.zeros_like(gate)
         skip_scale = jnp.where(route == E, skip_scale, 0.0)
         # Under a sharding mesh (jax.set_mesh) the MoE runs expert/tensor/data-parallel in a shard_map.
-        if expert_parallel.active_mesh() is not None:
+        if active_mesh() is not None:
             return expert_parallel.experts(x, route, gate, skip_scale, gate_up.astype(self.dtype),
                                            down.astype(self.dtype), self.moe_impl)
         if stack is not None:
@@ -418,7 +419,7 @@ class ZayaModel(nn.Module):
         Only for the implementations in ``moe.STACK_IMPLS``, without a mesh, after init (the stack is
         read from the params being applied, so its gradient is exact).
         """
-        if self.is_initializing() or expert_parallel.active_mesh() is not None:
+        if self.is_initializing() or active_mesh() is not None:
             return None
         if moe.resolve_impl(self.moe_impl, tokens) not in moe.STACK_IMPLS:
             return None
@@ -542,12 +543,8 @@ def init(config: ZayaConfig, key, dtype=jnp.float32) -> dict:
 
 
 def cast_params(params: dict, dtype) -> dict:
-    """Casts every leaf to ``dtype`` except the router's balancing biases (always float32)."""
-    def cast(path, leaf):
-        keep = any(getattr(p, "key", None) == "balancing_biases" for p in path)
-        return leaf.astype(jnp.float32 if keep else dtype)
-
-    return jax.tree_util.tree_map_with_path(cast, params)
+    """Casts every leaf to ``dtype`` except those that stay float32 (``zaya_jax.dtypes``)."""
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: leaf.astype(dtypes.leaf_dtype(path, dtype)), params)
 
 
 def logical_axes(config: ZayaConfig) -> dict:

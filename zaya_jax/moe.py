@@ -16,13 +16,11 @@ the router's skip route and get ``skip_scale[t] * x[t]`` (zero for the native be
 - ``experts_loop``: one token at a time, slicing its expert out of the whole layer stack. For decode.
 
 ``impl="auto"`` chooses by backend, token count and whether the call is differentiated (training),
-from measurements (``python bench/moe_bench.py [--grad]``, bench-124M widths D = F = 512, E = 16,
-8 layers, XLA:CPU, 2 cores). Inference: the loop is as fast as anything up to 4 tokens; ``sorted``
-is 1.3-3.9x faster than ``tiled`` from 16 to 1024 tokens, level at 2048 and slower at 4096 (its
-power-of-two padding costs more there). Training (``--grad``, 1024 tokens): ``tiled`` with its custom
-backward takes 0.72 s forward + backward (2.9 s under plain autodiff); ``sorted``'s backward, which
-saves every switch branch's residuals, 9.9 s. ragged_dot (``grouped``) is 4-9x slower than ``tiled``
-on CPU. Accelerators default to gather for decode and ragged_dot otherwise until measured there.
+from measurements (``python bench/moe_bench.py [--grad]``; figures and the reasons in
+docs/benchmarks.md and docs/architecture.md). XLA:CPU: inference ``loop`` for a few tokens, then
+``sorted`` (its power-of-two padding costs more past 2048 tokens), then ``tiled``; training ``loop``
+for a few tokens, then ``tiled`` (``sorted``'s backward saves every switch branch's residuals).
+Accelerators default to gather for decode and ragged_dot otherwise until measured there.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ import numpy as np
 from safetensors import safe_open
 
 from .config import ZayaConfig
+from .formats import converted, layout
+from .formats.hf_reader import HFCheckpoint, resolve_dtype
 from .sharding import INFERENCE, Rules, param_shardings
 
 
@@ -70,9 +72,6 @@ def _key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, i
 
 def load_hf_sharded(path: str, config: ZayaConfig, shardings: dict, dtype=None) -> dict:
     """An HF checkpoint directory -> params placed with ``shardings`` (a pytree like the params)."""
-    from zaya_jax.convert import HFCheckpoint, layout
-    from zaya_jax.convert.hf_reader import resolve_dtype
-
     ckpt = HFCheckpoint(path, config)  # validates every header first
     target = resolve_dtype(dtype) or ckpt.stored_dtype
     items = {(item.entry.path, item.layer): item for item in ckpt.items}
@@ -102,11 +101,9 @@ def load_hf_sharded(path: str, config: ZayaConfig, shardings: dict, dtype=None) 
 
 def load_sharded(path: str, config: ZayaConfig, mesh, *, dtype=None, rules: Rules = INFERENCE) -> dict:
     """A model directory (HF or converted) -> params in their ``rules`` layout over ``mesh``."""
-    from zaya_jax import convert
-
     if not isinstance(mesh, jax.sharding.Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh (see zaya_jax.sharding.make_mesh), got {type(mesh).__name__}")
     shardings = param_shardings(config, mesh, rules)
-    if convert.is_converted(path):
-        return convert.restore(path, config, dtype, shardings=shardings)
+    if converted.is_converted(path):
+        return converted.restore(path, config, dtype, shardings=shardings)
     return load_hf_sharded(os.fspath(path), config, shardings, dtype)

@@ -1,18 +1,14 @@
-"""Device meshes and the one table that maps logical axis names to mesh axes.
-
-The mesh has four named axes, always in this order::
-
-    data    batch rows (replicated weights)            fsdp    batch rows + weight shards (training)
-    expert  MoE experts (expert parallelism)           tensor  heads, expert hidden size, vocabulary
+"""The one table that maps logical axis names to mesh axes, and the shardings it gives.
 
 Every parameter leaf carries logical axis names (``zaya_jax.logical_axes(config)``); a :class:`Rules`
-table maps each name to mesh axes. Two presets: ``INFERENCE`` (weights replicated over ``data``,
-activations replicated: lowest decode latency) and ``TRAINING`` (weights also split over ``fsdp``
-along ``embed``, batch over ``data x fsdp``).
+table maps each name to mesh axes (``mesh.py``: ``data``, ``fsdp``, ``expert``, ``tensor``). The
+names form a closed set, ``LOGICAL_AXES``: a name outside it is an error, never a silent
+replication. Two presets: ``INFERENCE`` (weights replicated over ``data``, activations replicated:
+lowest decode latency) and ``TRAINING`` (weights also split over ``fsdp`` along ``embed``, batch
+over ``data x fsdp``).
 
-All axes are ``AxisType.Auto``: outside the MoE (which runs under ``shard_map``, see
-``expert_parallel.py``) jit propagates shardings from the placed inputs, so the model code needs no
-per-op sharding annotations. Run a model under a mesh with ``with jax.set_mesh(mesh):``.
+Outside the MoE (which runs under ``shard_map``, see ``expert_parallel.py``) jit propagates
+shardings from the placed inputs, so the model code needs no per-op sharding annotations.
 """
 
 from __future__ import annotations
@@ -22,49 +18,31 @@ import math
 from typing import Mapping
 
 import jax
-import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .config import ZayaConfig
+from .host import to_host
+from .mesh import AXES, ShardingError, make_mesh, parse_mesh, token_axes
+from .model import init, logical_axes
 
-AXES = ("data", "fsdp", "expert", "tensor")
+# AXES, ShardingError, make_mesh, parse_mesh, token_axes (mesh.py) and to_host (host.py) are re-exported
+# here for existing callers.
+__all__ = [
+    "AXES", "INFERENCE", "LOGICAL_AXES", "PRESETS", "TRAINING", "Rules", "ShardingError", "batch_sharding",
+    "cache_shardings", "make_mesh", "param_shardings", "param_specs", "parse_mesh", "shard_params", "to_host",
+    "token_axes",
+]
+
+# Every logical axis name: those of the params (``zaya_jax.logical_axes``; ``layers`` is the stacked
+# layer axis) and of activations and the decode cache (``batch``, ``cache_kv_heads``).
+LOGICAL_AXES = frozenset({
+    "batch", "cache_kv_heads", "conv_channels", "conv_groups", "conv_taps", "embed", "experts", "kv_dim",
+    "kv_heads", "layers", "moe_ffw", "q_dim", "router", "router_classes", "router_out", "vocab",
+})
 # Logical names whose dimension is a multiple of the KV heads: split over `tensor` only when the mesh's
 # tensor size divides num_key_value_heads (ZAYA1-8B has 2), replicated otherwise.
 KV_NAMES = ("kv_dim", "kv_heads", "cache_kv_heads")
-
-
-class ShardingError(ValueError):
-    """A mesh, rule or array that cannot be sharded as asked; the message names the problem."""
-
-
-def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *, devices=None) -> Mesh:
-    """A ``(data, fsdp, expert, tensor)`` mesh of Auto axes over ``devices`` (default: all devices).
-
-    The product of the sizes must equal the number of devices. Across processes (after
-    ``jax.distributed.initialize``) ``jax.devices()`` lists every process's devices.
-    """
-    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
-    for name, size in sizes.items():
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ShardingError(f"mesh axis {name!r} must be a positive integer, got {size!r}")
-    devices = list(jax.devices() if devices is None else devices)
-    if math.prod(sizes.values()) != len(devices):
-        shape = " x ".join(f"{k}={v}" for k, v in sizes.items())
-        raise ShardingError(f"mesh {shape} has {math.prod(sizes.values())} devices but {len(devices)} are available")
-    return jax.make_mesh(tuple(sizes.values()), AXES, (AxisType.Auto,) * len(AXES), devices=devices)
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """``"data=2,expert=4"`` -> ``{"data": 2, "expert": 4}`` (for ``--mesh`` options)."""
-    sizes = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = part.partition("=")
-        if not sep or name not in AXES or not value.isdigit():
-            raise ShardingError(f"bad mesh entry {part!r}: expected NAME=SIZE with NAME one of {AXES}")
-        if name in sizes:
-            raise ShardingError(f"mesh axis {name!r} given twice in {text!r}")
-        sizes[name] = int(value)
-    return sizes
 
 
 def _as_axes(value) -> tuple[str, ...]:
@@ -73,12 +51,16 @@ def _as_axes(value) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+def _check_name(name: str) -> None:
+    if name not in LOGICAL_AXES:
+        raise ShardingError(f"unknown logical axis name {name!r}; the names are {sorted(LOGICAL_AXES)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Rules:
-    """Logical axis name -> mesh axes (a tuple, possibly empty = replicated). Unlisted names replicate.
+    """Logical axis name (one of ``LOGICAL_AXES``) -> mesh axes (a tuple; empty = replicated).
 
-    Besides the parameter names of ``zaya_jax.logical_axes``, activations and the decode cache use
-    ``batch`` and ``cache_kv_heads``.
+    Names of ``LOGICAL_AXES`` without a rule replicate; a name outside it raises ShardingError.
     """
 
     table: tuple[tuple[str, tuple[str, ...]], ...]
@@ -87,6 +69,7 @@ class Rules:
     def of(cls, mapping: Mapping[str, str | tuple[str, ...] | None]) -> Rules:
         table = tuple(sorted((name, _as_axes(axes)) for name, axes in mapping.items()))
         for name, axes in table:
+            _check_name(name)
             for axis in axes:
                 if axis not in AXES:
                     raise ShardingError(f"rule {name!r} -> {axes} names unknown mesh axis {axis!r}; mesh axes are {AXES}")
@@ -95,7 +78,10 @@ class Rules:
         return cls(table)
 
     def __getitem__(self, name: str | None) -> tuple[str, ...]:
-        return dict(self.table).get(name, ()) if name is not None else ()
+        if name is None:
+            return ()
+        _check_name(name)
+        return dict(self.table).get(name, ())
 
     def replace(self, **mapping) -> Rules:
         return Rules.of({**dict(self.table), **mapping})
@@ -148,8 +134,6 @@ def _is_spec(x) -> bool:
 
 def param_specs(config: ZayaConfig, mesh: Mesh, rules: Rules = INFERENCE) -> dict:
     """Mesh PartitionSpecs for every parameter leaf (same pytree as the params)."""
-    from .model import init, logical_axes
-
     rules = rules.for_model(config, mesh)
     shapes = jax.eval_shape(lambda: init(config, jax.random.key(0)))
 
@@ -187,19 +171,3 @@ def cache_shardings(cache, config: ZayaConfig, mesh: Mesh, rules: Rules = INFERE
     }
     specs = {name: rules.spec(axes, getattr(cache, name).shape, mesh, f"cache.{name}") for name, axes in logical.items()}
     return cache.replace(**{name: NamedSharding(mesh, spec) for name, spec in specs.items()})
-
-
-def token_axes(mesh, tokens: int) -> tuple[str, ...]:
-    """The mesh axes that split ``tokens`` rows inside the expert-parallel MoE: ``data`` and ``fsdp``
-    (those of size > 1), or none (tokens replicated) when ``tokens`` is not divisible by their product."""
-    axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
-    return axes if tokens % max(1, int(np.prod([mesh.shape[a] for a in axes]))) == 0 else ()
-
-
-def to_host(array) -> np.ndarray:
-    """A jax array as numpy on every process, gathering the other processes' shards when it spans them."""
-    if getattr(array, "is_fully_addressable", True):
-        return np.asarray(array)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(array, tiled=True))

@@ -3,7 +3,7 @@
 ``python -m zaya_jax.demo.build OUT`` writes ``OUT/init`` (a freshly initialised demo ZAYA in the
 native HF layout with its tokenizer and chat template), ``OUT/train.jsonl`` (stage 1) and
 ``OUT/aggregate.jsonl`` (stage 2, on problems stage 1 does not use), then prints the two ``zaya train``
-commands and the ``zaya export`` that produce the shipped model (see README, "The demo model").
+commands and the ``zaya export`` that produce the shipped model (see docs/demo_model.md).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ DEMO_CONFIG = ZayaConfig(
 )
 TRAIN_EXAMPLES = 100_000
 SEQ_LEN = 208  # the longest training example (a 5-term aggregation prompt and its target) is 202 tokens
-# The rest of the two `zaya train` commands that produced the shipped model (README, "The demo model"):
+# The rest of the two `zaya train` commands that produced the shipped model (docs/demo_model.md):
 # stage 1 from the fresh init on train.jsonl, stage 2 from stage 1's model on aggregate.jsonl.
 TRAIN_ARGS = {1: f"--steps 2000 --batch-size 32 --seq-len {SEQ_LEN} --lr 3e-3 --warmup 100 --seed 0",
               2: f"--steps 800 --batch-size 32 --seq-len {SEQ_LEN} --lr 1e-3 --warmup 50 --seed 0"}

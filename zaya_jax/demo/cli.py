@@ -32,7 +32,7 @@ def _demo_command(args) -> int:
 
     path = args.model or DEFAULT_MODEL_DIR
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"no demo model at {path}; build one as the README's 'The demo model' section says")
+        raise FileNotFoundError(f"no demo model at {path}; build one as docs/demo_model.md says")
     if args.problems < 1:
         raise ValueError(f"--problems must be positive, got {args.problems}")
     config, params = zaya_jax.load(path)

@@ -19,7 +19,7 @@ measured on an earlier version of the task, with one-digit steps.)
 Why stage 2 drops the final step: rewriting the last addition, the stage-1 aggregator slipped even where
 most candidates agreed (87.7% right with 3 of 4 candidates right, round 2) and accuracy decayed after
 round 2; choosing the answer alone, it is 94.6% right there, and Markov RSA's lift after two rounds went
-from +4.4 to +8.4 points (200 validation problems; README, "The demo model").
+from +4.4 to +8.4 points (200 validation problems; docs/demo_model.md).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from zaya_jax import dtypes
 from zaya_jax.config import ZayaConfig
 
 ParamPath = tuple[str, ...]
@@ -114,8 +115,6 @@ ENTRIES: tuple[Entry, ...] = (
                           ("residual_scale", "residual_scale"), ("residual_bias", "residual_bias"))
 )
 LM_HEAD = Entry("lm_head.weight", ("lm_head",), False, lambda c: (c.vocab_size, c.hidden_size), _t, _t)
-# Float32 whatever the checkpoint dtype: selection must not be perturbed by bf16 rounding.
-FLOAT32_PATHS = {("layers", "router", "balancing_biases")}
 
 
 def entries(config: ZayaConfig) -> tuple[Entry, ...]:
@@ -143,15 +142,15 @@ def fill_value(entry: Entry) -> float | None:
     return 1.0 if entry.first_layer else None
 
 
-def leaf_dtype(entry: Entry, dtype) -> np.dtype:
-    """The dtype of ``entry``'s param leaf when the model is held in ``dtype``."""
-    return np.dtype(np.float32) if entry.path in FLOAT32_PATHS else np.dtype(dtype)
-
-
 def leaves(config: ZayaConfig, dtype) -> Iterator[tuple[Entry, tuple[int, ...], np.dtype]]:
     """Every param leaf of ``config`` held in ``dtype``: (entry, stacked shape, leaf dtype)."""
     for entry in entries(config):
-        yield entry, param_shape(entry, config), leaf_dtype(entry, dtype)
+        yield entry, param_shape(entry, config), dtypes.leaf_dtype(entry.path, dtype)
+
+
+def param_bytes(config: ZayaConfig, dtype) -> int:
+    """Bytes of ``config``'s params held in ``dtype`` (balancing biases float32)."""
+    return sum(int(np.prod(shape)) * leaf_dtype.itemsize for _, shape, leaf_dtype in leaves(config, dtype))
 
 
 def get_path(tree: dict, path: ParamPath):

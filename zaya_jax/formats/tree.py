@@ -8,6 +8,7 @@ from zaya_jax import host
 from zaya_jax.config import ZayaConfig
 
 from . import layout
+from .hf_reader import HFCheckpoint, resolve_dtype
 
 
 class TreeWriter:
@@ -44,3 +45,15 @@ class TreeReader:
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(layout.get_path(self.params, layout.ENTRIES[0].path).dtype)
+
+
+def read_hf(path: str, config: ZayaConfig, dtype=None) -> dict:
+    """An HF checkpoint directory (native or legacy) -> param pytree of numpy arrays in host memory.
+
+    ``dtype`` default: the stored one. Peak memory: the params plus one source tensor.
+    """
+    ckpt = HFCheckpoint(path, config)
+    writer = TreeWriter(config, resolve_dtype(dtype) or ckpt.stored_dtype)
+    for item, array in ckpt:
+        writer.put(item.entry, item.layer, item.entry.to_jax(array, config))
+    return writer.params

@@ -15,17 +15,16 @@ import os
 import re
 from typing import Iterator
 
-import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
+from zaya_jax import dtypes
 from zaya_jax.config import ZayaConfig, is_legacy_dict
 
 from . import layout, legacy
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-SUPPORTED_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
@@ -34,14 +33,11 @@ class CheckpointError(ValueError):
 
 
 def resolve_dtype(dtype) -> np.dtype | None:
-    """``None``, a numpy/jax dtype or a name (``"bfloat16"``, ``"bf16"``, ...) -> numpy dtype or None."""
-    if dtype is None:
-        return None
-    name = getattr(dtype, "name", None) or getattr(dtype, "__name__", None) or str(dtype)
-    name = {"bf16": "bfloat16", "fp32": "float32", "f32": "float32", "fp16": "float16"}.get(name, name)
-    if name not in SUPPORTED_DTYPES:
-        raise CheckpointError(f"unsupported dtype {dtype!r}; choose one of {sorted(SUPPORTED_DTYPES)}")
-    return np.dtype(SUPPORTED_DTYPES[name])
+    """``dtypes.resolve`` with its error as a CheckpointError (a dtype asked of a checkpoint)."""
+    try:
+        return dtypes.resolve(dtype)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def tensor_files(path: str) -> dict[str, str]:
