@@ -12,8 +12,8 @@ import pytest
 from zaya_jax.cli import main
 from zaya_jax.demo import DEFAULT_MODEL_DIR, arith
 from zaya_jax.infer.eval_output import RunDir
-from zaya_jax.infer.evaluate import Grader, Problem, read_dataset, score_problem, summarize
-from zaya_jax.infer.rsa import RSAResult, RSARound
+from zaya_jax.infer.evaluate import Grader, Problem, apply_prompt_template, read_dataset, score_problem, summarize
+from zaya_jax.infer.rsa import RSAResult, RSARound, extract_boxed
 from zaya_jax.infer.tokenizer import Tokenizer
 
 TINY = ["--population", "4", "--rounds", "1"]  # the demo's C=4, budget 64, tau 24; small N and T
@@ -77,6 +77,10 @@ def test_dataset_lines(tmp_path):
     assert [(p.index, p.id, p.question, p.answer, p.line) for p in problems] == [
         (0, "0", "1+1", "2", 1), (1, "p", "x", "\\frac{1}{2}", 3), (2, "2", "y", "3", 4)]
     assert len(read_dataset(str(path), limit=2)) == 2
+    assert apply_prompt_template("{question}\nPut the final answer in \\boxed{}.", "1+1") == \
+        "1+1\nPut the final answer in \\boxed{}."
+    with pytest.raises(ValueError, match="must contain {question}"):
+        apply_prompt_template("Solve it.", "1+1")
     for body, message in [
         ('{"question": "a", "answer": "1"}\n{"answer": "2"}\n', ":2: no question"),
         ('{"question": "a", "answer": "1"}\n\n{"question": "b"}\n', ":3: no answer"),
@@ -137,9 +141,12 @@ def test_eval_command_matches_demo_and_refuses(tmp_path, capsys):
     capsys.readouterr()
 
     # The demo set through zaya eval gives zaya demo's table, seed for seed.
-    assert main(["demo", "--problems", "3", *TINY, "--json"]) == 0
+    texts_out = str(tmp_path / "demo")
+    assert main(["demo", "--problems", "3", *TINY, "--json", "--out", texts_out, "--save-texts"]) == 0
     demo = json.loads(capsys.readouterr().out)
     assert demo["rows"] == summary["rows"] and demo["rounds"] == summary["rounds"]
+    for record in map(json.loads, open(os.path.join(texts_out, "results.jsonl"))):  # the texts the answers came from
+        assert [[extract_boxed(t) for t in r] for r in record["texts"]] == [r["answers"] for r in record["rounds"]]
 
     assert main(["eval", "--data", data, "--out", out, *TINY]) == 2
     assert "is not empty: pass --resume" in capsys.readouterr().err
