@@ -92,8 +92,8 @@ def _eval_command(args) -> int:
                             temperature=args.temperature, top_p=args.top_p, seed=args.seed, grader=args.grader,
                             template="demo" if is_demo_model(args.model) else "default",
                             prompt_template=args.prompt_template, limit=args.limit)
-    summary, table = run(params, config, args.model, problems, settings, source=args.data, out=args.out,
-                         resume=args.resume, force=args.force, slots=args.slots, save_texts=args.save_texts)
+    _, table = run(params, config, args.model, problems, settings, source=args.data, out=args.out,
+                   resume=args.resume, force=args.force, slots=args.slots, save_texts=args.save_texts)
     print(table)
     return 0
 
