@@ -75,6 +75,3 @@ def problem(split: str, index: int) -> Problem:
 def problems(split: str, count: int, start: int = 0) -> list[Problem]:
     return [problem(split, i) for i in range(start, start + count)]
 
-
-def is_correct(answer: str | None, prob: Problem) -> bool:
-    return answer is not None and answer.strip() == prob.answer

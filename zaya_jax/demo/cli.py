@@ -1,17 +1,20 @@
-"""The ``zaya demo`` command: batched generation and Markov RSA on held-out problems, as a table."""
+"""The ``zaya demo`` command: ``zaya eval`` on the built-in held-out arithmetic problems, as a table."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import sys
 
 from . import DEFAULT_MODEL_DIR, DEMO_POPULATION, DEMO_ROUNDS, DEMO_TEMPERATURE, arith, data
 
+SOURCE = "held-out arithmetic problem"  # what errors call a problem's position (there is no file)
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="the trained demo model: single samples vs majority vote vs Markov RSA")
+    from zaya_jax.infer.eval_cli import add_output_args
+
+    p = subparsers.add_parser("demo", help="the trained demo model: single samples vs majority vote vs Markov RSA "
+                                           "(zaya eval on held-out arithmetic problems)")
     p.add_argument("--model", default=None, help="model directory (default: the demo model shipped in the package)")
     p.add_argument("--problems", type=int, default=64, help="held-out problems to solve (default 64)")
     p.add_argument("--population", type=int, default=DEMO_POPULATION, help=f"N (default {DEMO_POPULATION})")
@@ -20,34 +23,39 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=DEMO_TEMPERATURE,
                    help=f"sampling temperature of every round (default {DEMO_TEMPERATURE})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    add_output_args(p, required=False)
     p.set_defaults(func=_demo_command)
 
 
-def _demo_command(args) -> int:
-    import zaya_jax
-    from zaya_jax.infer.tokenizer import Tokenizer
+def heldout_problems(count: int) -> list:
+    """The first ``count`` held-out problems as ``zaya eval`` problems (id ``test-i``)."""
+    from zaya_jax.infer.evaluate import Problem
 
-    from .evaluate import evaluate, format_table
+    return [Problem(i, f"test-{i}", p.question, p.answer, i + 1) for i, p in enumerate(arith.problems("test", count))]
+
+
+def _demo_command(args) -> int:
+    from zaya_jax.cli import resolve_model
+    from zaya_jax.infer.eval_cli import model_setting, run, run_settings
 
     path = args.model or DEFAULT_MODEL_DIR
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no demo model at {path}; build one as docs/demo_model.md says")
     if args.problems < 1:
         raise ValueError(f"--problems must be positive, got {args.problems}")
-    config, params = zaya_jax.load(path)
-    tokenizer = Tokenizer.from_dir(path)
-    problems = arith.problems("test", args.problems)
-
-    def progress(t, rnd):
-        print(f"round {t}/{args.rounds}: {rnd.generated_tokens} tokens, {rnd.seconds:.1f} s", file=sys.stderr, flush=True)
-
-    rows, info = evaluate(params, config, tokenizer, problems, population=args.population, tails=args.tails,
-                          rounds=args.rounds, temperature=args.temperature, seed=args.seed, progress=progress)
+    config, params, desc = resolve_model(path)
+    knobs = dict(population=args.population, tails=args.tails, rounds=args.rounds, budget=data.BUDGET,
+                 tail_tokens=data.TAIL_TOKENS)
+    settings = run_settings(knobs, model=model_setting(path, desc), data=f"arith test split, first {args.problems}",
+                            temperature=args.temperature, top_p=1.0, seed=args.seed, grader="math", template="demo")
+    summary, table = run(params, config, path, heldout_problems(args.problems), settings, source=SOURCE,
+                         out=args.out, resume=args.resume, force=args.force, slots=args.slots,
+                         save_texts=args.save_texts)
     if args.json:
-        print(json.dumps({"model": path, **info, "rows": [dataclasses.asdict(r) for r in rows]}))
+        print(json.dumps(summary, sort_keys=True))
     else:
         print(f"model: {path}")
         print(f"task: multi-term addition, step by step, answer in \\boxed{{}}; temperature {args.temperature}")
-        print(format_table(rows, info))
+        print(table)
     return 0

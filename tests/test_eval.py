@@ -1,0 +1,198 @@
+"""`zaya eval`: dataset lines, math-verify grading through scoring, the run directory, resume, the demo."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from zaya_jax.cli import main
+from zaya_jax.demo import DEFAULT_MODEL_DIR, arith
+from zaya_jax.infer.eval_output import RunDir
+from zaya_jax.infer.evaluate import Grader, Problem, apply_prompt_template, read_dataset, score_problem, summarize
+from zaya_jax.infer.rsa import RSAResult, RSARound, extract_boxed
+from zaya_jax.infer.tokenizer import Tokenizer
+
+TINY = ["--population", "4", "--rounds", "1"]  # the demo's C=4, budget 64, tau 24; small N and T
+
+
+def _result(texts_per_round, tokenizer):
+    """A one-problem RSAResult whose round t members wrote ``texts_per_round[t]``."""
+    rounds = [RSARound(candidates=[[tokenizer.encode(t, add_special_tokens=False) for t in texts]],
+                       stop_reasons=[["stop_token"] * len(texts)], tails=[[[] for _ in texts]], subsets=None,
+                       prompts=[[[1] for _ in texts]], generated_tokens=sum(len(t) for t in texts), seconds=0.5)
+              for texts in texts_per_round]
+    return RSAResult(rounds=rounds, answers=[[None]], majority=[(None, 0.0)], texts=None)
+
+
+def test_math_verify_grades_through_scoring_and_summary():
+    tokenizer = Tokenizer.from_dir(DEFAULT_MODEL_DIR)
+    half = Problem(0, "half", "what is 1/2?", "0.5", 1)
+    four = Problem(1, "four", "2+2", "4", 2)
+    r_half = _result([["so \\boxed{\\frac{1}{2}}", "\\boxed{3}", "it is 0.5", "\\boxed{1/2}"],
+                      ["\\boxed{0.5}", "\\boxed{\\frac12}", "\\boxed{2}", "\\boxed{1,000}"]], tokenizer)
+    r_four = _result([["\\boxed{3}", "\\boxed{3}", "\\boxed{4}", "none"],
+                      ["\\boxed{4}", "\\boxed{4.0}", "\\boxed{3}", "\\boxed{4}"]], tokenizer)
+    math = Grader("math")
+    rec = score_problem(half, r_half, math, tokenizer.decode)
+    assert rec["rounds"][0]["answers"] == ["\\frac{1}{2}", "3", None, "1/2"]
+    assert rec["rounds"][0]["correct"] == [True, False, False, True]  # 1/2 = 0.5; 3 != 0.5; no box is wrong
+    assert rec["rounds"][0]["majority"] == "\\frac{1}{2}" and rec["rounds"][0]["majority_correct"]  # {\frac{1}{2}, 1/2}
+    assert rec["rounds"][1]["correct"] == [True, True, False, False]
+    rec4 = score_problem(four, r_four, math, tokenizer.decode)
+    assert rec4["rounds"][0]["correct"] == [False, False, True, False]  # \boxed{3} against 4 is wrong
+    assert rec4["rounds"][0]["majority"] == "3" and not rec4["rounds"][0]["majority_correct"]
+    assert rec4["rounds"][1]["majority"] == "4" and rec4["rounds"][1]["majority_correct"]  # 4 and 4.0 cluster
+    assert Grader("math").equal("1000", "1,000") and Grader("math").equal("[1,2)", "[1, 2)")
+    assert Grader("math").equal("\\{1,2\\}", "\\{2,1\\}") and not Grader("math").equal("[1,2)", "(1,2]")
+
+    in_thread = []  # the engine may hand problems over from another thread: math-verify's alarm is main-thread only
+    worker = threading.Thread(target=lambda: in_thread.append(Grader("math").equal("0.25", "\\frac{1}{4}")))
+    worker.start(), worker.join()
+    assert in_thread == [True]
+
+    settings = {"population": 4, "tails": 4}
+    summary = summarize([rec4, rec], settings)  # order in: any; order used: the dataset's
+    assert summary["pass@1"] == 3 / 8 and summary["majority@4"] == 0.5
+    assert [r["mean_accuracy"] for r in summary["rounds"]] == [3 / 8, 5 / 8]
+    assert [r["majority_accuracy"] for r in summary["rounds"]] == [0.5, 1.0]
+    tokens0 = rec["rounds"][0]["tokens"] + rec4["rounds"][0]["tokens"]
+    assert summary["rounds"][1]["tokens_so_far"] == rec["tokens"] + rec4["tokens"]
+    assert [(r["method"], r["tokens"]) for r in summary["rows"]][:2] == [("single sample", tokens0 // 4),
+                                                                         ("majority vote (N=4)", tokens0)]
+
+    exact = Grader("exact")
+    assert score_problem(half, r_half, exact, tokenizer.decode)["rounds"][0]["correct"] == [False] * 4
+    assert score_problem(half, r_half, exact, tokenizer.decode)["rounds"][1]["correct"] == [True, False, False, False]
+
+
+def test_dataset_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"question": "1+1", "answer": 2}\n\n{"problem": "x", "answer": "\\\\frac{1}{2}", "id": "p"}\n'
+                    '{"prompt": "y", "answer": "3"}\n')
+    problems = read_dataset(str(path))
+    assert [(p.index, p.id, p.question, p.answer, p.line) for p in problems] == [
+        (0, "0", "1+1", "2", 1), (1, "p", "x", "\\frac{1}{2}", 3), (2, "2", "y", "3", 4)]
+    assert len(read_dataset(str(path), limit=2)) == 2
+    assert apply_prompt_template("{question}\nPut the final answer in \\boxed{}.", "1+1") == \
+        "1+1\nPut the final answer in \\boxed{}."
+    with pytest.raises(ValueError, match="must contain {question}"):
+        apply_prompt_template("Solve it.", "1+1")
+    for body, message in [
+        ('{"question": "a", "answer": "1"}\n{"answer": "2"}\n', ":2: no question"),
+        ('{"question": "a", "answer": "1"}\n\n{"question": "b"}\n', ":3: no answer"),
+        ('{"question": "a", "answer": ""}\n', ":1: no answer"),
+        ('{"question": "  ", "answer": "1"}\n', ":1: no question"),
+        ('{"question": "a", "answer": "1", "id": "x"}\n{"question": "b", "answer": "1", "id": "x"}\n',
+         ":2: id 'x' is also the id of line 1"),
+        ('{"question": "a", "answer": "1"}\n{"question": \n', ":2: not valid JSON"),
+    ]:
+        path.write_text(body)
+        with pytest.raises(ValueError, match=message):
+            read_dataset(str(path))
+
+
+def test_run_dir_drops_a_line_cut_by_a_kill_and_refuses_other_settings(tmp_path):
+    out = str(tmp_path / "run")
+    run = RunDir(out, {"seed": 0, "population": 4})
+    run.append({"index": 0, "rounds": []})
+    with open(os.path.join(out, "results.jsonl"), "a") as f:
+        f.write('{"index": 1, "rou')  # killed mid-write
+    again = RunDir(out, {"seed": 0, "population": 4}, resume=True)
+    assert list(again.records) == [0]
+    assert open(os.path.join(out, "results.jsonl")).read() == '{"index": 0, "rounds": []}\n'
+    with pytest.raises(ValueError, match="other settings \\(seed: 0 there, 1 now\\)"):
+        RunDir(out, {"seed": 1, "population": 4}, resume=True)
+    with pytest.raises(ValueError, match="is not empty: pass --resume"):
+        RunDir(out, {"seed": 0, "population": 4})
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="has no run.json"):
+        RunDir(str(tmp_path / "mine"), {}, resume=True)
+    RunDir(str(tmp_path / "mine"), {"seed": 0}, force=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"  # --force replaces only zaya eval's files
+
+
+def _write_heldout(path, count):
+    with open(path, "w") as f:
+        for i, p in enumerate(arith.problems("test", count)):
+            f.write(json.dumps({"id": f"test-{i}", "question": p.question, "answer": p.answer}) + "\n")
+
+
+def test_eval_command_matches_demo_and_refuses(tmp_path, capsys):
+    data, out = str(tmp_path / "heldout.jsonl"), str(tmp_path / "run")
+    _write_heldout(data, 3)
+    assert main(["eval", "--data", data, "--out", out, *TINY]) == 0
+    records = [json.loads(line) for line in open(os.path.join(out, "results.jsonl"))]
+    assert sorted(r["index"] for r in records) == [0, 1, 2]
+    assert all(len(r["rounds"]) == 2 and len(r["rounds"][0]["correct"]) == 4 for r in records)
+    summary_bytes = open(os.path.join(out, "summary.json"), "rb").read()
+    summary = json.loads(summary_bytes)
+    assert summary["problems"] == 3 and summary["settings"]["aggregation_template"] == "demo"
+    assert "| single sample |" in open(os.path.join(out, "summary.md")).read()
+    try:
+        import matplotlib  # noqa: F401
+        assert os.path.getsize(os.path.join(out, "accuracy.png")) > 0
+    except ImportError:
+        assert "accuracy.png skipped" in capsys.readouterr().err
+    capsys.readouterr()
+
+    # The demo set through zaya eval gives zaya demo's table, seed for seed.
+    texts_out = str(tmp_path / "demo")
+    assert main(["demo", "--problems", "3", *TINY, "--json", "--out", texts_out, "--save-texts"]) == 0
+    demo = json.loads(capsys.readouterr().out)
+    assert demo["rows"] == summary["rows"] and demo["rounds"] == summary["rounds"]
+    for record in map(json.loads, open(os.path.join(texts_out, "results.jsonl"))):  # the texts the answers came from
+        assert [[extract_boxed(t) for t in r] for r in record["texts"]] == [r["answers"] for r in record["rounds"]]
+
+    assert main(["eval", "--data", data, "--out", out, *TINY]) == 2
+    assert "is not empty: pass --resume" in capsys.readouterr().err
+    assert main(["eval", "--data", data, "--out", out, *TINY, "--seed", "1", "--resume"]) == 2
+    assert "(seed: 0 there, 1 now)" in capsys.readouterr().err
+    assert main(["eval", "--data", data, "--out", out, *TINY, "--resume"]) == 0  # nothing left to do
+    assert open(os.path.join(out, "summary.json"), "rb").read() == summary_bytes
+
+
+def test_eval_refuses_a_prompt_beyond_the_context(tmp_path, capsys):
+    data, out = tmp_path / "long.jsonl", tmp_path / "run"
+    data.write_text(json.dumps({"question": "1+2", "answer": "3"}) + "\n"
+                    + json.dumps({"question": "1" * 990, "answer": "1"}) + "\n")
+    assert main(["eval", "--data", str(data), "--out", str(out), *TINY]) == 2
+    tokenizer = Tokenizer.from_dir(DEFAULT_MODEL_DIR)
+    prompt = len(tokenizer.encode_chat([{"role": "user", "content": "1" * 990}]))
+    err = capsys.readouterr().err
+    assert f"long.jsonl:2: the prompt is {prompt} tokens; with 64 new tokens that is {prompt + 64 - 1024} more" in err
+    assert not out.exists()  # refused before anything was written
+
+
+_KILL_AFTER_ONE = """
+import os, signal, sys
+from zaya_jax.cli import main
+from zaya_jax.infer.eval_output import RunDir
+append = RunDir.append
+def append_then_die(self, record):
+    append(self, record)
+    if len(self.records) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+RunDir.append = append_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.xfail(reason="needs the engine's per-problem keys", strict=False)
+def test_resume_after_kill_gives_the_same_summary(tmp_path):
+    data = str(tmp_path / "heldout.jsonl")
+    _write_heldout(data, 3)  # the uninterrupted run has the shapes of the test above: compiled once
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    args = ["eval", "--data", data, *TINY]
+    proc = subprocess.run([sys.executable, "-c", _KILL_AFTER_ONE, *args, "--out", killed], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert len(open(os.path.join(killed, "results.jsonl")).readlines()) == 1
+    assert not os.path.exists(os.path.join(killed, "summary.json"))
+    assert main([*args, "--out", killed, "--resume"]) == 0
+    assert main([*args, "--out", whole]) == 0
+    assert len(open(os.path.join(killed, "results.jsonl")).readlines()) == 3
+    assert open(os.path.join(killed, "summary.json"), "rb").read() == open(os.path.join(whole, "summary.json"), "rb").read()
