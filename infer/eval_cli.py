@@ -13,7 +13,8 @@ import time
 
 from zaya_jax.cli import add_model_args, is_demo_model, resolve_model
 
-from .rsa_cli import DEMO_MODE, PRESETS, settings as preset_settings
+from .rsa_cli import DEMO_MODE, PRESETS
+from .rsa_cli import settings as preset_settings
 
 KNOBS = ("population", "tails", "rounds", "budget", "tail_tokens", "final_budget")
 
@@ -106,8 +107,8 @@ def run(params, config, model_dir: str, problems, settings: dict, *, source: str
 
     from zaya_jax.demo import data as demo_data
 
-    from .evaluate import Grader, apply_prompt_template, check_context, format_table, score_problem, summarize
     from .eval_output import RunDir
+    from .evaluate import Grader, apply_prompt_template, check_context, format_table, score_problem, summarize
     from .rsa import AggregationTemplate, TokenTemplate, markov_rsa
     from .tokenizer import Tokenizer
 

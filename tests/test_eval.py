@@ -182,7 +182,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.xfail(reason="needs the engine's per-problem keys", strict=False)
 def test_resume_after_kill_gives_the_same_summary(tmp_path):
     data = str(tmp_path / "heldout.jsonl")
     _write_heldout(data, 3)  # the uninterrupted run has the shapes of the test above: compiled once
