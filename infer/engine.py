@@ -163,6 +163,11 @@ class Engine:
         return bool(self._running) or any(self._waiting.values())
 
     @property
+    def cache_bytes(self) -> int:
+        """Bytes of the pool's cache: fixed by slots and max_len, whatever the workload."""
+        return sum(a.nbytes for a in jax.tree.leaves(self._state.cache))
+
+    @property
     def waiting(self) -> int:
         return sum(len(q) for q in self._waiting.values())
 

@@ -141,11 +141,10 @@ def run(params, config, model_dir: str, problems, settings: dict, *, source: str
         bar.update(1)
 
     if todo:
-        engine_args = {} if slots is None else {"slots": slots}  # the engine's pool size; the default is its own
         markov_rsa(params, config, [ids[i] for i in todo], **{k: settings[k] for k in KNOBS},
                    temperature=settings["temperature"], top_p=settings["top_p"], seed=settings["seed"],
-                   template=template, on_problem=on_problem,
-                   progress=lambda t, rnd: bar.set_description(f"round {t}/{settings['rounds']} done"), **engine_args)
+                   template=template, on_problem=on_problem, slots=slots,
+                   progress=lambda t, rnd: bar.set_description(f"round {t}/{settings['rounds']} done"))
     bar.close()
     seconds = time.perf_counter() - start
     summary = summarize([records[p.index] for p in problems], settings)

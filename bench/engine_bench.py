@@ -1,0 +1,153 @@
+"""The engine at dataset scale: throughput and slot utilisation against static batches, memory against
+workload size, and Markov RSA over many problems.
+
+    python bench/engine_bench.py throughput [--repeats 3]   # bench-124M float32, 256 prompts, 16 slots
+    python bench/engine_bench.py rss                         # peak RSS, 1,000 vs 10,000 prompts (demo model)
+    python bench/engine_bench.py rsa [--slots 128]           # Markov RSA, 64 demo problems, N=16, T=2
+
+throughput: 256 prompts of 16-128 tokens, max_new_tokens uniform in 8..256 (no stop tokens), on the
+engine with 16 slots against ``generate`` over consecutive chunks of 16 (static batches: a chunk runs
+until its longest request ends). New tokens/s as medians over repeats after a warm-up, and slot
+utilisation = real new tokens / (slots x decode steps run). rss: ``zaya generate --prompts-file`` in a
+fresh process per size, peak RSS (VmHWM). rsa: generated tokens/s and accuracy; ``--slots`` is passed
+only when given, so the same script measures a checkout whose markov_rsa has no engine (the lockstep
+baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+
+def throughput(repeats: int) -> None:
+    import zaya_jax
+    from zaya_jax.bench_configs import CONFIGS
+    from zaya_jax.infer import Engine, generate
+
+    config = zaya_jax.ZayaConfig(**CONFIGS["bench-124M"], eos_token_id=(), max_position_embeddings=512)
+    params = zaya_jax.init(config, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(10, config.vocab_size, rng.integers(16, 129)).tolist() for _ in range(256)]
+    max_new = rng.integers(8, 257, 256).tolist()
+    slots = 16
+
+    def engine_run():
+        engine = Engine(params, config, slots=slots, max_len=384)
+        out = engine.generate(prompts, max_new_tokens=max_new)
+        return out, engine.stats["tokens"] / engine.stats["slot_steps"]
+
+    def static_run():
+        tokens, steps = [], 0
+        for i in range(0, len(prompts), slots):
+            out = generate(params, config, prompts[i:i + slots], max_new_tokens=max_new[i:i + slots])
+            tokens += out.tokens
+            steps += max(len(t) for t in out.tokens) - 1  # decode steps: the first token comes from the prefill
+        useful = sum(len(t) - 1 for t in tokens)
+        return tokens, useful / (slots * steps)
+
+    engine_out, engine_util = engine_run()  # warm-up: compiles
+    static_tokens, static_util = static_run()
+    agree = np.mean([a == b for a, b in zip(engine_out.tokens, static_tokens)])
+    total = sum(len(t) for t in static_tokens)
+    rates = {"engine": [], "static": []}
+    for _ in range(repeats):  # alternate, so both see the same machine state
+        for name, fn in (("engine", engine_run), ("static", static_run)):
+            t = time.perf_counter()
+            fn()
+            rates[name].append(total / (time.perf_counter() - t))
+    engine_rate, static_rate = statistics.median(rates["engine"]), statistics.median(rates["static"])
+    print(f"bench-124M float32, 256 prompts (16-128 tokens), max_new_tokens 8..256, {slots} slots, "
+          f"{jax.device_count()} device(s), median of {repeats}")
+    print("| | new tokens/s | slot utilisation |")
+    print("| --- | ---: | ---: |")
+    print(f"| generate, static chunks of {slots} | {static_rate:,.0f} | {static_util:.0%} |")
+    print(f"| Engine, {slots} slots | {engine_rate:,.0f} | {engine_util:.0%} |")
+    print(f"| ratio | {engine_rate / static_rate:.2f}x | |")
+    print(f"requests whose greedy tokens are identical in both: {agree:.0%}")
+
+
+def rss() -> None:
+    from zaya_jax.demo import DEFAULT_MODEL_DIR
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        for count in (1000, 10000):
+            path = os.path.join(tmp, f"p{count}.jsonl")
+            with open(path, "w") as f:
+                for _ in range(count):
+                    f.write(json.dumps({"prompt_ids": rng.integers(3, 100, rng.integers(8, 40)).tolist()}) + "\n")
+            code = ("import sys, runpy; from zaya_jax.memory import peak_rss_bytes; sys.argv = sys.argv[1:]; "
+                    "exec('try:\\n runpy.run_module(\"zaya_jax.cli\", run_name=\"__main__\")\\nexcept SystemExit: pass');"
+                    "print('PEAK', peak_rss_bytes(), file=sys.stderr)")
+            t = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", code, "zaya", "generate", DEFAULT_MODEL_DIR, "--prompts-file",
+                                   path, "--max-new-tokens", "8", "--slots", "64", "--out", os.path.join(tmp, "o.jsonl"),
+                                   "--force", "--no-progress"], capture_output=True, text=True, check=True)
+            peak = int(proc.stderr.split("PEAK")[-1].split()[0])
+            rows.append((count, peak, time.perf_counter() - t))
+    print("| prompts | peak RSS | seconds |")
+    print("| ---: | ---: | ---: |")
+    for count, peak, seconds in rows:
+        print(f"| {count:,} | {peak / 2**20:,.0f} MiB | {seconds:.0f} |")
+    print(f"10,000 / 1,000 peak RSS: {rows[1][1] / rows[0][1]:.3f}")
+
+
+def rsa(slots: int | None, problems: int) -> None:
+    from zaya_jax import load
+    from zaya_jax.demo import DEFAULT_MODEL_DIR, DEMO_POPULATION, DEMO_ROUNDS, DEMO_TEMPERATURE, arith, data
+    from zaya_jax.infer.rsa import TokenTemplate, extract_boxed, markov_rsa
+    from zaya_jax.infer.tokenizer import Tokenizer
+
+    config, params = load(DEFAULT_MODEL_DIR)
+    tokenizer = Tokenizer.from_dir(DEFAULT_MODEL_DIR)
+    held = arith.problems("heldout", problems)
+    questions = [tokenizer.encode(p.question, add_special_tokens=False) for p in held]
+    template = TokenTemplate.from_tokenizer(data.TEMPLATE, data.TAILS, tokenizer)
+    extra = {} if slots is None else {"slots": slots}
+
+    def run(seed):
+        return markov_rsa(params, config, questions, population=DEMO_POPULATION, tails=data.TAILS,
+                          rounds=DEMO_ROUNDS, budget=data.BUDGET, tail_tokens=data.TAIL_TOKENS,
+                          temperature=DEMO_TEMPERATURE, seed=seed, template=template, tokenizer=tokenizer, **extra)
+
+    run(0)  # warm-up: compiles
+    t = time.perf_counter()
+    result = run(1)
+    seconds = time.perf_counter() - t
+    first = np.mean([extract_boxed(tokenizer.decode(c)) == p.answer for p, row in zip(held, result.rounds[0].candidates)
+                     for c in row])
+    last = np.mean([a == p.answer for p, row in zip(held, result.answers) for a in row])
+    print(f"Markov RSA, {problems} demo problems, N={DEMO_POPULATION} C={data.TAILS} T={DEMO_ROUNDS}, "
+          f"slots={slots or 'default'}: {result.generated_tokens / seconds:,.0f} generated tokens/s "
+          f"({result.generated_tokens} tokens in {seconds:.1f} s); round 0 mean accuracy {first:.1%}, "
+          f"round {DEMO_ROUNDS} mean accuracy {last:.1%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=("throughput", "rss", "rsa"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--slots", type=int, default=None, help="rsa: engine slots (default: not passed)")
+    parser.add_argument("--problems", type=int, default=64)
+    args = parser.parse_args()
+    if args.part == "throughput":
+        throughput(args.repeats)
+    elif args.part == "rss":
+        rss()
+    else:
+        rsa(args.slots, args.problems)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The engine: results independent of slots, batch company and chunking; memory bounded by the pool;
+stop reasons (cache_full alone, non_finite), streaming and cancellation, prefix sharing, RSA interleaving."""
+
+import jax
+import numpy as np
+import pytest
+
+import zaya_jax
+from zaya_jax.infer import Engine, decode, generate, rsa
+
+# Untied head and a wide init: a random model whose greedy continuations vary (not one token repeated).
+CONFIG = zaya_jax.ZayaConfig(
+    vocab_size=256, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, moe_intermediate_size=40, num_experts=8, router_hidden_size=16, tie_word_embeddings=False,
+    initializer_range=0.2, max_position_embeddings=512, layer_types=["hybrid", "hybrid_sliding"], sliding_window=8,
+)
+MAX_LEN = 512
+STOPS = [7, 11, 13]
+
+
+@pytest.fixture(scope="module")
+def params():
+    return zaya_jax.init(CONFIG, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def workload():
+    """40 prompts of 1..300 tokens with 1..200 new tokens each (prompt + output <= 500)."""
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([[1, 300, 17, 16], rng.integers(1, 301, 36)])
+    prompts = [rng.integers(1, CONFIG.vocab_size, n).tolist() for n in lengths]
+    max_new = [int(min(rng.integers(1, 201), MAX_LEN - n)) for n in lengths]
+    return prompts, max_new
+
+
+@pytest.fixture(scope="module")
+def greedy(params, workload):
+    prompts, max_new = workload
+    result = generate(params, CONFIG, prompts, max_new_tokens=max_new, stop_token_ids=STOPS)
+    assert "stop_token" in result.stop_reasons and "max_new_tokens" in result.stop_reasons
+    assert len({t for row in result.tokens for t in row}) > 50, "degenerate greedy reference"
+    return result
+
+
+@pytest.mark.parametrize("slots", [1, 4, 16])
+def test_greedy_equals_generate_at_any_slot_count(params, workload, greedy, slots):
+    prompts, max_new = workload
+    engine = Engine(params, CONFIG, slots=slots, max_len=MAX_LEN, decode_steps=8)
+    out = engine.generate(prompts, max_new_tokens=max_new, stop_token_ids=STOPS)
+    assert out.tokens == greedy.tokens and out.stop_reasons == greedy.stop_reasons
+    assert engine.stats["tokens"] + len(prompts) == sum(len(t) for t in out.tokens)  # the first tokens come from insert
+    assert not engine.busy and engine.running == 0
+
+
+def test_greedy_equals_generate_prompt_by_prompt(params, workload, greedy):
+    prompts, max_new = workload
+    for i in (0, 1, 5, 17):
+        alone = generate(params, CONFIG, [prompts[i]], max_new_tokens=max_new[i], stop_token_ids=STOPS)
+        assert alone.tokens[0] == greedy.tokens[i]
+
+
+def test_sampled_tokens_do_not_depend_on_slots(params, workload):
+    prompts, max_new = workload
+    prompts, max_new = prompts[:24], [min(m, 48) for m in max_new[:24]]
+    knobs = dict(max_new_tokens=max_new, temperature=1.0, top_p=0.9, stop_token_ids=STOPS, seed=3)
+    ref = generate(params, CONFIG, prompts, **knobs)
+    for slots in (4, 16):
+        out = Engine(params, CONFIG, slots=slots, max_len=MAX_LEN).generate(prompts, **knobs)
+        assert out.tokens == ref.tokens and out.stop_reasons == ref.stop_reasons
+    other = generate(params, CONFIG, prompts, **dict(knobs, seed=4))
+    assert other.tokens != ref.tokens
+
+
+def test_chunked_prefill_equals_unchunked(params, workload, greedy):
+    prompts, max_new = workload
+    pick = [i for i, p in enumerate(prompts) if len(p) > 40][:8]
+    engine = Engine(params, CONFIG, slots=4, max_len=MAX_LEN, prefill_chunk=16)
+    out = engine.generate([prompts[i] for i in pick], max_new_tokens=[max_new[i] for i in pick], stop_token_ids=STOPS)
+    assert out.tokens == [greedy.tokens[i] for i in pick]
+    assert engine.stats["prefill_calls"] >= sum(-(-len(prompts[i]) // 16) for i in pick) / 4
+
+
+def test_a_request_beyond_max_len_stops_cache_full_alone(params, workload, greedy):
+    prompts, max_new = workload
+    engine = Engine(params, CONFIG, slots=2, max_len=64)
+    short = [p[:20] for p in prompts[:3]]
+    out = engine.generate(short, max_new_tokens=[10**9, 5, 44], stop_token_ids=[])
+    assert out.stop_reasons == ["cache_full", "max_new_tokens", "cache_full"]
+    assert [len(p) + len(t) for p, t in zip(short, out.tokens)] == [64, 25, 64]
+    ref = generate(params, CONFIG, short, max_new_tokens=[44, 5, 44], stop_token_ids=[])
+    assert out.tokens == ref.tokens
+
+
+def test_huge_max_new_tokens_is_bounded_by_the_context(params):
+    """max_new_tokens = 10**9 allocates nothing for it: the pool is sized by the context, and the row stops
+    "cache_full" at max_position_embeddings (it used to allocate for the number asked)."""
+    config = CONFIG.replace(max_position_embeddings=48)
+    out = generate(params, config, [[5, 6, 7]], max_new_tokens=10**9, stop_token_ids=[])
+    assert out.stop_reasons == ["cache_full"] and len(out.tokens[0]) == 45
+    engine = Engine(params, config, slots=3)
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4  # k and v, float32
+    assert engine.max_len == 48 and 3 * 48 * per_token <= engine.cache_bytes < 3 * 48 * per_token * 1.1
+
+
+def test_non_finite_logits_stop_the_row_without_tokens(params):
+    """NaN weights never pass as a normal result: the row stops "non_finite" and emits nothing."""
+    broken = jax.tree_util.tree_map_with_path(
+        lambda path, x: x.at[0, 0].set(np.nan) if "lm_head" in jax.tree_util.keystr(path) else x, params)
+    out = generate(broken, CONFIG, [[5, 6, 7], [9]], max_new_tokens=8, stop_token_ids=[])
+    assert out.stop_reasons == ["non_finite", "non_finite"] and out.tokens == [[], []]
+
+
+def test_stream_yields_as_requests_finish_and_cancels_the_rest(params):
+    engine = Engine(params, CONFIG, slots=2, max_len=MAX_LEN, decode_steps=4)
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+    seen = list(engine.stream(prompts, max_new_tokens=[40, 3, 20, 6], stop_token_ids=[]))
+    assert sorted(i for i, _, _ in seen) == [0, 1, 2, 3] and seen[0][0] == 1  # the 3-token request ends first
+    assert {i: len(t) for i, t, _ in seen} == {0: 40, 1: 3, 2: 20, 3: 6}
+    for i, tokens, reason in engine.stream(prompts, max_new_tokens=[200, 3, 200, 200], stop_token_ids=[]):
+        break  # the consumer stops early: its other requests are cancelled, their slots freed
+    assert i == 1 and not engine.busy and engine.running == 0
+    request = engine.submit([1, 2], max_new_tokens=5)
+    engine.cancel(request)
+    assert request.stop_reason == "cancelled" and not engine.busy
+
+
+def test_repeated_prompts_are_prefilled_once(params):
+    engine = Engine(params, CONFIG, slots=8, max_len=MAX_LEN)
+    out = engine.generate([[3, 4, 5]] * 6 + [[9, 9]] * 2, max_new_tokens=6, temperature=1.0, stop_token_ids=[])
+    assert engine.stats["prefill_rows"] == 2
+    assert len({tuple(t) for t in out.tokens[:6]}) > 1  # each request still has its own key
+
+
+def test_bad_engine_settings_are_named(params):
+    for kwargs, message in [(dict(slots=0), "slots must be a positive integer"),
+                            (dict(max_len=1), "max_len must be an integer >= 2"),
+                            (dict(decode_steps=1.5), "decode_steps must be a positive integer")]:
+        with pytest.raises(ValueError, match=message):
+            Engine(params, CONFIG, **kwargs)
+    engine = Engine(params, CONFIG, slots=1, max_len=32)
+    with pytest.raises(ValueError, match="prompt has 32 tokens; the maximum length"):
+        engine.submit([1] * 32, max_new_tokens=1)
+
+
+def test_rsa_problems_interleave_and_each_equals_running_alone(params):
+    """8 problems on 32 slots (fewer than 8 x 8 members): rounds of different problems overlap, and each
+    problem's result is the one it gets alone with the same seed."""
+    rng = np.random.default_rng(1)
+    questions = [rng.integers(20, 200, rng.integers(3, 12)).tolist() for _ in range(8)]
+    template = rsa.TokenTemplate((1,), (2,), (3, 4), (5,), ((6,), (8,)), (9,), (10, 12))
+    knobs = dict(population=8, tails=2, rounds=2, budget=10, tail_tokens=4, template=template, seed=2,
+                 stop_token_ids=STOPS, extract=lambda tokens: str(tokens[-1]) if tokens else None)
+    finished = []
+    together = rsa.markov_rsa(params, CONFIG, questions, slots=32, on_problem=lambda p, r: finished.append(p), **knobs)
+    assert sorted(finished) == list(range(8))
+    for p in (0, 3, 7):
+        alone = rsa.markov_rsa(params, CONFIG, questions[p], **knobs)
+        for t in range(3):
+            assert together.rounds[t].candidates[p] == alone.rounds[t].candidates[0]
+            assert together.rounds[t].prompts[p] == alone.rounds[t].prompts[0]
+        assert together.majority[p] == alone.majority[0]
+    assert decode.TRACES["insert"] >= 1
