@@ -3,21 +3,19 @@
 A converted directory holds ``params/`` (an orbax checkpoint of the stacked param pytree),
 ``config.json`` (native schema), a ``zaya_convert.json`` manifest and the tokenizer files and chat
 template of the source. Every output is built in a temporary sibling directory and renamed into place
-at the end, so a failed run leaves nothing behind and an existing output is only replaced on request.
+at the end (``staging``), so a failed run leaves nothing behind and an existing output is only replaced
+on request.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import resource
 import shutil
 import sys
-import tempfile
 import time
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -29,6 +27,7 @@ from .hf_reader import CheckpointError, HFCheckpoint, resolve_dtype
 from .hf_writer import DEFAULT_MAX_SHARD_BYTES, Tensor, write_safetensors
 from .orbax_store import OrbaxReader, OrbaxWriter, save_tree
 from .orbax_store import restore as restore_tree
+from .staging import staged
 from .tree import TreeReader, TreeWriter
 
 PARAMS_DIR = "params"
@@ -92,29 +91,6 @@ class _Meter:
 def is_converted(path: str) -> bool:
     """Whether ``path`` is a directory written by ``zaya convert`` (or ``checkpoint.save``)."""
     return os.path.isfile(os.path.join(path, PARAMS_DIR, "_METADATA"))
-
-
-@contextlib.contextmanager
-def staged(dst: str, force: bool) -> Iterator[str]:
-    """A temporary directory beside ``dst`` that becomes ``dst`` if the block succeeds, else vanishes."""
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst) and not force:
-        raise FileExistsError(f"{dst} already exists; pass --force (force=True) to overwrite it")
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(dst):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
-        os.rename(dst, os.path.join(old, "dst"))
-        os.rename(tmp, dst)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, dst)
 
 
 def _check_paths(src: str, dst: str) -> None:
