@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 
 
 def _quiet_orbax() -> None:
@@ -12,11 +11,6 @@ def _quiet_orbax() -> None:
     from absl import logging
 
     logging.set_verbosity(logging.ERROR)
-
-
-def _refuse(error: FileExistsError) -> int:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
 
 
 def _report(args, verb: str, summary) -> int:
@@ -32,10 +26,7 @@ def _convert_command(args) -> int:
     from .pipeline import convert
 
     _quiet_orbax()
-    try:
-        summary = convert(args.src, args.dst, dtype=args.dtype, force=args.force, progress=not args.no_progress)
-    except FileExistsError as e:
-        return _refuse(e)
+    summary = convert(args.src, args.dst, dtype=args.dtype, force=args.force, progress=not args.no_progress)
     return _report(args, "converted", summary)
 
 
@@ -43,11 +34,8 @@ def _export_command(args) -> int:
     from .pipeline import export
 
     _quiet_orbax()
-    try:
-        summary = export(args.src, args.dst, force=args.force, max_shard_bytes=int(args.max_shard_size * 2**30),
-                         progress=not args.no_progress)
-    except FileExistsError as e:
-        return _refuse(e)
+    summary = export(args.src, args.dst, force=args.force, max_shard_bytes=int(args.max_shard_size * 2**30),
+                     progress=not args.no_progress)
     return _report(args, "exported", summary)
 
 

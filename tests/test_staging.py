@@ -1,5 +1,5 @@
 """Staged outputs (issue 17): a killed run's temporaries are removed by the next run, and only those;
-outputs get the permissions the umask allows."""
+outputs get the permissions the umask allows; an unwritable destination is a message, not a traceback."""
 
 import os
 import signal
@@ -11,7 +11,16 @@ import time
 import pytest
 
 from zaya_jax import convert
+from zaya_jax.cli import main
 from zaya_jax.convert import staging
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs a read-only /sys")
+def test_read_only_destination_is_a_message_with_exit_code_1(pristine, capsys):
+    # /sys refuses new directories even to root (a chmod'ed directory would not).
+    assert main(["convert", str(pristine), "/sys/kernel/zaya-test/dst", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: [Errno") and "/sys/kernel/zaya-test" in err and "Traceback" not in err
 
 
 def _modes(root):

@@ -44,13 +44,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_ids(text: str) -> list[int]:
+    """``--prompt-ids``: comma-separated integers; an empty item (``2,,3``) is refused, not skipped."""
+    items = text.replace(" ", "").split(",")
+    if items == [""]:
+        raise ValueError("--prompt-ids is empty")
+    if "" in items:
+        raise ValueError(f"--prompt-ids must be comma-separated integers: item {items.index('') + 1} is empty")
     try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+        return [int(t) for t in items]
     except ValueError as e:
-        raise SystemExit(f"error: --prompt-ids must be comma-separated integers: {e}")
-    if not ids:
-        raise SystemExit("error: --prompt-ids is empty")
-    return ids
+        raise ValueError(f"--prompt-ids must be comma-separated integers: {e}") from None
 
 
 def _forward_command(args) -> int:
@@ -60,10 +63,7 @@ def _forward_command(args) -> int:
 
     config, params, desc = resolve_model(args.model, args.dtype)
     ids = parse_ids(args.prompt_ids)
-    bad = [i for i in ids if not 0 <= i < config.vocab_size]
-    if bad:
-        raise SystemExit(f"error: token id(s) {bad} outside the vocabulary [0, {config.vocab_size})")
-    logits = np.asarray(forward(params, config, np.array([ids])))[0, -1]
+    logits = np.asarray(forward(params, config, np.array([ids])))[0, -1]  # forward validates the ids
     top = np.argsort(-logits)[: args.top]
     result = {"model": desc, "prompt_ids": ids, "next_token_top": [[int(t), float(logits[t])] for t in top]}
     if args.json:
@@ -94,12 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a ``zaya`` command. Exit codes (docs/errors.md): 0 success; 2 bad input or usage, as argparse
+    uses: any ValueError (ConfigError, CheckpointError, DataError, InputError, TokenizerError, ...), a
+    missing input, an output that exists without --force; 1 a failure of the system while running (any
+    other OSError: permission denied, disk full). Both print one ``error:`` line, no traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (FileNotFoundError, ValueError) as e:  # ConfigError / CheckpointError are ValueErrors
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
