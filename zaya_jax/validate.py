@@ -14,9 +14,15 @@ class InputError(ValueError):
     """Model inputs (token ids, attention mask, lengths) the model cannot run on; the message names the value."""
 
 
-def _integer_array(value, name: str) -> np.ndarray | jax.core.Tracer:
-    """``value`` as an integer array (a tracer is kept: its shape and dtype are all there is to check)."""
-    if not isinstance(value, jax.core.Tracer):
+def _unreadable(value) -> bool:
+    """A tracer (a caller's jit), or a global array spanning other processes: shape and dtype are all this
+    process can check without a collective (which a refusal in one process alone would leave hanging)."""
+    return isinstance(value, jax.core.Tracer) or (isinstance(value, jax.Array) and not value.is_fully_addressable)
+
+
+def _integer_array(value, name: str):
+    """``value`` as an integer numpy array, or kept as it is when :func:`_unreadable`."""
+    if not _unreadable(value):
         try:
             value = np.asarray(value)
         except (ValueError, TypeError) as e:  # ragged nested lists
@@ -29,8 +35,8 @@ def _integer_array(value, name: str) -> np.ndarray | jax.core.Tracer:
 def validate_ids(input_ids, config: ZayaConfig, attention_mask=None):
     """``(input_ids, attention_mask)`` checked for ``config``: ``[batch, seq]`` integers, both axes non-empty,
     ``seq <= config.max_position_embeddings``, ids in ``[0, vocab_size)``, the mask (None is kept) of the
-    same shape and of 1/0. Concrete inputs come back as numpy integer arrays; traced ones (a caller's jit)
-    are checked for shape and dtype only. Raises :class:`InputError` naming the first bad value."""
+    same shape and of 1/0. Inputs come back as numpy integer arrays, except tracers (a caller's jit) and
+    arrays spanning other processes, which are checked for shape and dtype only and kept. Raises :class:`InputError` naming the first bad value."""
     ids = _integer_array(input_ids, "input_ids")
     if ids.ndim != 2:
         raise InputError(f"input_ids must be [batch, seq], got shape {tuple(ids.shape)}")
@@ -50,7 +56,7 @@ def validate_ids(input_ids, config: ZayaConfig, attention_mask=None):
 
 
 def _check_range(array, name: str, low: int, high: int, problem: str) -> None:
-    if isinstance(array, jax.core.Tracer):
+    if _unreadable(array):
         return
     bad = np.argwhere((array < low) | (array >= high))
     if bad.size:
