@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from zaya_jax.cli import add_non_finite_arg
+
 
 def _quiet_orbax() -> None:
     """Orbax logs routine notices (e.g. skipped OCDBT merges) as absl warnings; keep the CLI output clean."""
@@ -26,7 +28,8 @@ def _convert_command(args) -> int:
     from .pipeline import convert
 
     _quiet_orbax()
-    summary = convert(args.src, args.dst, dtype=args.dtype, force=args.force, progress=not args.no_progress)
+    summary = convert(args.src, args.dst, dtype=args.dtype, force=args.force, progress=not args.no_progress,
+                      allow_non_finite=args.allow_non_finite)
     return _report(args, "converted", summary)
 
 
@@ -54,6 +57,7 @@ def register(subparsers) -> None:
     p.add_argument("dst", help="output directory (written to a temporary directory, renamed at the end)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="stored dtype of the params (default: the checkpoint's; balancing biases stay float32)")
+    add_non_finite_arg(p)
     _common(p)
     p.set_defaults(func=_convert_command)
 

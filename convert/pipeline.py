@@ -23,6 +23,7 @@ from tqdm import tqdm
 from zaya_jax.config import ZayaConfig
 
 from . import layout
+from .finite import check_tensor
 from .hf_reader import CheckpointError, HFCheckpoint, resolve_dtype
 from .hf_writer import DEFAULT_MAX_SHARD_BYTES, Tensor, write_safetensors
 from .orbax_store import OrbaxReader, OrbaxWriter, save_tree
@@ -116,9 +117,12 @@ def copy_assets(src: str | None, dst: str) -> list[str]:
     return copied
 
 
-def _fill(ckpt: HFCheckpoint, writer, meter: _Meter) -> Summary:
-    """Streams every tensor of ``ckpt`` into ``writer`` (TreeWriter or OrbaxWriter) in param layout."""
+def _fill(ckpt: HFCheckpoint, writer, meter: _Meter, allow_non_finite: bool = True) -> Summary:
+    """Streams every tensor of ``ckpt`` into ``writer`` (TreeWriter or OrbaxWriter) in param layout;
+    a tensor with NaN or Inf is refused unless ``allow_non_finite``."""
     for item, array in ckpt:
+        if not allow_non_finite:
+            check_tensor(item.name, array)
         writer.put(item.entry, item.layer, item.entry.to_jax(array, ckpt.config))
         del array
         meter.step(item.nbytes)
@@ -128,7 +132,8 @@ def _fill(ckpt: HFCheckpoint, writer, meter: _Meter) -> Summary:
 def read_hf(path: str, config: ZayaConfig, dtype=None, progress: bool = False) -> dict:
     """An HF checkpoint directory (native or legacy) -> param pytree of numpy arrays in host memory.
 
-    ``dtype`` default: the stored one. Peak memory: the params plus one source tensor.
+    ``dtype`` default: the stored one. Peak memory: the params plus one source tensor. Values are not
+    checked (``zaya_jax.load`` checks the loaded params for NaN and Inf).
     """
     ckpt = HFCheckpoint(path, config)
     meter = _Meter(ckpt.nbytes, "reading", progress)
@@ -137,11 +142,13 @@ def read_hf(path: str, config: ZayaConfig, dtype=None, progress: bool = False) -
     return writer.params
 
 
-def convert(src: str, dst: str, *, dtype=None, force: bool = False, progress: bool = True) -> Summary:
+def convert(src: str, dst: str, *, dtype=None, force: bool = False, progress: bool = True,
+            allow_non_finite: bool = False) -> Summary:
     """HF checkpoint directory (native or legacy layout) -> converted directory ``dst``.
 
     Streams tensor by tensor into the orbax checkpoint: memory stays at about one source tensor
     whatever the model size. ``dtype`` default: the stored one (``balancing_biases``: float32).
+    A tensor holding NaN or Inf is refused (CheckpointError naming it) unless ``allow_non_finite``.
     """
     src, dst = os.fspath(src), os.fspath(dst)
     _check_paths(src, dst)
@@ -151,7 +158,7 @@ def convert(src: str, dst: str, *, dtype=None, force: bool = False, progress: bo
     with staged(dst, force) as tmp:
         meter = _Meter(ckpt.nbytes, "converting", progress)
         writer = OrbaxWriter(os.path.join(tmp, PARAMS_DIR), config, target)
-        summary = _fill(ckpt, writer, meter)
+        summary = _fill(ckpt, writer, meter, allow_non_finite)
         _write_config(tmp, config, target)
         assets = copy_assets(src, tmp)
         manifest = {"source": os.path.abspath(src), "layout": "legacy" if ckpt.legacy else "native",

@@ -13,7 +13,8 @@ from .config import ZayaConfig
 BLOCK_BYTES = 64 << 20  # rows of a global leaf (the embedding) read at a time
 
 
-def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None) -> tuple[ZayaConfig, dict]:
+def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
+         allow_non_finite: bool = False) -> tuple[ZayaConfig, dict]:
     """Loads a model directory as ``(config, params)``.
 
     ``path``: an HF checkpoint directory (native 40-block or legacy 80-layer layout) or a directory
@@ -21,6 +22,7 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None) -> tuple
     weight but the router's balancing biases, which stay float32; ``None`` keeps the stored dtype.
     ``mesh`` (``sharding.make_mesh``): every leaf is placed straight into its sharded layout under
     ``rules`` (default ``sharding.INFERENCE``), each process reading only the slices its devices hold.
+    A weight holding NaN or Inf is refused (``CheckpointError`` naming the tensor) unless ``allow_non_finite``.
     """
     from zaya_jax import convert
 
@@ -32,11 +34,16 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None) -> tuple
         from .sharded_load import load_sharded
         from .sharding import INFERENCE
 
-        return config, load_sharded(path, config, mesh, dtype=dtype, rules=rules or INFERENCE)
-    if convert.is_converted(path):
-        return config, _restore_host(path, config, dtype)
-    params = convert.read_hf(path, config, dtype)  # preallocated aligned buffers, filled tensor by tensor
-    return config, jax.tree_util.tree_map(host.to_device, params)
+        params = load_sharded(path, config, mesh, dtype=dtype, rules=rules or INFERENCE)
+    elif convert.is_converted(path):
+        params = _restore_host(path, config, dtype)
+    else:  # preallocated aligned buffers, filled tensor by tensor
+        params = jax.tree_util.tree_map(host.to_device, convert.read_hf(path, config, dtype))
+    if not allow_non_finite:
+        from zaya_jax.convert.finite import check_params
+
+        check_params(params, config)
+    return config, params
 
 
 def _restore_host(path: str, config: ZayaConfig, dtype) -> dict:

@@ -15,8 +15,10 @@ COMMAND_MODULES = (
 )
 
 
-def resolve_model(path: str | None, dtype: str | None = None):
-    """``(config, params, description)`` for a model directory; None means the shipped demo model."""
+def resolve_model(path: str | None, dtype: str | None = None, allow_non_finite: bool = False):
+    """``(config, params, description)`` for a model directory; None means the shipped demo model.
+
+    A weight holding NaN or Inf is refused (CheckpointError naming it) unless ``allow_non_finite``."""
     import jax.numpy as jnp
 
     from . import checkpoint
@@ -24,7 +26,7 @@ def resolve_model(path: str | None, dtype: str | None = None):
 
     jdtype = {None: None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     path = path or DEFAULT_MODEL_DIR
-    config, params = checkpoint.load(path, dtype=jdtype)
+    config, params = checkpoint.load(path, dtype=jdtype, allow_non_finite=allow_non_finite)
     return config, params, "the shipped demo model (trained on multi-term addition)" if is_demo_model(path) else path
 
 
@@ -41,6 +43,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL_DIR,
                         help="model directory (HF checkpoint or `zaya convert` output); default: the shipped demo model")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype (default: stored)")
+    add_non_finite_arg(parser)
+
+
+def add_non_finite_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-non-finite", action="store_true",
+                        help="use a model even if a weight holds NaN or Inf (refused by default)")
 
 
 def parse_ids(text: str) -> list[int]:
@@ -61,7 +69,7 @@ def _forward_command(args) -> int:
 
     from .model import forward
 
-    config, params, desc = resolve_model(args.model, args.dtype)
+    config, params, desc = resolve_model(args.model, args.dtype, args.allow_non_finite)
     ids = parse_ids(args.prompt_ids)
     logits = np.asarray(forward(params, config, np.array([ids])))[0, -1]  # forward validates the ids
     top = np.argsort(-logits)[: args.top]

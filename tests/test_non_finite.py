@@ -1,0 +1,47 @@
+"""Weights holding NaN or Inf (issue 17): convert and load refuse them naming the tensor, unless allowed."""
+
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import zaya_jax
+from zaya_jax import convert
+from zaya_jax.cli import main
+from zaya_jax.convert import CheckpointError
+
+
+O_PROJ = "model.layers.1.self_attn.o_proj.weight"
+
+
+def _poison(src, name, value):
+    tensors = load_file(src / "model.safetensors")
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[5] = value
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_convert_and_load_name_a_non_finite_tensor(src, tmp_path, capsys):
+    _poison(src, O_PROJ, np.nan)
+    dst = tmp_path / "dst"
+    with pytest.raises(CheckpointError, match=rf"tensor '{O_PROJ}' holds 1 non-finite value.*--allow-non-finite"):
+        convert.convert(src, dst, progress=False)
+    assert not dst.exists() and sorted(os.listdir(tmp_path)) == ["src"]
+    with pytest.raises(CheckpointError, match=rf"tensor '{O_PROJ}' \(param layers/attn/o_proj/kernel, layer 1\)"):
+        zaya_jax.load(src)
+    assert main(["forward", str(src), "--prompt-ids", "1,2"]) == 2
+    assert f"tensor '{O_PROJ}'" in capsys.readouterr().err
+
+    convert.convert(src, dst, progress=False, allow_non_finite=True)  # the override
+    with pytest.raises(CheckpointError, match=rf"tensor '{O_PROJ}' \(param layers/attn/o_proj/kernel, layer 1\)"):
+        zaya_jax.load(dst)
+    _, params = zaya_jax.load(dst, allow_non_finite=True)
+    assert np.isnan(np.asarray(params["layers"]["attn"]["o_proj"]["kernel"][1])).sum() == 1
+    assert main(["forward", str(dst), "--prompt-ids", "1,2", "--allow-non-finite"]) == 0
+
+
+def test_load_names_an_infinite_global_tensor(src):
+    _poison(src, "model.embed_tokens.weight", -np.inf)
+    with pytest.raises(CheckpointError, match=r"tensor 'model.embed_tokens.weight' \(param embed\) holds 1 non-finite"):
+        zaya_jax.load(src)
