@@ -1,5 +1,6 @@
 """Inputs refused with a message naming them (issue 17): ids out of the vocabulary, negative, float, empty or
-longer than the context at ``zaya_jax.forward`` and ``zaya forward``; empty --prompt-ids items."""
+longer than the context at ``zaya_jax.forward`` and ``zaya forward``; empty --prompt-ids items; characters
+the demo tokenizer cannot spell."""
 
 import re
 
@@ -9,6 +10,15 @@ import pytest
 import zaya_jax
 from zaya_jax import InputError, ZayaConfig
 from zaya_jax.cli import main
+from zaya_jax.demo import DEFAULT_MODEL_DIR
+from zaya_jax.infer.tokenizer import Tokenizer, TokenizerError
+
+
+def test_unknown_characters_are_refused_not_mapped_to_pad():
+    tokenizer = Tokenizer.from_dir(DEFAULT_MODEL_DIR)
+    assert tokenizer.encode("1+2<pad>", add_special_tokens=False)[-1] == 0  # the literal token still encodes
+    with pytest.raises(TokenizerError, match=r"no token for '\u20ac' \(character 1 of the text\)"):
+        tokenizer.encode("1\u20ac2")
 
 
 def test_prompt_ids_refuse_an_empty_item(capsys):
