@@ -16,6 +16,7 @@ the complete data state to checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Iterable
 
 import numpy as np
@@ -36,6 +37,12 @@ class Example:
 
     ids: np.ndarray
     loss_mask: np.ndarray
+
+
+def file_sha256(path: str) -> str:
+    """The hex sha256 of a file's bytes: a run records its data file's, and a resume checks it."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_jsonl(path: str) -> list[tuple[int, dict]]:
