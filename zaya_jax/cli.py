@@ -54,7 +54,7 @@ def add_non_finite_arg(parser: argparse.ArgumentParser) -> None:
 def parse_ids(text: str) -> list[int]:
     """``--prompt-ids``: comma-separated integers; an empty item (``2,,3``) is refused, not skipped."""
     items = text.replace(" ", "").split(",")
-    if items == [""]:
+    if not any(items):
         raise ValueError("--prompt-ids is empty")
     if "" in items:
         raise ValueError(f"--prompt-ids must be comma-separated integers: item {items.index('') + 1} is empty")

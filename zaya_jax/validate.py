@@ -35,8 +35,10 @@ def _integer_array(value, name: str):
 def validate_ids(input_ids, config: ZayaConfig, attention_mask=None):
     """``(input_ids, attention_mask)`` checked for ``config``: ``[batch, seq]`` integers, both axes non-empty,
     ``seq <= config.max_position_embeddings``, ids in ``[0, vocab_size)``, the mask (None is kept) of the
-    same shape and of 1/0. Inputs come back as numpy integer arrays, except tracers (a caller's jit) and
-    arrays spanning other processes, which are checked for shape and dtype only and kept. Raises :class:`InputError` naming the first bad value."""
+    same shape and of 1/0. Raises :class:`InputError` naming the first bad value.
+
+    Inputs come back as numpy integer arrays, except tracers (a caller's jit) and arrays spanning other
+    processes, which are checked for shape and dtype only and kept."""
     ids = _integer_array(input_ids, "input_ids")
     if ids.ndim != 2:
         raise InputError(f"input_ids must be [batch, seq], got shape {tuple(ids.shape)}")
