@@ -3,12 +3,15 @@ one non-finite weight generates garbage without any other sign of trouble)."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
 from zaya_jax.config import ZayaConfig
+from zaya_jax.model import INFERENCE_COMPILER_OPTIONS
 
 from . import layout
 from .hf_reader import CheckpointError
@@ -27,24 +30,54 @@ def check_tensor(name: str, array: np.ndarray) -> None:
         raise _refusal(repr(name), count)
 
 
-@jax.jit
-def _non_finite_counts(params: dict) -> dict:
-    """Per leaf: its count of non-finite values, per layer for the stacked ``layers`` leaves (a fused
-    reduction: no temporary the size of a leaf; sharded leaves reduce where they lie)."""
-    def count(path, leaf):
-        stacked = path[0].key == "layers"
-        return jnp.sum(~jnp.isfinite(leaf), axis=tuple(range(1 if stacked else 0, leaf.ndim)), dtype=jnp.int32)
+BLOCK_BYTES = 64 << 20  # rows of a global leaf (the embedding) checked at a time
 
-    return jax.tree_util.tree_map_with_path(count, params)
+
+def _finite_blocks(x: jax.Array, rows: int) -> jax.Array:
+    """Whether each block of ``rows`` along axis 0 is finite (the last block overlaps the one before it).
+
+    ``x * 0`` is 0 for finite values and NaN for NaN and Inf, and a sum carries NaN; a block at a time
+    keeps the float32 temporary to one block (``isfinite`` over a whole leaf, or a max or min, which XLA:CPU
+    does not always carry a NaN through, would not)."""
+    n = x.shape[0]
+
+    def body(i, out):
+        block = jax.lax.dynamic_slice_in_dim(x, jnp.minimum(i * rows, n - rows), rows)
+        return out.at[i].set(jnp.isfinite(jnp.sum(block.astype(jnp.float32) * 0)))
+
+    count = -(-n // rows)
+    return jax.lax.fori_loop(0, count, body, jnp.zeros((count,), bool))
+
+
+@jax.jit(compiler_options=INFERENCE_COMPILER_OPTIONS)  # else XLA hoists a float32 copy of each leaf out of the loop
+def _finite(params: dict) -> dict:
+    """Per leaf, per layer for the stacked ``layers`` leaves: whether every value is finite."""
+    def finite(path, leaf):
+        if path[0].key == "layers":
+            return _finite_blocks(leaf, 1)
+        row_bytes = math.prod(leaf.shape[1:]) * leaf.dtype.itemsize
+        return jnp.all(_finite_blocks(leaf, max(1, min(leaf.shape[0], BLOCK_BYTES // row_bytes))))
+
+    return jax.tree_util.tree_map_with_path(finite, params)
+
+
+@jax.jit
+def _count_non_finite(array: jax.Array) -> jax.Array:
+    return jnp.sum(~jnp.isfinite(array), dtype=jnp.int32)
+
+
+def _gather(array) -> np.ndarray:
+    """``array`` in full on this process (under a multi-host mesh it may span devices this one cannot read)."""
+    return multihost_utils.process_allgather(array, tiled=True)
 
 
 def check_params(params: dict, config: ZayaConfig) -> None:
     """Refuses a param pytree with NaN or Inf in any weight; the error names the HF tensor and the param."""
-    # Gathered from every process: under a multi-host mesh the counts may span devices this one cannot read.
-    counts = multihost_utils.process_allgather(_non_finite_counts(params), tiled=True)
+    finite = _gather(_finite(params))
     for name, entry, layer in layout.expected_tensors(config):
-        leaf = layout.get_path(counts, entry.path)
-        count = int(leaf[layer] if entry.per_layer else leaf)
-        if count:
-            where = f"param {'/'.join(entry.path)}" + (f", layer {layer}" if entry.per_layer else "")
-            raise _refusal(f"{name!r} ({where})", count)
+        if layout.get_path(finite, entry.path)[layer if entry.per_layer else ()]:
+            continue
+        leaf = layout.get_path(params, entry.path)
+        count = int(_gather(_count_non_finite(leaf[layer] if entry.per_layer else leaf)))
+        where = f"param {'/'.join(entry.path)}" + (f", layer {layer}" if entry.per_layer else "")
+        raise _refusal(f"{name!r} ({where})", count)

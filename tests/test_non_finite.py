@@ -2,6 +2,8 @@
 
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -9,7 +11,9 @@ from safetensors.numpy import load_file, save_file
 import zaya_jax
 from zaya_jax import convert
 from zaya_jax.cli import main
+from zaya_jax.config import ZayaConfig
 from zaya_jax.convert import CheckpointError
+from zaya_jax.convert.finite import _finite
 
 
 O_PROJ = "model.layers.1.self_attn.o_proj.weight"
@@ -45,3 +49,15 @@ def test_load_names_an_infinite_global_tensor(src):
     _poison(src, "model.embed_tokens.weight", -np.inf)
     with pytest.raises(CheckpointError, match=r"tensor 'model.embed_tokens.weight' \(param embed\) holds 1 non-finite"):
         zaya_jax.load(src)
+
+
+def test_the_load_check_holds_no_copy_of_the_weights():
+    """Checked a layer (or 64 MB of rows) at a time: a whole-leaf isfinite made XLA:CPU hold a float32
+    copy of the weights (2x their bfloat16 bytes; 32 GB for ZAYA1-8B)."""
+    config = ZayaConfig(vocab_size=8192, hidden_size=256, num_hidden_layers=8, num_attention_heads=2,
+                        num_key_value_heads=1, head_dim=64, moe_intermediate_size=256, num_experts=8,
+                        router_hidden_size=32)
+    params = jax.eval_shape(lambda: zaya_jax.init(config, jax.random.key(0), jnp.bfloat16))
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+    temp = _finite.lower(params).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 0.2 * weights, f"{temp} bytes of temporaries for {weights} bytes of weights"
