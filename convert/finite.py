@@ -16,6 +16,7 @@ from zaya_jax.model import INFERENCE_COMPILER_OPTIONS
 from . import layout
 from .hf_reader import CheckpointError
 
+BLOCK_BYTES = 64 << 20  # checked at a time: rows of a tensor, of a global leaf (the embedding)
 OVERRIDE = "pass --allow-non-finite (allow_non_finite=True) to use it anyway"
 
 
@@ -24,13 +25,13 @@ def _refusal(tensor: str, count: int) -> CheckpointError:
 
 
 def check_tensor(name: str, array: np.ndarray) -> None:
-    """Refuses one tensor read from a checkpoint if it holds NaN or Inf."""
-    count = array.size - int(np.count_nonzero(np.isfinite(array)))
+    """Refuses one tensor read from a checkpoint if it holds NaN or Inf (checked BLOCK_BYTES at a time, so
+    the converter's memory stays at about one tensor)."""
+    rows = array.reshape(-1, array.shape[-1]) if array.ndim else array.reshape(1, 1)
+    step = max(1, BLOCK_BYTES // max(1, rows.shape[1] * rows.itemsize))
+    count = sum(int(np.count_nonzero(~np.isfinite(rows[i:i + step]))) for i in range(0, len(rows), step))
     if count:
         raise _refusal(repr(name), count)
-
-
-BLOCK_BYTES = 64 << 20  # rows of a global leaf (the embedding) checked at a time
 
 
 def _finite_blocks(x: jax.Array, rows: int) -> jax.Array:
