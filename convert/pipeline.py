@@ -21,9 +21,9 @@ import numpy as np
 from tqdm import tqdm
 
 from zaya_jax.config import ZayaConfig
+from zaya_jax.finite import check_tensor
 
 from . import layout
-from .finite import check_tensor
 from .hf_reader import CheckpointError, HFCheckpoint, resolve_dtype
 from .hf_writer import DEFAULT_MAX_SHARD_BYTES, Tensor, write_safetensors
 from .orbax_store import OrbaxReader, OrbaxWriter, save_tree

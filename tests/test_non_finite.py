@@ -13,7 +13,7 @@ from zaya_jax import convert
 from zaya_jax.cli import main
 from zaya_jax.config import ZayaConfig
 from zaya_jax.convert import CheckpointError
-from zaya_jax.convert.finite import _finite
+from zaya_jax.finite import _finite
 
 
 O_PROJ = "model.layers.1.self_attn.o_proj.weight"

@@ -40,7 +40,7 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
     else:  # preallocated aligned buffers, filled tensor by tensor
         params = jax.tree_util.tree_map(host.to_device, convert.read_hf(path, config, dtype))
     if not allow_non_finite:
-        from zaya_jax.convert.finite import check_params
+        from .finite import check_params
 
         check_params(params, config)
     return config, params

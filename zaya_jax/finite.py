@@ -10,11 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from zaya_jax.config import ZayaConfig
-from zaya_jax.model import INFERENCE_COMPILER_OPTIONS
-
-from . import layout
-from .hf_reader import CheckpointError
+from .config import ZayaConfig
+from .convert import layout
+from .convert.hf_reader import CheckpointError
+from .model import INFERENCE_COMPILER_OPTIONS
 
 BLOCK_BYTES = 64 << 20  # checked at a time: rows of a tensor, of a global leaf (the embedding)
 OVERRIDE = "pass --allow-non-finite (allow_non_finite=True) to use it anyway"
