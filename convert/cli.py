@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
+
+from zaya_jax.cli import add_non_finite_arg
 
 
 def _quiet_orbax() -> None:
@@ -12,11 +13,6 @@ def _quiet_orbax() -> None:
     from absl import logging
 
     logging.set_verbosity(logging.ERROR)
-
-
-def _refuse(error: FileExistsError) -> int:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
 
 
 def _report(args, verb: str, summary) -> int:
@@ -32,10 +28,8 @@ def _convert_command(args) -> int:
     from .pipeline import convert
 
     _quiet_orbax()
-    try:
-        summary = convert(args.src, args.dst, dtype=args.dtype, force=args.force, progress=not args.no_progress)
-    except FileExistsError as e:
-        return _refuse(e)
+    summary = convert(args.src, args.dst, dtype=args.dtype, force=args.force, progress=not args.no_progress,
+                      allow_non_finite=args.allow_non_finite)
     return _report(args, "converted", summary)
 
 
@@ -43,11 +37,8 @@ def _export_command(args) -> int:
     from .pipeline import export
 
     _quiet_orbax()
-    try:
-        summary = export(args.src, args.dst, force=args.force, max_shard_bytes=int(args.max_shard_size * 2**30),
-                         progress=not args.no_progress)
-    except FileExistsError as e:
-        return _refuse(e)
+    summary = export(args.src, args.dst, force=args.force, max_shard_bytes=int(args.max_shard_size * 2**30),
+                     progress=not args.no_progress)
     return _report(args, "exported", summary)
 
 
@@ -66,6 +57,7 @@ def register(subparsers) -> None:
     p.add_argument("dst", help="output directory (written to a temporary directory, renamed at the end)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="stored dtype of the params (default: the checkpoint's; balancing biases stay float32)")
+    add_non_finite_arg(p)
     _common(p)
     p.set_defaults(func=_convert_command)
 

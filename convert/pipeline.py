@@ -3,25 +3,24 @@
 A converted directory holds ``params/`` (an orbax checkpoint of the stacked param pytree),
 ``config.json`` (native schema), a ``zaya_convert.json`` manifest and the tokenizer files and chat
 template of the source. Every output is built in a temporary sibling directory and renamed into place
-at the end, so a failed run leaves nothing behind and an existing output is only replaced on request.
+at the end (``staging``), so a failed run leaves nothing behind and an existing output is only replaced
+on request.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import time
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from zaya_jax import dtypes
 from zaya_jax.config import ZayaConfig
+from zaya_jax.finite import check_tensor
 from zaya_jax.formats import layout
 from zaya_jax.formats.converted import PARAMS_DIR, is_converted
 from zaya_jax.formats.hf_reader import CheckpointError, HFCheckpoint, resolve_dtype
@@ -30,6 +29,7 @@ from zaya_jax.formats.tree import TreeReader
 from zaya_jax.memory import peak_rss_bytes
 
 from .hf_writer import DEFAULT_MAX_SHARD_BYTES, Tensor, write_safetensors
+from .staging import staged
 
 MANIFEST = "zaya_convert.json"
 ASSET_FILES = (
@@ -74,27 +74,6 @@ class _Meter:
         return Summary(self.tensors, self.bytes, time.perf_counter() - self.start, peak_rss_bytes())
 
 
-@contextlib.contextmanager
-def staged(dst: str, force: bool) -> Iterator[str]:
-    """A temporary directory beside ``dst`` that becomes ``dst`` if the block succeeds, else vanishes."""
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst) and not force:
-        raise FileExistsError(f"{dst} already exists; pass --force (force=True) to overwrite it")
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(dst):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
-        os.rename(dst, os.path.join(old, "dst"))
-        os.rename(tmp, dst)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, dst)
 
 
 def _check_paths(src: str, dst: str) -> None:
@@ -120,20 +99,25 @@ def copy_assets(src: str | None, dst: str) -> list[str]:
     return copied
 
 
-def _fill(ckpt: HFCheckpoint, writer, meter: _Meter) -> Summary:
-    """Streams every tensor of ``ckpt`` into ``writer`` (an OrbaxWriter) in param layout."""
+def _fill(ckpt: HFCheckpoint, writer, meter: _Meter, allow_non_finite: bool = True) -> Summary:
+    """Streams every tensor of ``ckpt`` into ``writer`` (an OrbaxWriter) in param layout; a tensor with NaN
+    or Inf is refused unless ``allow_non_finite``."""
     for item, array in ckpt:
+        if not allow_non_finite:
+            check_tensor(item.name, array)
         writer.put(item.entry, item.layer, item.entry.to_jax(array, ckpt.config))
         del array
         meter.step(item.nbytes)
     return meter.close()
 
 
-def convert(src: str, dst: str, *, dtype=None, force: bool = False, progress: bool = True) -> Summary:
+def convert(src: str, dst: str, *, dtype=None, force: bool = False, progress: bool = True,
+            allow_non_finite: bool = False) -> Summary:
     """HF checkpoint directory (native or legacy layout) -> converted directory ``dst``.
 
     Streams tensor by tensor into the orbax checkpoint: memory stays at about one source tensor
     whatever the model size. ``dtype`` default: the stored one (``balancing_biases``: float32).
+    A tensor holding NaN or Inf is refused (CheckpointError naming it) unless ``allow_non_finite``.
     """
     src, dst = os.fspath(src), os.fspath(dst)
     _check_paths(src, dst)
@@ -143,7 +127,7 @@ def convert(src: str, dst: str, *, dtype=None, force: bool = False, progress: bo
     with staged(dst, force) as tmp:
         meter = _Meter(ckpt.nbytes, "converting", progress)
         writer = OrbaxWriter(os.path.join(tmp, PARAMS_DIR), config, target)
-        summary = _fill(ckpt, writer, meter)
+        summary = _fill(ckpt, writer, meter, allow_non_finite)
         _write_config(tmp, config, target)
         assets = copy_assets(src, tmp)
         manifest = {"source": os.path.abspath(src), "layout": "legacy" if ckpt.legacy else "native",

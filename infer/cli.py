@@ -64,7 +64,7 @@ def _generate_command(args) -> int:
         return _file_command(args)
     if args.out or args.resume:
         raise ValueError("--out and --resume go with --prompts-file")
-    config, params, desc = resolve_model(args.model, args.dtype)
+    config, params, desc = resolve_model(args.model, args.dtype, args.allow_non_finite)
     template_kwargs = {"enable_thinking": False} if args.no_thinking else {}
     line = single_line(args)
     tokenizer = load_tokenizer(args.model, config) if "prompt" in line else _optional_tokenizer(args.model, config)
@@ -96,7 +96,7 @@ def _file_command(args) -> int:
     if not sum(1 for _ in iter_objects(path)):  # the file is checked before the model loads
         raise ValueError(f"{path} holds no prompts")
     done = _open_out(args)
-    config, params, desc = resolve_model(args.model, args.dtype)
+    config, params, desc = resolve_model(args.model, args.dtype, args.allow_non_finite)
     tokenizer = _optional_tokenizer(args.model, config)
     chat = is_demo_model(args.model) if args.chat is None else args.chat
     template_kwargs = {"enable_thinking": False} if args.no_thinking else {}

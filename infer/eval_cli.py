@@ -85,7 +85,7 @@ def _eval_command(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be positive, got {args.limit}")
     problems = read_dataset(args.data, args.limit)
-    config, params, desc = resolve_model(args.model, args.dtype)
+    config, params, desc = resolve_model(args.model, args.dtype, args.allow_non_finite)
     knobs = dict(preset_settings(args), final_budget=args.final_budget)
     with open(args.data, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()

@@ -71,7 +71,23 @@ class Tokenizer:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of ``text``. Text the vocabulary cannot spell becomes the unknown token, as in
+        transformers, when that token is a dedicated one (``<unk>``); when the fallback is another special
+        token (the demo's is ``<pad>``) the character is refused instead (TokenizerError naming it)."""
+        encoding = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        unknown = self._borrowed_unknown_id()
+        if unknown is not None:
+            for token, (start, end) in zip(encoding.ids, encoding.offsets):
+                if token == unknown and text[start:end] != self.tokenizer.id_to_token(unknown):
+                    raise TokenizerError(f"the tokenizer has no token for {text[start:end]!r} (character {start} "
+                                         f"of the text); remove or replace it")
+        return encoding.ids
+
+    def _borrowed_unknown_id(self) -> int | None:
+        """The id text outside the vocabulary falls back to, if that token also serves another role."""
+        name = getattr(self.tokenizer.model, "unk_token", None)
+        roles = {text for role, text in self.special_tokens.items() if role != "unk_token"}
+        return self.tokenizer.token_to_id(name) if name in roles else None
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

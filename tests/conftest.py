@@ -6,6 +6,25 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
+import shutil  # noqa: E402
+
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """A tiny random HF checkpoint (transformers' save_pretrained), built once per module."""
+    import hf_ref
+
+    path = tmp_path_factory.mktemp("pristine") / "hf"
+    hf_ref.build("tiny", path, seed=2)
+    return path
+
+
+@pytest.fixture
+def src(pristine, tmp_path):
+    """A fresh copy of the tiny checkpoint to damage."""
+    return shutil.copytree(pristine, tmp_path / "src")

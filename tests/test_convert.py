@@ -85,7 +85,7 @@ def test_converted_directory_contents(converted):
     assert "ffn_hidden_size" not in config and config["dtype"] == "float32"
     manifest = json.loads((dst / convert.pipeline.MANIFEST).read_text())
     assert manifest["layout"] == "native" and manifest["assets"] == ["tokenizer.json", "chat_template.jinja", "generation_config.json"]
-    assert not [p for p in os.listdir(dst.parent) if ".tmp-" in p or ".old-" in p]
+    assert not [p for p in os.listdir(dst.parent) if ".zaya-" in p]
 
 
 def test_converted_logits_match_transformers(converted):

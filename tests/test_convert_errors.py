@@ -2,32 +2,17 @@
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-import hf_ref
 import zaya_jax
 from zaya_jax import convert
 from zaya_jax.convert import CheckpointError
 from zaya_jax.formats.hf_reader import HFCheckpoint
 
 O_PROJ = "model.layers.1.self_attn.o_proj.weight"
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pristine") / "hf"
-    hf_ref.build("tiny", path, seed=2)
-    return path
-
-
-@pytest.fixture
-def src(pristine, tmp_path):
-    """A fresh copy of the tiny checkpoint to damage."""
-    return shutil.copytree(pristine, tmp_path / "src")
 
 
 def _tensors(src):

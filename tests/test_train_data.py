@@ -92,7 +92,7 @@ def test_truncation_and_dropping(tmp_path):
     ("[1, 2]", "d.jsonl:2: expected a JSON object"),
     ({"prompt": "x"}, "d.jsonl:2: a record needs exactly one of"),
     ({"text": "x", "input_ids": [1]}, "d.jsonl:2: a record needs exactly one of"),
-    ({"input_ids": [1, 999]}, "d.jsonl:2: token id outside the vocabulary"),
+    ({"input_ids": [1, 999]}, "d.jsonl:2: token id 999 outside the vocabulary"),
     ({"input_ids": [1, 2], "loss_mask": [1]}, "d.jsonl:2: 'loss_mask' must be"),
     ({"input_ids": ["a"]}, "d.jsonl:2: 'input_ids' must be a list of integers"),
     ({"text": "hello"}, "d.jsonl:2: 'text' records need a tokenizer"),

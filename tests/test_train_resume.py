@@ -118,6 +118,21 @@ def test_resume_refuses_changed_settings_and_fresh_runs_refuse_old_checkpoints(s
     assert cli.main(args(root, out, "--resume", "--lr", "1e-3")) == 2
     assert "settings differ from the saved run in train" in capsys.readouterr().err
     assert cli.main(args(root, out)) == 2
-    assert "already holds checkpoints; pass --resume" in capsys.readouterr().err
+    assert "already holds checkpoints, model, metrics.jsonl, run.json; pass --resume" in capsys.readouterr().err
     assert cli.main(args(root, root / "nothing", "--resume")) == 2
     assert "cannot resume" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_data_file(setup, capsys):
+    root, _ = setup
+    out = root / "killed"
+    if not (out / "run.json").exists():
+        pytest.skip("needs the run of the first test")
+    data = root / "data.jsonl"
+    original = data.read_text()
+    try:
+        data.write_text(original + json.dumps({"input_ids": [5, 6, 7]}) + "\n")
+        assert cli.main(args(root, out, "--resume")) == 2
+        assert f"the data file {data} changed since the run started" in capsys.readouterr().err
+    finally:
+        data.write_text(original)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from zaya_jax.cli import add_non_finite_arg
+
 
 def _mesh(text: str | None):
     if not text:
@@ -16,16 +18,22 @@ def _mesh(text: str | None):
 
 def _train_command(args) -> int:
     from zaya_jax.cli import resolve_model
+    from zaya_jax.demo import DEFAULT_MODEL_DIR
     from zaya_jax.infer.tokenizer import Tokenizer
+    from zaya_jax.validate import InputError
 
     from . import data, loop, step
 
     if args.batch_size % args.grad_accum:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     mesh = _mesh(args.mesh)
-    config, params, desc = resolve_model(args.model, args.dtype)  # the loop places it on the mesh
-    has_tokenizer = args.model is not None and os.path.isfile(os.path.join(args.model, "tokenizer.json"))
-    tokenizer = Tokenizer.from_dir(args.model) if has_tokenizer else None
+    config, params, desc = resolve_model(args.model, args.dtype, args.allow_non_finite)  # the loop places it on the mesh
+    if args.seq_len > config.max_position_embeddings:
+        raise InputError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings="
+                         f"{config.max_position_embeddings}")
+    model_dir = args.model or DEFAULT_MODEL_DIR
+    has_tokenizer = os.path.isfile(os.path.join(model_dir, "tokenizer.json"))
+    tokenizer = Tokenizer.from_dir(model_dir) if has_tokenizer else None
     eos = config.eos_token_id[0] if config.eos_token_id else None
     examples, report = data.load_examples(args.data, args.seq_len, config.vocab_size, tokenizer, eos)
     print(f"model: {desc}\ndata: {report.examples} examples from {args.data} "
@@ -40,9 +48,10 @@ def _train_command(args) -> int:
                          save_every=args.save_every, keep=args.keep)
     batches = data.Batches(examples, args.batch_size, args.seq_len, args.seed, pad_id=config.pad_token_id or 0)
     data_settings = {"model": os.path.abspath(args.model) if args.model else None,
-                     "data": os.path.abspath(args.data), "examples": len(examples)}
-    state = loop.train(config, params, batches, tcfg, run, args.out, resume=args.resume, mesh=mesh,
-                       data_settings=data_settings, progress=not args.no_progress, assets_from=args.model)
+                     "data": os.path.abspath(args.data), "sha256": data.file_sha256(args.data),
+                     "examples": len(examples)}
+    state = loop.train(config, params, batches, tcfg, run, args.out, resume=args.resume, force=args.force,
+                       mesh=mesh, data_settings=data_settings, progress=not args.no_progress, assets_from=model_dir)
     with open(os.path.join(args.out, "metrics.jsonl")) as f:
         last = json.loads(f.readlines()[-1])
     summary = {"steps": int(state.step), "loss": last["loss"], "model": os.path.join(args.out, "model"),
@@ -83,5 +92,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=2,expert=2 (default: one device)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--force", action="store_true", help="start afresh in an --out that holds an earlier run's "
+                   "checkpoints/, model/, metrics.jsonl or run.json, deleting them")
+    add_non_finite_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the final summary as one JSON object")

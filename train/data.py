@@ -16,6 +16,7 @@ the complete data state to checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Iterable
 
 import jinja2
@@ -35,6 +36,12 @@ class Example:
 
     ids: np.ndarray
     loss_mask: np.ndarray
+
+
+def file_sha256(path: str) -> str:
+    """The hex sha256 of a file's bytes: a run records its data file's, and a resume checks it."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_jsonl(path: str) -> list[tuple[int, dict]]:
@@ -86,34 +93,45 @@ def text_example(text: str, tokenizer: Tokenizer, eos: int | None) -> Example:
     return Example(np.asarray(ids, np.int32), np.ones(len(ids), np.int32))
 
 
-def ids_example(record: dict) -> Example:
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true/false are not ids
+
+
+def ids_example(record: dict, vocab_size: int) -> Example:
     ids = record["input_ids"]
     mask = record.get("loss_mask", [1] * len(ids) if isinstance(ids, list) else None)
-    if not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
+    if not (isinstance(ids, list) and all(_is_int(i) for i in ids)):
         raise DataError("'input_ids' must be a list of integers")
-    if not (isinstance(mask, list) and len(mask) == len(ids) and all(v in (0, 1) for v in mask)):
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise DataError(f"token id {bad} outside the vocabulary [0, {vocab_size})")
+    if not (isinstance(mask, list) and len(mask) == len(ids) and all(_is_int(v) and v in (0, 1) for v in mask)):
         raise DataError("'loss_mask' must be a list of 0/1 as long as 'input_ids'")
     return Example(np.asarray(ids, np.int32), np.asarray(mask, np.int32))
 
 
-def record_example(record: dict, tokenizer: Tokenizer | None, eos: int | None) -> Example:
-    """One JSONL record (see the module docstring) -> Example."""
+def record_example(record: dict, tokenizer: Tokenizer | None, eos: int | None, vocab_size: int) -> Example:
+    """One JSONL record (see the module docstring) -> Example with ids in ``[0, vocab_size)``."""
     kinds = [k for k in ("text", "messages", "input_ids") if k in record]
     if len(kinds) != 1:
         raise DataError(f"a record needs exactly one of 'text', 'messages', 'input_ids'; got keys {sorted(record)}")
     kind = kinds[0]
     if kind == "input_ids":
-        return ids_example(record)
+        return ids_example(record, vocab_size)
     if tokenizer is None:
         raise DataError(f"'{kind}' records need a tokenizer, and the model directory has none "
                         "(give pre-tokenized 'input_ids' records instead)")
     if kind == "text":
         if not isinstance(record["text"], str):
             raise DataError("'text' must be a string")
-        return text_example(record["text"], tokenizer, eos)
-    if not isinstance(record["messages"], list):
-        raise DataError("'messages' must be a list")
-    return chat_example(record["messages"], tokenizer)
+        example = text_example(record["text"], tokenizer, eos)
+    else:
+        if not isinstance(record["messages"], list):
+            raise DataError("'messages' must be a list")
+        example = chat_example(record["messages"], tokenizer)
+    if example.ids.size and (example.ids.min() < 0 or example.ids.max() >= vocab_size):
+        raise DataError(f"the tokenizer gives token id(s) outside the model's vocabulary [0, {vocab_size})")
+    return example
 
 
 @dataclasses.dataclass
@@ -131,11 +149,9 @@ def load_examples(path: str, seq_len: int, vocab_size: int, tokenizer: Tokenizer
     examples, report = [], LoadReport()
     for number, record in read_jsonl(path):
         try:
-            ex = record_example(record, tokenizer, eos)
+            ex = record_example(record, tokenizer, eos, vocab_size)
         except (DataError, TokenizerError, jinja2.TemplateError) as e:
             raise DataError(f"{path}:{number}: {e}") from None
-        if ex.ids.size and (ex.ids.min() < 0 or ex.ids.max() >= vocab_size):
-            raise DataError(f"{path}:{number}: token id outside the vocabulary [0, {vocab_size})")
         if ex.ids.size > seq_len:
             report.truncated += 1
             ex = Example(ex.ids[:seq_len], ex.loss_mask[:seq_len])

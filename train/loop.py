@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -77,19 +78,38 @@ def _metrics_record(step: int, metrics: dict, seconds: float) -> dict:
     return record
 
 
-def _check_run(out: str, settings: dict, resume: bool) -> None:
+OUTPUTS = ("checkpoints", "model", "metrics.jsonl", "run.json")  # what a run writes in its --out
+
+
+def prepare_out(out: str, settings: dict, resume: bool, force: bool = False) -> None:
+    """Checks ``out`` for a run with ``settings``. A resume needs the saved run.json to match (a changed
+    data file, by its sha256, is named as such). A fresh run refuses an ``out`` that already holds any
+    of ``OUTPUTS`` (they may be another run's, or the user's) unless ``force``, which deletes them; other
+    files in ``out`` are left alone."""
     file = os.path.join(out, "run.json")
     if resume:
         if not os.path.exists(file):
             raise FileNotFoundError(f"cannot resume: {file} does not exist")
         with open(file) as f:
             saved = json.load(f)
+        data_then, data_now = saved.get("data", {}), settings.get("data", {})
+        if data_then.get("sha256") != data_now.get("sha256"):
+            raise ValueError(f"cannot resume: the data file {data_now.get('data')} changed since the run started "
+                             f"(sha256 {data_then.get('sha256')} then, {data_now.get('sha256')} now)")
         changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         if changed:
             raise ValueError(f"cannot resume: settings differ from the saved run in {', '.join(changed)}")
         return
-    if os.path.exists(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
-        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue or choose a new --out")
+    present = [name for name in OUTPUTS if os.path.lexists(os.path.join(out, name))]
+    if present and not force:
+        raise FileExistsError(f"{out} already holds {', '.join(present)}; pass --resume to continue the run there, "
+                              "--force to start afresh (deleting them) or choose a new --out")
+    for name in present:
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
     os.makedirs(out, exist_ok=True)
     with open(file, "w") as f:
         json.dump(settings, f, indent=2)
@@ -106,18 +126,19 @@ def _truncate_log(file: str, last_step: int) -> None:
 
 
 def train(config: ZayaConfig, params: dict, batches: Batches, tcfg: TrainConfig, run: RunConfig, out: str, *,
-          resume: bool = False, mesh=None, data_settings: dict | None = None, progress: bool = True,
-          save_model: bool = True, assets_from: str | None = None) -> TrainState:
+          resume: bool = False, force: bool = False, mesh=None, data_settings: dict | None = None,
+          progress: bool = True, save_model: bool = True, assets_from: str | None = None) -> TrainState:
     """Trains ``params`` for ``run.steps`` steps (from the latest checkpoint when ``resume``).
 
-    ``data_settings`` (e.g. the data file) is recorded in run.json and must match on resume.
+    ``out`` must not hold another run's outputs unless ``resume`` or ``force`` (see ``prepare_out``).
+    ``data_settings`` (e.g. the data file and its sha256) is recorded in run.json and must match on resume.
     Returns the final state; with ``save_model`` the trained params are written to ``out/model`` in the
     dtype ``params`` came in, with the tokenizer files of the model directory ``assets_from``.
     """
     settings = {"train": dataclasses.asdict(tcfg), "run": {k: v for k, v in dataclasses.asdict(run).items()
                                                            if k not in ("save_every", "keep")},
                 "data": data_settings or {}}
-    _check_run(out, settings, resume)
+    prepare_out(out, settings, resume, force)
     model_dtype = params["embed"].dtype
     state = init_state(params, tcfg)
     del params

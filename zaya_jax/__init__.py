@@ -4,9 +4,11 @@ from .cache import KVCache, init_cache
 from .checkpoint import load
 from .config import ConfigError, ZayaConfig
 from .model import apply, cast_params, forward, init, logical_axes
+from .validate import InputError
 
 __all__ = [
     "ConfigError",
+    "InputError",
     "KVCache",
     "ZayaConfig",
     "apply",

@@ -9,6 +9,7 @@ import numpy as np
 
 from . import host
 from .config import ZayaConfig
+from .finite import check_params
 from .formats import converted, layout, tree
 from .formats.hf_reader import resolve_dtype
 from .formats.orbax_store import OrbaxReader
@@ -18,7 +19,8 @@ from .sharding import INFERENCE
 BLOCK_BYTES = 64 << 20  # rows of a global leaf (the embedding) read at a time
 
 
-def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None) -> tuple[ZayaConfig, dict]:
+def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
+         allow_non_finite: bool = False) -> tuple[ZayaConfig, dict]:
     """Loads a model directory as ``(config, params)``.
 
     ``path``: an HF checkpoint directory (native 40-block or legacy 80-layer layout) or a directory
@@ -26,17 +28,21 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None) -> tuple
     weight but the router's balancing biases, which stay float32; ``None`` keeps the stored dtype.
     ``mesh`` (``sharding.make_mesh``): every leaf is placed straight into its sharded layout under
     ``rules`` (default ``sharding.INFERENCE``), each process reading only the slices its devices hold.
+    A weight holding NaN or Inf is refused (``CheckpointError`` naming the tensor) unless ``allow_non_finite``.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path} does not exist")
     config = ZayaConfig.from_pretrained(path)
     if mesh is not None:
-        return config, load_sharded(path, config, mesh, dtype=dtype, rules=rules or INFERENCE)
-    if converted.is_converted(path):
-        return config, _restore_host(path, config, dtype)
-    params = tree.read_hf(path, config, dtype)  # preallocated aligned buffers, filled tensor by tensor
-    return config, jax.tree_util.tree_map(host.to_device, params)
+        params = load_sharded(path, config, mesh, dtype=dtype, rules=rules or INFERENCE)
+    elif converted.is_converted(path):
+        params = _restore_host(path, config, dtype)
+    else:  # preallocated aligned buffers, filled tensor by tensor
+        params = jax.tree_util.tree_map(host.to_device, tree.read_hf(path, config, dtype))
+    if not allow_non_finite:
+        check_params(params, config)
+    return config, params
 
 
 def _restore_host(path: str, config: ZayaConfig, dtype) -> dict:

@@ -15,13 +15,15 @@ COMMAND_MODULES = (
 )
 
 
-def resolve_model(path: str | None, dtype: str | None = None):
-    """``(config, params, description)`` for a model directory; None means the shipped demo model."""
+def resolve_model(path: str | None, dtype: str | None = None, allow_non_finite: bool = False):
+    """``(config, params, description)`` for a model directory; None means the shipped demo model.
+
+    A weight holding NaN or Inf is refused (CheckpointError naming it) unless ``allow_non_finite``."""
     from . import checkpoint
     from .demo import DEFAULT_MODEL_DIR
 
     path = path or DEFAULT_MODEL_DIR
-    config, params = checkpoint.load(path, dtype=dtype)  # a dtype name or None
+    config, params = checkpoint.load(path, dtype=dtype, allow_non_finite=allow_non_finite)  # dtype: a name or None
     return config, params, "the shipped demo model (trained on multi-term addition)" if is_demo_model(path) else path
 
 
@@ -38,16 +40,25 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL_DIR,
                         help="model directory (HF checkpoint or `zaya convert` output); default: the shipped demo model")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype (default: stored)")
+    add_non_finite_arg(parser)
+
+
+def add_non_finite_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-non-finite", action="store_true",
+                        help="use a model even if a weight holds NaN or Inf (refused by default)")
 
 
 def parse_ids(text: str) -> list[int]:
+    """``--prompt-ids``: comma-separated integers; an empty item (``2,,3``) is refused, not skipped."""
+    items = text.replace(" ", "").split(",")
+    if not any(items):
+        raise ValueError("--prompt-ids is empty")
+    if "" in items:
+        raise ValueError(f"--prompt-ids must be comma-separated integers: item {items.index('') + 1} is empty")
     try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+        return [int(t) for t in items]
     except ValueError as e:
-        raise SystemExit(f"error: --prompt-ids must be comma-separated integers: {e}")
-    if not ids:
-        raise SystemExit("error: --prompt-ids is empty")
-    return ids
+        raise ValueError(f"--prompt-ids must be comma-separated integers: {e}") from None
 
 
 def _forward_command(args) -> int:
@@ -55,12 +66,9 @@ def _forward_command(args) -> int:
 
     from .model import forward
 
-    config, params, desc = resolve_model(args.model, args.dtype)
+    config, params, desc = resolve_model(args.model, args.dtype, args.allow_non_finite)
     ids = parse_ids(args.prompt_ids)
-    bad = [i for i in ids if not 0 <= i < config.vocab_size]
-    if bad:
-        raise SystemExit(f"error: token id(s) {bad} outside the vocabulary [0, {config.vocab_size})")
-    logits = np.asarray(forward(params, config, np.array([ids])))[0, -1]
+    logits = np.asarray(forward(params, config, np.array([ids])))[0, -1]  # forward validates the ids
     top = np.argsort(-logits)[: args.top]
     result = {"model": desc, "prompt_ids": ids, "next_token_top": [[int(t), float(logits[t])] for t in top]}
     if args.json:
@@ -91,12 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a ``zaya`` command. Exit codes (docs/errors.md): 0 success; 2 bad input or usage, as argparse
+    uses: any ValueError (ConfigError, CheckpointError, DataError, InputError, TokenizerError, ...), a
+    missing input, an output that exists without --force; 1 a failure of the system while running (any
+    other OSError: permission denied, disk full). Both print one ``error:`` line, no traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (FileNotFoundError, ValueError) as e:  # ConfigError / CheckpointError are ValueErrors
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ from typing import Iterator
 
 
 def read_objects(path: str, *, what: str = "records", error: type[Exception] = ValueError) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of ``path``; ``what`` names them in the empty-file error."""
+    """(line number, object) for each non-blank line of ``path``; ``what`` names them in the empty-file error.
+    A line that is not a JSON object (invalid UTF-8 or JSON, a non-object, absurd nesting) raises ``error``
+    naming the file and line."""
     objects = []
     for number, obj in iter_objects(path, error=error):
         if isinstance(obj, Exception):
@@ -20,18 +22,27 @@ def read_objects(path: str, *, what: str = "records", error: type[Exception] = V
 
 
 def iter_objects(path: str, *, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict | Exception]]:
-    """Lazily, (line number, object) for each non-blank line of ``path``, or (line number, ``error``
-    naming file, line and problem) for a line that is not a JSON object: a caller may skip bad lines."""
+    """Lazily, (line number, object) for each non-blank line of ``path`` (lines end at ``\\n``), or (line
+    number, ``error`` naming file, line and problem) for a line that is not a JSON object: a caller may
+    skip bad lines."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield number, error(f"{path}:{number}: not valid UTF-8: {e}")
+                continue
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 yield number, error(f"{path}:{number}: not valid JSON: {e}")
+                continue
+            except RecursionError:
+                yield number, error(f"{path}:{number}: JSON nested too deeply")
                 continue
             if not isinstance(obj, dict):
                 yield number, error(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")

@@ -24,6 +24,7 @@ from . import dtypes, expert_parallel, moe
 from .cache import KVCache
 from .config import ZayaConfig
 from .mesh import active_mesh
+from .validate import InputError, validate_ids
 
 Array = jax.Array
 # Sliding window of a full-attention layer: larger than any sequence.
@@ -504,16 +505,18 @@ def apply(params, config: ZayaConfig, tokens, ctx: AttentionContext, cache: KVCa
 
 
 def forward(params, config: ZayaConfig, input_ids, attention_mask=None, *, moe_impl: str = "auto") -> Array:
-    """Logits ``[B, S, V]`` float32 for ``input_ids [B, S]``; ``attention_mask [B, S]`` is 1/0, left-padded."""
+    """Logits ``[B, S, V]`` float32 for ``input_ids [B, S]``; ``attention_mask [B, S]`` is 1/0, left-padded.
+
+    Raises ``zaya_jax.InputError`` (see ``zaya_jax.validate``) for ids outside the vocabulary, non-integer
+    or empty inputs, rows longer than ``max_position_embeddings`` or a mask that is not 1/0 of that shape.
+    """
+    input_ids, attention_mask = validate_ids(input_ids, config, attention_mask)
+    if moe_impl not in moe.MOE_IMPLS:
+        raise InputError(f"unknown moe_impl {moe_impl!r}; choose one of {moe.MOE_IMPLS}")
     input_ids = jnp.asarray(input_ids, jnp.int32)
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-    attention_mask = jnp.asarray(attention_mask)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
-    return _forward_jit(params, config, input_ids, attention_mask, moe_impl)
+    return _forward_jit(params, config, input_ids, jnp.asarray(attention_mask, jnp.int32), moe_impl)
 
 
 # Compiler options of the inference programs. XLA:CPU runs bfloat16 dots by converting their operands to

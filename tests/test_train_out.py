@@ -1,0 +1,67 @@
+"""`zaya train` and what it finds (issue 17): an --out holding other outputs, a changed data file on
+--resume, text data with the default model, a --seq-len beyond the context."""
+
+import json
+import os
+
+import pytest
+
+from zaya_jax.cli import main
+from zaya_jax.train import loop
+
+
+def _train_args(out, data, *extra):
+    return ["train", "--data", str(data), "--out", str(out), "--steps", "1", "--batch-size", "1", "--seq-len", "16",
+            "--no-progress", *extra]
+
+
+@pytest.fixture
+def text_data(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "1+2=3"}) + "\n")
+    return data
+
+
+def test_train_refuses_an_out_holding_foreign_outputs(tmp_path, text_data, capsys):
+    out = tmp_path / "out"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "mine.txt").write_text("the user's")
+    (out / "metrics.jsonl").write_text("not a run's log\n")
+    (out / "notes.txt").write_text("unrelated")
+    assert main(_train_args(out, text_data)) == 2
+    err = capsys.readouterr().err
+    assert "already holds model, metrics.jsonl; pass --resume" in err and "--force" in err
+    assert (out / "model" / "mine.txt").read_text() == "the user's"
+    assert (out / "metrics.jsonl").read_text() == "not a run's log\n"
+
+    settings = {"data": {"data": str(text_data)}}
+    loop.prepare_out(str(out), settings, resume=False, force=True)  # --force: a fresh run's outputs only
+    assert sorted(os.listdir(out)) == ["notes.txt", "run.json"]
+    assert json.loads((out / "run.json").read_text()) == settings
+
+
+def test_resume_refuses_a_changed_data_file(tmp_path, text_data):
+    from zaya_jax.train.data import file_sha256
+
+    out = str(tmp_path / "out")
+    settings = lambda: {"data": {"data": str(text_data), "sha256": file_sha256(text_data)}}  # noqa: E731
+    loop.prepare_out(out, settings(), resume=False)
+    loop.prepare_out(out, settings(), resume=True)  # unchanged: fine
+    text_data.write_text(json.dumps({"text": "1+2=4"}) + "\n")
+    with pytest.raises(ValueError, match=rf"the data file {text_data} changed since the run started"):
+        loop.prepare_out(out, settings(), resume=True)
+
+
+def test_train_on_text_uses_the_default_models_tokenizer(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"text": "1+2=3"}) + "\n" + json.dumps({"text": "1+2=\u00e9"}) + "\n")
+    assert main(_train_args(tmp_path / "out", data)) == 2  # the shipped model's tokenizer reads line 1 ...
+    err = capsys.readouterr().err
+    assert "has none" not in err
+    assert f"{data}:2: the tokenizer has no token for '\u00e9' (character 4 of the text)" in err  # ... not line 2
+
+
+def test_train_refuses_a_seq_len_beyond_the_context(tmp_path, text_data, capsys):
+    assert main(_train_args(tmp_path / "out", text_data, "--seq-len", "4096")) == 2
+    assert "--seq-len 4096 exceeds the model's max_position_embeddings=1024" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
