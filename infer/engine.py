@@ -53,6 +53,16 @@ def request_keys(seed: int, indices) -> np.ndarray:
     return np.asarray(jax.random.key_data(keys))
 
 
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """New tokens per prompt (stop token included when one ended the row) and why each row stopped:
+    "stop_token", "max_new_tokens", "cache_full" (prompt + output reached the maximum length) or
+    "non_finite" (the model produced NaN/Inf logits: the row stops there, without a token)."""
+
+    tokens: list[list[int]]
+    stop_reasons: list[str]
+
+
 @dataclasses.dataclass(eq=False)
 class Request:
     """One generation request and its output so far.
@@ -220,8 +230,6 @@ class Engine:
 
     def generate(self, prompts, **kwargs):
         """All of ``stream``'s results in input order, as a ``GenerationResult``."""
-        from .generation import GenerationResult
-
         out: dict[int, tuple[list[int], str]] = {}
         for index, tokens, reason in self.stream(prompts, **kwargs):
             out[index] = (tokens, reason)

@@ -9,26 +9,15 @@ never recompiles; shapes are powers of two, so a session of varied calls compile
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import numpy as np
 
 from zaya_jax.config import ZayaConfig
 
-from .engine import MIN_PROMPT_BUCKET, Engine, bucket, check_prompt_list
+from .engine import MIN_PROMPT_BUCKET, Engine, GenerationResult, bucket, check_prompt_list
 
 GENERATE_SLOTS = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationResult:
-    """New tokens per prompt (stop token included when one ended the row) and why each row stopped:
-    "stop_token", "max_new_tokens", "cache_full" (prompt + output reached the maximum length) or
-    "non_finite" (the model produced NaN/Inf logits: the row stops there, without a token)."""
-
-    tokens: list[list[int]]
-    stop_reasons: list[str]
 
 
 def generate(params, config: ZayaConfig, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0,

@@ -20,9 +20,10 @@ from safetensors.numpy import save_file
 
 import zaya_jax
 from zaya_jax.config import ZayaConfig
-from zaya_jax.convert import CheckpointError, layout
-from zaya_jax.convert.hf_reader import HFCheckpoint
+from zaya_jax.convert import CheckpointError
 from zaya_jax.demo import DEFAULT_MODEL_DIR
+from zaya_jax.formats import layout
+from zaya_jax.formats.hf_reader import HFCheckpoint
 from zaya_jax.infer.tokenizer import Tokenizer
 from zaya_jax.jsonl import read_objects
 from zaya_jax.train.data import DataError, load_examples
