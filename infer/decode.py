@@ -103,8 +103,9 @@ def prefill_chunk(params, config: ZayaConfig, cache: KVCache, tokens: Array, new
     hidden, cache, _ = apply(params, config, tokens, ctx, cache, moe_impl=moe_impl, return_hidden=True)
     end = jnp.maximum(new_len - 1, 0)[:, None, None]
     h = jnp.take_along_axis(hidden, end, axis=1)[:, 0]  # [G, D]
-    logits = jnp.einsum("gd,dv->gv", h, head_kernel(params, config).astype(h.dtype),
-                        preferred_element_type=jnp.float32)
+    with jax.named_scope("lm_head"):
+        logits = jnp.einsum("gd,dv->gv", h, head_kernel(params, config).astype(h.dtype),
+                            preferred_element_type=jnp.float32)
     return jnp.where(new_len[:, None] > 0, logits, last), cache
 
 

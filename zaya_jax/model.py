@@ -205,7 +205,8 @@ class CCAttention(nn.Module):
         c, dt = self.config, self.dtype
         conv_state = cache["conv"] if cache is not None else None
         v_prev = cache["v_prev"] if cache is not None else None
-        q, k, v, conv_state, v_prev = CCAProjection(c, dt, name="cca")(x, ctx.token_valid, conv_state, v_prev)
+        with jax.named_scope("cca_projection"):  # named scopes: an XLA profile attributes time by name
+            q, k, v, conv_state, v_prev = CCAProjection(c, dt, name="cca")(x, ctx.token_valid, conv_state, v_prev)
 
         # L2 q/k norm to sqrt(Dh), learned per-KV-head key temperature, then partial RoPE.
         temp = _param(self, "temp", nn.initializers.zeros, (c.num_key_value_heads,), ("kv_heads",))
@@ -315,23 +316,25 @@ class Experts(nn.Module):
     def __call__(self, x, route, gate, layer=None, stack=None):
         """x: [N, D]; route, gate: [N] -> [N, D].
 
-        ``stack`` (with ``layer``): this parameter's whole layer stack, for the decode path that slices
-        each token's expert straight out of it (``moe.STACK_IMPLS``).
+        ``stack`` (with ``layer``): the experts' whole layer stack ``{"gate_up": [L, E, D, 2F], "down":
+        [L, E, F, D]}``, given by ``apply`` for the dispatch paths that slice each token's expert straight
+        out of it (``moe.STACK_IMPLS``; no copy of the layer's experts inside the scan).
         """
         c = self.config
         E, D, F = c.num_experts, c.hidden_size, c.moe_intermediate_size
-        gate_up = _param(self, "gate_up", _normal(c), (E, D, 2 * F), ("experts", "embed", "moe_ffw"))
-        down = _param(self, "down", _normal(c), (E, F, D), ("experts", "moe_ffw", "embed"))
         skip_scale = gate if c.mod_skip == "scaled_identity" else jnp.zeros_like(gate)
         skip_scale = jnp.where(route == E, skip_scale, 0.0)
+        if stack is not None:  # the decode path: each token's expert is sliced straight out of the stack
+            return moe.experts(x, route, gate, skip_scale, stack["gate_up"].astype(self.dtype),
+                               stack["down"].astype(self.dtype), self.moe_impl, layer=layer)
+        gate_up = _param(self, "gate_up", _normal(c), (E, D, 2 * F), ("experts", "embed", "moe_ffw"))
+        down = _param(self, "down", _normal(c), (E, F, D), ("experts", "moe_ffw", "embed"))
         # Under a sharding mesh (jax.set_mesh) the MoE runs expert/tensor/data-parallel in a shard_map.
         if active_mesh() is not None:
             return expert_parallel.experts(x, route, gate, skip_scale, gate_up.astype(self.dtype),
                                            down.astype(self.dtype), self.moe_impl)
-        if stack is not None:
-            gate_up, down = stack["gate_up"], stack["down"]
         return moe.experts(x, route, gate, skip_scale, gate_up.astype(self.dtype), down.astype(self.dtype),
-                           self.moe_impl, layer=layer if stack is not None else None)
+                           self.moe_impl)
 
 
 class Block(nn.Module):
@@ -349,14 +352,17 @@ class Block(nn.Module):
         B, S, D = residual.shape
 
         x = RMSNorm(c.rms_norm_eps, dt, name="input_norm")(residual)
-        a, new_cache = CCAttention(c, dt, name="attn")(x, theta, window, ctx, cache)
+        with jax.named_scope("attention"):
+            a, new_cache = CCAttention(c, dt, name="attn")(x, theta, window, ctx, cache)
         residual = ResidualScale(name="post_attn_scale")(a, residual)
 
         x = RMSNorm(c.rms_norm_eps, dt, name="post_attn_norm")(residual)
-        route, gate, router_state = Router(c, name="router")(x, router_state)
-        m = Experts(c, dt, self.moe_impl, name="experts")(
-            x.reshape(B * S, D), route.reshape(-1), gate.reshape(-1), layer, expert_stack
-        ).reshape(B, S, D)
+        with jax.named_scope("router"):
+            route, gate, router_state = Router(c, name="router")(x, router_state)
+        with jax.named_scope("experts"):
+            m = Experts(c, dt, self.moe_impl, name="experts")(
+                x.reshape(B * S, D), route.reshape(-1), gate.reshape(-1), layer, expert_stack
+            ).reshape(B, S, D)
         residual = ResidualScale(name="post_mlp_scale")(m, residual)
 
         # Route counts over real tokens: expert load for training metrics and bias balancing.
@@ -376,7 +382,8 @@ class ZayaModel(nn.Module):
     remat_policy: str = "none"
 
     @nn.compact
-    def __call__(self, tokens, ctx: AttentionContext, cache: dict | None = None, return_hidden: bool = False):
+    def __call__(self, tokens, ctx: AttentionContext, cache: dict | None = None, return_hidden: bool = False,
+                 expert_stack: dict | None = None):
         c, dt = self.config, self.dtype
         embedding = _param(self, "embed", _embed_init(c), (c.vocab_size, c.hidden_size), ("vocab", "embed"))
         in_scale = _param(self, "input_scale", nn.initializers.ones, (c.hidden_size,), ("embed",))
@@ -401,7 +408,7 @@ class ZayaModel(nn.Module):
         thetas, windows = layer_constants(c)
         layer_ids = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
         (residual, _), (new_cache, counts) = layers(
-            (residual, router_state), (layer_ids, thetas, windows, cache), ctx, self._expert_stack(tokens.size))
+            (residual, router_state), (layer_ids, thetas, windows, cache), ctx, expert_stack)
 
         h = RMSNorm(c.rms_norm_eps, dt, name="final_norm")(residual)
         aux = {"route_counts": counts}  # [layers, E + 1]
@@ -411,20 +418,9 @@ class ZayaModel(nn.Module):
             head = embedding.T
         else:
             head = _param(self, "lm_head", _normal(c), (c.hidden_size, c.vocab_size), ("embed", "vocab"))
-        logits = jnp.einsum("bsd,dv->bsv", h, head.astype(dt), preferred_element_type=jnp.float32)
+        with jax.named_scope("lm_head"):
+            logits = jnp.einsum("bsd,dv->bsv", h, head.astype(dt), preferred_element_type=jnp.float32)
         return logits, new_cache, aux
-
-    def _expert_stack(self, tokens: int):
-        """The stacked expert weights when the MoE dispatch slices them directly, else None.
-
-        Only for the implementations in ``moe.STACK_IMPLS``, without a mesh, after init (the stack is
-        read from the params being applied, so its gradient is exact).
-        """
-        if self.is_initializing() or active_mesh() is not None:
-            return None
-        if moe.resolve_impl(self.moe_impl, tokens) not in moe.STACK_IMPLS:
-            return None
-        return self.variables["params"]["layers"]["experts"]
 
 
 def _embed_init(config: ZayaConfig):
@@ -497,7 +493,12 @@ def apply(params, config: ZayaConfig, tokens, ctx: AttentionContext, cache: KVCa
     """
     model = ZayaModel(config, compute_dtype(params), moe_impl, remat_policy)
     layer_cache = cache.layer_slices() if cache is not None else None
-    out, new_layers, aux = model.apply({"params": params}, tokens, ctx, layer_cache, return_hidden)
+    # The CPU decode paths slice experts out of the stacked weights (read from the params given, so the
+    # gradient stays exact); never under a mesh, where the expert-parallel shard_map runs instead.
+    stack = None
+    if active_mesh() is None and moe.resolve_impl(moe_impl, tokens.size) in moe.STACK_IMPLS:
+        stack = params["layers"]["experts"]
+    out, new_layers, aux = model.apply({"params": params}, tokens, ctx, layer_cache, return_hidden, stack)
     new_cache = None
     if cache is not None:
         new_cache = cache.replace(lengths=cache.lengths + jnp.sum(ctx.token_valid, axis=1, dtype=jnp.int32), **new_layers)
