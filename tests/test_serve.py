@@ -10,7 +10,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from serve_util import running_server, wait_for  # noqa: E402
+from serve_util import demo_server, wait_for  # noqa: E402
 from zaya_jax import load  # noqa: E402
 from zaya_jax.demo import DEFAULT_MODEL_DIR, arith, data  # noqa: E402
 from zaya_jax.infer import generate, markov_rsa  # noqa: E402
@@ -23,8 +23,7 @@ MODEL = "zaya-demo"
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
-    cache = tmp_path_factory.getbasetemp() / "jax-cache"
-    with running_server("--slots", str(SLOTS), "--max-queue", "128", cache_dir=str(cache)) as u:
+    with demo_server(tmp_path_factory, "--slots", str(SLOTS), "--max-queue", "128") as u:
         yield u
 
 

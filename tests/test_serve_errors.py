@@ -7,7 +7,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from serve_util import running_server, wait_for  # noqa: E402
+from serve_util import demo_server, wait_for  # noqa: E402
 
 KEY = "sekret"
 MODEL = "zaya-demo"
@@ -17,9 +17,8 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "12+34+56"}], "
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
-    cache = tmp_path_factory.getbasetemp() / "jax-cache"
-    with running_server("--slots", str(SLOTS), "--max-queue", str(QUEUE), "--api-key", KEY, "--max-body-bytes",
-                        str(BODY_LIMIT), cache_dir=str(cache)) as u:
+    with demo_server(tmp_path_factory, "--slots", str(SLOTS), "--max-queue", str(QUEUE), "--api-key", KEY,
+                     "--max-body-bytes", str(BODY_LIMIT)) as u:
         yield u
 
 

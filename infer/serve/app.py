@@ -47,6 +47,9 @@ class Server:
         return self.driver.engine
 
     def reserve(self, rows: int) -> None:
+        """Counts ``rows`` engine sequences against the queue bound until ``release``; 429 when full."""
+        if self.driver.failure is not None:
+            raise APIError(503, f"the engine failed: {self.driver.failure!r}", type="server_error")
         if rows > self.capacity:
             raise APIError(400, f"the request needs {rows} sequences; this server holds {self.capacity} at most",
                            param="n")
@@ -54,6 +57,9 @@ class Server:
             raise APIError(429, f"the server is at capacity ({self.in_flight} of {self.capacity} sequences running "
                                 "or queued); retry later", type="rate_limit_error", code="queue_full")
         self.in_flight += rows
+
+    def release(self, rows: int) -> None:
+        self.in_flight -= rows
 
     def decode(self, tokens) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -75,7 +81,7 @@ def create_app(server: Server) -> FastAPI:
         failed = server.driver.failure
         body = {"status": "failed" if failed else "ok", "model": server.model_id, "slots": server.engine.slots,
                 "max_len": server.engine.max_len, "in_flight": server.in_flight, **server.driver.load,
-                "finished": dict(server.driver.finished)}
+                "finished": server.driver.finished_counts()}
         return JSONResponse(body, status_code=503 if failed else 200)
 
     @app.get("/v1/models")
@@ -202,7 +208,7 @@ async def _generate(server: Server, request: Request, body, prompts: list[list[i
     except ClientGone:
         return JSONResponse({}, status_code=499)
     finally:
-        server.in_flight -= rows
+        server.release(rows)
     usage["completion_tokens"] = sum(used)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
@@ -229,19 +235,31 @@ async def _stream_choices(events, meta: dict, usage: dict, chat: bool, rows: int
 
 
 def _sse(server: Server, rows: int, chunks: AsyncIterator[dict]) -> StreamingResponse:
-    """Server-sent events of ``chunks``, then ``data: [DONE]``; releases the rows when the stream ends,
-    however it ends (a client that disconnects cancels the generator and so its engine requests)."""
+    """Server-sent events of ``chunks``, then ``data: [DONE]``; the rows are released when the response
+    ends, however it ends (a client that disconnects cancels ``chunks`` and so its engine requests)."""
     async def body():
         try:
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk)}\n\n"
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
-        finally:
-            server.in_flight -= rows
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _Stream(body(), lambda: server.release(rows))
+
+
+class _Stream(StreamingResponse):
+    """An event stream that calls ``on_end`` once it is over, even if its body never started."""
+
+    def __init__(self, body, on_end):
+        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_end = on_end
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_end()
 
 
 def _meta(server: Server, kind: str) -> dict:
@@ -343,7 +361,7 @@ async def _rsa(server: Server, request: Request, body: ChatRequest):
     except ClientGone:
         return JSONResponse({}, status_code=499)
     finally:
-        server.in_flight -= search.population
+        server.release(search.population)
     content, usage = final(result)
     return {**meta, "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
                                  "finish_reason": "stop"}], "usage": usage, "rsa": _rsa_extension(result, settings)}

@@ -27,7 +27,8 @@ class Driver:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="zaya-engine", daemon=True)
         self.failure: BaseException | None = None
-        self.finished: collections.Counter = collections.Counter()  # engine stop reasons seen
+        self._finished: collections.Counter = collections.Counter()  # engine stop reasons seen
+        self._lock = threading.Lock()
         self.load = {"running": 0, "waiting": 0}  # published after every step, for /health
 
     def start(self) -> None:
@@ -54,7 +55,13 @@ class Driver:
 
     def count(self, request) -> None:
         """Counts a finished engine request's stop reason (call from an ``on_update`` callback)."""
-        self.finished[request.stop_reason] += 1
+        with self._lock:
+            self._finished[request.stop_reason] += 1
+
+    def finished_counts(self) -> dict[str, int]:
+        """How many engine requests ended with each stop reason (any thread)."""
+        with self._lock:
+            return dict(self._finished)
 
     def _run(self) -> None:
         try:
