@@ -8,6 +8,7 @@ as one JSON body, or as server-sent events ending ``data: [DONE]``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import secrets
@@ -200,14 +201,16 @@ async def _generate(server: Server, request: Request, body, prompts: list[list[i
 
     if body.stream:
         return _sse(server, rows, _stream_choices(events(), meta, usage, chat, rows, body.include_usage()))
+    gone = _Disconnect(request)
     try:
         texts, finish, used = [""] * rows, [None] * rows, [0] * rows
-        async for i, delta, reason, tokens in events(request.is_disconnected):
+        async for i, delta, reason, tokens in events(gone):
             texts[i] += delta
             finish[i], used[i] = reason, tokens
     except ClientGone:
         return JSONResponse({}, status_code=499)
     finally:
+        gone.close()
         server.release(rows)
     usage["completion_tokens"] = sum(used)
     if chat:
@@ -246,6 +249,25 @@ def _sse(server: Server, rows: int, chunks: AsyncIterator[dict]) -> StreamingRes
         yield "data: [DONE]\n\n"
 
     return _Stream(body(), lambda: server.release(rows))
+
+
+class _Disconnect:
+    """Whether the client of a non-streamed request has gone away (called as ``await gone()``): a task
+    waits for the ASGI ``http.disconnect`` message, as Starlette's streaming responses do."""
+
+    def __init__(self, request: Request):
+        self.task = asyncio.create_task(self._wait(request.receive))
+
+    @staticmethod
+    async def _wait(receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    async def __call__(self) -> bool:
+        return self.task.done()
+
+    def close(self) -> None:
+        self.task.cancel()
 
 
 class _Stream(StreamingResponse):
@@ -355,12 +377,14 @@ async def _rsa(server: Server, request: Request, body: ChatRequest):
                     yield dict(chunk, choices=[], usage=usage)
 
         return _sse(server, search.population, chunks())
+    gone = _Disconnect(request)
     try:
-        async for kind, value in run_rsa(server.driver, search, request.is_disconnected):
+        async for kind, value in run_rsa(server.driver, search, gone):
             result = value
     except ClientGone:
         return JSONResponse({}, status_code=499)
     finally:
+        gone.close()
         server.release(search.population)
     content, usage = final(result)
     return {**meta, "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,

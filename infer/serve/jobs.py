@@ -15,7 +15,7 @@ from .driver import Driver
 from .protocol import APIError
 from .text import ChoiceText
 
-POLL_S = 0.5  # how often a waiting handler checks for a disconnected client or a failed engine
+POLL_S = 0.1  # how often a waiting handler checks for a disconnected client or a failed engine
 
 
 class ClientGone(Exception):
@@ -23,14 +23,15 @@ class ClientGone(Exception):
 
 
 async def _next(updates: asyncio.Queue, driver: Driver, disconnected: Callable[[], Awaitable[bool]] | None):
-    while True:
+    while True:  # checked before every update too: a busy stream of updates must not hide a disconnect
+        if driver.failure is not None:
+            raise APIError(500, f"the engine failed: {driver.failure!r}", type="server_error")
+        if disconnected is not None and await disconnected():
+            raise ClientGone()
         try:
             return await asyncio.wait_for(updates.get(), POLL_S)
         except asyncio.TimeoutError:
-            if driver.failure is not None:
-                raise APIError(500, f"the engine failed: {driver.failure!r}", type="server_error") from None
-            if disconnected is not None and await disconnected():
-                raise ClientGone() from None
+            pass
 
 
 def _sender(updates: asyncio.Queue) -> Callable:
@@ -100,7 +101,8 @@ async def generate_choices(driver: Driver, prompts: list[list[int]], n: int, *, 
 
 class _Tracked:
     """The engine as an ``RSASearch`` sees it: records the search's requests, so that a client that goes
-    away can cancel them (those submitted after that are cancelled at once), and counts their stop reasons."""
+    away can cancel them (those it submits after that are cancelled before the next step), and counts
+    their stop reasons."""
 
     def __init__(self, engine, driver: Driver):
         self.engine, self.driver, self.requests, self.cancelled = engine, driver, [], False
@@ -113,8 +115,8 @@ class _Tracked:
 
         request = self.engine.submit(prompt, on_update=update, **kwargs)
         self.requests.append(request)
-        if self.cancelled:
-            self.engine.cancel(request)
+        if self.cancelled:  # after the search has filed it (cancelling here would re-enter its bookkeeping)
+            self.driver.call(lambda engine: engine.cancel(request))
         return request
 
     def cancel(self) -> None:
