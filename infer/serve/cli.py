@@ -62,7 +62,8 @@ def _serve_command(args) -> int:
     log.info("model %s: %d slots x %d tokens; engine compiled by a warm-up request in %.1f s", desc, engine.slots,
              engine.max_len, seconds)
     driver.start()
-    name = args.model_name or ("zaya-demo" if is_demo_model(args.model) else os.path.basename(os.path.normpath(args.model)))
+    default_name = "zaya-demo" if is_demo_model(args.model) else os.path.basename(os.path.normpath(args.model))
+    name = args.model_name or default_name
     server = Server(driver=driver, tokenizer=tokenizer, model_id=name, model_path=args.model,
                     capacity=engine.slots + args.max_queue, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     try:
