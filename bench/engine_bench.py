@@ -111,7 +111,7 @@ def rsa(slots: int | None, problems: int) -> None:
 
     config, params = load(DEFAULT_MODEL_DIR)
     tokenizer = Tokenizer.from_dir(DEFAULT_MODEL_DIR)
-    held = arith.problems("heldout", problems)
+    held = arith.problems("test", problems)
     questions = [tokenizer.encode(p.question, add_special_tokens=False) for p in held]
     template = TokenTemplate.from_tokenizer(data.TEMPLATE, data.TAILS, tokenizer)
     extra = {} if slots is None else {"slots": slots}

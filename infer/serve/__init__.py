@@ -1,0 +1,6 @@
+"""``zaya serve``: an OpenAI-compatible HTTP server on the engine, with Markov RSA as a chat extension.
+
+Modules: ``protocol`` (request bodies, the error object), ``text`` (stop strings, finish reasons),
+``driver`` (the engine's one thread), ``jobs`` (a request's engine work as async events), ``app`` (the
+ASGI routes), ``cli`` (the command). Needs the ``serve`` extra (fastapi, uvicorn).
+"""

@@ -1,0 +1,391 @@
+"""The ASGI app: OpenAI's /v1/models, /v1/completions and /v1/chat/completions, plus /health.
+
+Handlers validate a request fully (a 400 with OpenAI's error object otherwise), reserve its engine rows
+against the queue bound (429 when full), then hand it to the driver thread and relay its tokens —
+as one JSON body, or as server-sent events ending ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import secrets
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from zaya_jax.cli import is_demo_model
+
+from ..sampling import check_knobs
+from ..tokenizer import Tokenizer
+from .driver import Driver
+from .jobs import ClientGone, generate_choices, run_rsa
+from .protocol import APIError, ChatRequest, CompletionRequest, Message, RSAOptions, parse
+
+
+@dataclasses.dataclass
+class Server:
+    """What the handlers share. ``capacity``: engine rows (running + queued) in flight at most."""
+
+    driver: Driver
+    tokenizer: Tokenizer
+    model_id: str
+    model_path: str
+    capacity: int
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    in_flight: int = 0  # engine rows reserved by handlers; only touched on the event loop
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+    @property
+    def engine(self):
+        return self.driver.engine
+
+    def reserve(self, rows: int) -> None:
+        """Counts ``rows`` engine sequences against the queue bound until ``release``; 429 when full."""
+        if self.driver.failure is not None:
+            raise APIError(503, f"the engine failed: {self.driver.failure!r}", type="server_error")
+        if rows > self.capacity:
+            raise APIError(400, f"the request needs {rows} sequences; this server holds {self.capacity} at most",
+                           param="n")
+        if self.in_flight + rows > self.capacity:
+            raise APIError(429, f"the server is at capacity ({self.in_flight} of {self.capacity} sequences running "
+                                "or queued); retry later", type="rate_limit_error", code="queue_full")
+        self.in_flight += rows
+
+    def release(self, rows: int) -> None:
+        self.in_flight -= rows
+
+    def decode(self, tokens) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(title="zaya serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    @app.get("/health")
+    async def health():
+        failed = server.driver.failure
+        body = {"status": "failed" if failed else "ok", "model": server.model_id, "slots": server.engine.slots,
+                "max_len": server.engine.max_len, "in_flight": server.in_flight, **server.driver.load,
+                "finished": server.driver.finished_counts()}
+        return JSONResponse(body, status_code=503 if failed else 200)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        _authorize(server, request)
+        return {"object": "list", "data": [_model_card(server)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        _authorize(server, request)
+        if model_id != server.model_id:
+            raise APIError(404, f"model {model_id!r} does not exist; this server serves {server.model_id!r}",
+                           param="model", code="model_not_found")
+        return _model_card(server)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _read(server, request, CompletionRequest)
+        prompts = _completion_prompts(server, body.prompt)
+        return await _generate(server, request, body, prompts, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _read(server, request, ChatRequest)
+        if body.rsa is not None:
+            return await _rsa(server, request, body)
+        prompt = _chat_prompt(server, body.messages)
+        return await _generate(server, request, body, [prompt], chat=True)
+
+    return app
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def _authorize(server: Server, request: Request) -> None:
+    if server.api_key is None:
+        return
+    if not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {server.api_key}"):
+        raise APIError(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
+                       type="authentication_error", code="invalid_api_key")
+
+
+async def _read(server: Server, request: Request, model):
+    _authorize(server, request)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > server.max_body_bytes:
+        raise APIError(400, f"request body of {declared} bytes is over the limit of {server.max_body_bytes} bytes",
+                       code="body_too_large")
+    body = parse(model, await request.body(), server.max_body_bytes)
+    if body.model != server.model_id:
+        raise APIError(400, f"model {body.model!r} does not exist; this server serves {server.model_id!r}",
+                       param="model", code="model_not_found")
+    return body
+
+
+def _prompt_ids(server: Server, ids, what: str) -> list[int]:
+    try:
+        return server.engine.check_prompt(ids, what)
+    except ValueError as e:
+        raise APIError(400, str(e), param="prompt" if what.startswith("prompt") else "messages") from None
+
+
+def _completion_prompts(server: Server, prompt) -> list[list[int]]:
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt is empty", param="prompt")
+    return [_prompt_ids(server, server.tokenizer.encode(p) if isinstance(p, str) else p, f"prompt {i}")
+            for i, p in enumerate(prompt)]
+
+
+def _chat_prompt(server: Server, messages: list[Message]) -> list[int]:
+    try:
+        ids = server.tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in messages])
+    except Exception as e:  # a template may raise anything on odd input (raise_exception)
+        raise APIError(400, f"cannot render the messages with the model's chat template: {e}",
+                       param="messages") from None
+    return _prompt_ids(server, ids, "messages")
+
+
+def _knobs(server: Server, body, prompts: list[list[int]]) -> dict:
+    """The engine's keyword arguments for ``body``; 400s name what is wrong."""
+    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    room = server.engine.max_len - max(len(p) for p in prompts)
+    if max_tokens is not None and max_tokens > room:
+        raise APIError(400, f"max_tokens={max_tokens} is beyond the context: the prompt has "
+                            f"{server.engine.max_len - room} tokens and the maximum length is {server.engine.max_len} "
+                            f"(at most {room} new tokens)", param="max_tokens")
+    stop_ids = list(body.stop_token_ids or [])
+    if not body.ignore_eos:
+        stop_ids += [t for t in server.engine.config.eos_token_id if t not in stop_ids]
+    try:
+        server.engine.stop_id_row(stop_ids)
+        check_knobs(1, temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p, min_p=body.min_p)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    bad = [t for t in stop_ids if not 0 <= t < server.engine.config.vocab_size]
+    if bad:
+        raise APIError(400, f"stop_token_ids {bad} outside the vocabulary", param="stop_token_ids")
+    return dict(max_new_tokens=max_tokens or room, temperature=body.temperature, top_k=max(body.top_k, 0),
+                top_p=body.top_p, min_p=body.min_p, stop_token_ids=stop_ids)
+
+
+# ------------------------------------------------------------------------------------------------ generation
+async def _generate(server: Server, request: Request, body, prompts: list[list[int]], *, chat: bool):
+    knobs = _knobs(server, body, prompts)
+    stops = body.stop_strings()
+    seed = body.seed if body.seed is not None else secrets.randbits(31)
+    rows = len(prompts) * body.n
+    server.reserve(rows)
+    meta = _meta(server, "chat.completion" if chat else "text_completion")
+    usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
+
+    def events(disconnected=None):
+        return generate_choices(server.driver, prompts, body.n, knobs=knobs, seed=seed, stops=stops,
+                                decode=server.decode, disconnected=disconnected)
+
+    if body.stream:
+        return _sse(server, rows, _stream_choices(events(), meta, usage, chat, rows, body.include_usage()))
+    gone = _Disconnect(request)
+    try:
+        texts, finish, used = [""] * rows, [None] * rows, [0] * rows
+        async for i, delta, reason, tokens in events(gone):
+            texts[i] += delta
+            finish[i], used[i] = reason, tokens
+    except ClientGone:
+        return JSONResponse({}, status_code=499)
+    finally:
+        gone.close()
+        server.release(rows)
+    usage["completion_tokens"] = sum(used)
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+                    "finish_reason": finish[i]} for i in range(rows)]
+    else:
+        choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": finish[i]} for i in range(rows)]
+    return {**meta, "choices": choices, "usage": _usage(usage)}
+
+
+async def _stream_choices(events, meta: dict, usage: dict, chat: bool, rows: int, include_usage: bool):
+    chunk = dict(meta, object="chat.completion.chunk" if chat else "text_completion")
+    if chat:  # OpenAI opens every choice with its role
+        for i in range(rows):
+            yield dict(chunk, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}])
+    used = [0] * rows
+    async for i, delta, reason, tokens in events:
+        used[i] = tokens
+        piece = {"delta": {"content": delta} if delta else {}} if chat else {"text": delta}
+        yield dict(chunk, choices=[{"index": i, **piece, "logprobs": None, "finish_reason": reason}])
+    usage["completion_tokens"] = sum(used)
+    if include_usage:
+        yield dict(chunk, choices=[], usage=_usage(usage))
+
+
+def _sse(server: Server, rows: int, chunks: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-sent events of ``chunks``, then ``data: [DONE]``; the rows are released when the response
+    ends, however it ends (a client that disconnects cancels ``chunks`` and so its engine requests)."""
+    async def body():
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except APIError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return _Stream(body(), lambda: server.release(rows))
+
+
+class _Disconnect:
+    """Whether the client of a non-streamed request has gone away (called as ``await gone()``): a task
+    waits for the ASGI ``http.disconnect`` message, as Starlette's streaming responses do."""
+
+    def __init__(self, request: Request):
+        self.task = asyncio.create_task(self._wait(request.receive))
+
+    @staticmethod
+    async def _wait(receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    async def __call__(self) -> bool:
+        return self.task.done()
+
+    def close(self) -> None:
+        self.task.cancel()
+
+
+class _Stream(StreamingResponse):
+    """An event stream that calls ``on_end`` once it is over, even if its body never started."""
+
+    def __init__(self, body, on_end):
+        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_end = on_end
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_end()
+
+
+def _meta(server: Server, kind: str) -> dict:
+    prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": server.model_id}
+
+
+def _usage(usage: dict) -> dict:
+    return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+
+
+def _model_card(server: Server) -> dict:
+    return {"id": server.model_id, "object": "model", "created": server.created, "owned_by": "zaya-jax",
+            "max_model_len": server.engine.max_len}
+
+
+# ------------------------------------------------------------------------------------------------ Markov RSA
+def _rsa_search(server: Server, body: ChatRequest):
+    """An unstarted ``RSASearch`` for the request's one user message, with the CLI's presets."""
+    from zaya_jax.demo import data
+
+    from ..rsa import RSASearch, TokenTemplate
+    from ..rsa_cli import DEMO_MODE, KNOBS, PRESETS, settings
+
+    opts: RSAOptions = body.rsa
+    if len(body.messages) != 1 or body.messages[0].role != "user":
+        raise APIError(400, "an rsa request takes exactly one user message: the question", param="messages")
+    for name in ("max_tokens", "max_completion_tokens", "stop", "stop_token_ids"):
+        if getattr(body, name):
+            raise APIError(400, f"`{name}` does not apply to an rsa request (use rsa.budget / rsa.final_budget)",
+                           param=name)
+    if body.n != 1:
+        raise APIError(400, "an rsa request returns one choice (n=1)", param="n")
+    if opts.mode is not None and opts.mode not in (*PRESETS, DEMO_MODE):
+        raise APIError(400, f"unknown rsa mode {opts.mode!r}; one of {sorted((*PRESETS, DEMO_MODE))}", param="rsa.mode")
+    knobs = settings(argparse.Namespace(model=server.model_path, **opts.model_dump(include=set(KNOBS) | {"mode"})))
+    demo = is_demo_model(server.model_path)
+    question = server.tokenizer.encode(body.messages[0].text(), add_special_tokens=False)
+    seed = body.seed if body.seed is not None else secrets.randbits(31)
+    try:
+        template = TokenTemplate.from_tokenizer(data.TEMPLATE, knobs["tails"], server.tokenizer) if demo else None
+        search = RSASearch(server.engine.config, question, **knobs, final_budget=opts.final_budget,
+                           temperature=body.temperature, top_p=body.top_p, seed=seed, template=template,
+                           tokenizer=server.tokenizer)
+    except ValueError as e:
+        raise APIError(400, f"rsa: {e}", param="rsa") from None
+    if search.max_len > server.engine.max_len:
+        raise APIError(400, f"rsa: the search needs a context of {search.max_len} tokens; this server's maximum "
+                            f"length is {server.engine.max_len}", param="rsa")
+    prompt_tokens = len(search.template.round0_prefix) + len(question) + len(search.template.round0_suffix)
+    return search, dict(knobs, final_budget=opts.final_budget or knobs["budget"], seed=seed), prompt_tokens
+
+
+def _rsa_extension(result, settings: dict) -> dict:
+    answer, share = result.majority[0]
+    return {"answer": answer, "share": share, "answers": result.answers[0], "texts": result.texts[0],
+            "generated_tokens": result.generated_tokens, "settings": settings,
+            "rounds": [{"round": t, "generated_tokens": r.generated_tokens, "seconds": round(r.seconds, 3)}
+                       for t, r in enumerate(result.rounds)]}
+
+
+def _rsa_content(result) -> str:
+    """The final text of the first member whose answer is the majority's (the first text if none)."""
+    answer = result.majority[0][0]
+    texts, answers = result.texts[0], result.answers[0]
+    return next((t for t, a in zip(texts, answers) if answer is not None and a == answer), texts[0])
+
+
+async def _rsa(server: Server, request: Request, body: ChatRequest):
+    search, settings, prompt_tokens = _rsa_search(server, body)
+    server.reserve(search.population)
+    meta = _meta(server, "chat.completion")
+
+    def final(result) -> tuple[str, dict]:
+        usage = _usage({"prompt_tokens": prompt_tokens, "completion_tokens": result.generated_tokens})
+        return _rsa_content(result), usage
+
+    if body.stream:
+        async def chunks():
+            chunk = dict(meta, object="chat.completion.chunk")
+            async for kind, value in run_rsa(server.driver, search):
+                if kind == "round":
+                    t, rnd = value
+                    yield dict(chunk, choices=[], rsa_progress={
+                        "round": t, "rounds": settings["rounds"], "generated_tokens": rnd.generated_tokens,
+                        "seconds": round(rnd.seconds, 3)})
+                    continue
+                content, usage = final(value)
+                yield dict(chunk, choices=[{"index": 0, "delta": {"role": "assistant", "content": content},
+                                            "logprobs": None, "finish_reason": "stop"}],
+                           rsa=_rsa_extension(value, settings))
+                if body.include_usage():
+                    yield dict(chunk, choices=[], usage=usage)
+
+        return _sse(server, search.population, chunks())
+    gone = _Disconnect(request)
+    try:
+        async for kind, value in run_rsa(server.driver, search, gone):
+            result = value
+    except ClientGone:
+        return JSONResponse({}, status_code=499)
+    finally:
+        gone.close()
+        server.release(search.population)
+    content, usage = final(result)
+    return {**meta, "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
+                                 "finish_reason": "stop"}], "usage": usage, "rsa": _rsa_extension(result, settings)}

@@ -1,0 +1,83 @@
+"""The engine's one driver thread: HTTP handlers hand it work through a thread-safe queue.
+
+The engine is not thread-safe, so every ``submit``, ``cancel`` and ``step`` happens here. A handler
+calls ``Driver.call(fn)``; ``fn(engine)`` runs on this thread before the next step, in call order (so a
+cancel always sees the submit made before it). Tokens flow back through the requests' ``on_update``
+callbacks, which run on this thread and must only hand data over (e.g. ``loop.call_soon_threadsafe``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
+from ..engine import Engine
+
+log = logging.getLogger("zaya.serve")
+_STOP = object()
+
+
+class Driver:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="zaya-engine", daemon=True)
+        self.failure: BaseException | None = None
+        self._finished: collections.Counter = collections.Counter()  # engine stop reasons seen
+        self._lock = threading.Lock()
+        self.load = {"running": 0, "waiting": 0}  # published after every step, for /health
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._inbox.put(_STOP)
+        self._thread.join(timeout)
+
+    def call(self, fn: Callable[[Engine], None]) -> None:
+        """Runs ``fn(engine)`` on the driver thread."""
+        if self.failure is not None:
+            raise RuntimeError(f"the engine failed: {self.failure!r}")
+        self._inbox.put(fn)
+
+    def warm_up(self, prompt: list[int], max_new_tokens: int) -> float:
+        """Runs one request through the engine on the calling thread (before ``start``): compiles the
+        prefill, insert and decode programs. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        request = self.engine.submit(prompt, max_new_tokens=max_new_tokens, stop_token_ids=[])
+        while not request.done:
+            self.engine.step()
+        return time.perf_counter() - t0
+
+    def count(self, request) -> None:
+        """Counts a finished engine request's stop reason (call from an ``on_update`` callback)."""
+        with self._lock:
+            self._finished[request.stop_reason] += 1
+
+    def finished_counts(self) -> dict[str, int]:
+        """How many engine requests ended with each stop reason (any thread)."""
+        with self._lock:
+            return dict(self._finished)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                try:  # block only when there is nothing to step
+                    fn = self._inbox.get(block=not self.engine.busy)
+                except queue.Empty:
+                    fn = None
+                while fn is not None:
+                    if fn is _STOP:
+                        return
+                    fn(self.engine)
+                    fn = self._inbox.get_nowait() if not self._inbox.empty() else None
+                if self.engine.busy:
+                    self.engine.step()
+                self.load = {"running": self.engine.running, "waiting": self.engine.waiting}
+        except BaseException as e:  # the engine is unusable now: /health reports it, new requests get 503
+            log.exception("the engine driver failed")
+            self.failure = e

@@ -1,0 +1,150 @@
+"""What one HTTP request runs on the engine, as async iterators of events for the handlers.
+
+``generate_choices``: a completion's choices (``len(prompts) x n`` engine requests, choice ``i`` keyed
+as ``generate``'s row ``i``), yielding text deltas cut at stop strings. ``run_rsa``: a Markov RSA search,
+yielding per-round progress and the result. Both cancel what is left of their engine requests when the
+consumer stops early (a client that disconnects), which frees the slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, Awaitable, Callable
+
+from .driver import Driver
+from .protocol import APIError
+from .text import ChoiceText
+
+POLL_S = 0.1  # how often a waiting handler checks for a disconnected client or a failed engine
+
+
+class ClientGone(Exception):
+    """The client closed the connection; the request's engine work has been cancelled."""
+
+
+async def _next(updates: asyncio.Queue, driver: Driver, disconnected: Callable[[], Awaitable[bool]] | None):
+    while True:  # checked before every update too: a busy stream of updates must not hide a disconnect
+        if driver.failure is not None:
+            raise APIError(500, f"the engine failed: {driver.failure!r}", type="server_error")
+        if disconnected is not None and await disconnected():
+            raise ClientGone()
+        try:
+            return await asyncio.wait_for(updates.get(), POLL_S)
+        except asyncio.TimeoutError:
+            pass
+
+
+def _sender(updates: asyncio.Queue) -> Callable:
+    """A thread-safe put into ``updates`` (a no-op once the server's loop has closed)."""
+    loop = asyncio.get_running_loop()
+
+    def put(item) -> None:
+        try:
+            loop.call_soon_threadsafe(updates.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            pass
+
+    return put
+
+
+async def generate_choices(driver: Driver, prompts: list[list[int]], n: int, *, knobs: dict, seed: int,
+                           stops: list[str], decode: Callable, disconnected=None
+                           ) -> AsyncIterator[tuple[int, str, str | None, int]]:
+    """Yields ``(choice, text_delta, finish_reason, tokens_used)`` as text arrives; ``finish_reason`` is
+    set on a choice's last event. Choice ``p * n + j`` is sample ``j`` of prompt ``p``."""
+    updates: asyncio.Queue = asyncio.Queue()
+    put = _sender(updates)
+    requests: list = [None] * (len(prompts) * n)
+
+    def on_update(i):
+        def update(request, new):
+            if request.done:
+                driver.count(request)
+            put((i, list(new), request.stop_reason))
+        return update
+
+    def submit(engine) -> None:
+        try:
+            for i in range(len(requests)):
+                requests[i] = engine.submit(prompts[i // n], index=i, seed=seed, on_update=on_update(i), **knobs)
+        except ValueError as e:  # checked before; a request that slips through must not stop the driver
+            for r in requests:
+                if r is not None:
+                    engine.cancel(r)
+            put((None, str(e), None))
+
+    def cancel(indices) -> None:
+        driver.call(lambda engine: [engine.cancel(requests[i]) for i in indices])
+
+    choices = [ChoiceText(decode, stops) for _ in requests]
+    left = set(range(len(choices)))
+    driver.call(submit)
+    try:
+        while left:
+            i, new, reason = await _next(updates, driver, disconnected)
+            if i is None:
+                raise APIError(400, new)
+            if i not in left:
+                continue  # the cancellation of a choice a stop string already ended
+            choice = choices[i]
+            delta = choice.feed(new, reason)
+            if choice.finish_reason is not None:
+                left.discard(i)
+                if reason is None:  # a stop string ended it: free the slot now
+                    cancel([i])
+            if delta or choice.finish_reason is not None:
+                yield i, delta, choice.finish_reason, choice.tokens_used
+    finally:
+        if left:
+            cancel(sorted(left))
+
+
+class _Tracked:
+    """The engine as an ``RSASearch`` sees it: records the search's requests, so that a client that goes
+    away can cancel them (those it submits after that are cancelled before the next step), and counts
+    their stop reasons."""
+
+    def __init__(self, engine, driver: Driver):
+        self.engine, self.driver, self.requests, self.cancelled = engine, driver, [], False
+
+    def submit(self, prompt, *, on_update, **kwargs):
+        def update(request, new):
+            if request.done:
+                self.driver.count(request)
+            on_update(request, new)
+
+        request = self.engine.submit(prompt, on_update=update, **kwargs)
+        self.requests.append(request)
+        if self.cancelled:  # after the search has filed it (cancelling here would re-enter its bookkeeping)
+            self.driver.call(lambda engine: engine.cancel(request))
+        return request
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        for request in list(self.requests):
+            self.engine.cancel(request)
+
+
+async def run_rsa(driver: Driver, search, disconnected=None) -> AsyncIterator[tuple[str, object]]:
+    """Runs ``search`` (an unstarted ``RSASearch`` with no callbacks of its own) on the driver's engine;
+    yields ``("round", (t, RSARound))`` as rounds finish and ``("result", RSAResult)`` at the end."""
+    updates: asyncio.Queue = asyncio.Queue()
+    put = _sender(updates)
+    search.progress = lambda t, rnd: put(("round", (t, rnd)))
+    search.on_problem = lambda p, result: put(("result", result))
+    tracked: list[_Tracked] = []
+
+    def start(engine) -> None:
+        tracked.append(_Tracked(engine, driver))
+        search.start(tracked[0])
+
+    driver.call(start)
+    finished = False
+    try:
+        while not finished:
+            kind, value = await _next(updates, driver, disconnected)
+            finished = kind == "result"
+            yield kind, value
+    finally:
+        if not finished:
+            driver.call(lambda engine: tracked[0].cancel())

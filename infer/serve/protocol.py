@@ -1,0 +1,140 @@
+"""The OpenAI request bodies the server accepts (pydantic) and its error object.
+
+Unknown fields are ignored, as OpenAI-compatible servers do; fields we know but cannot honour
+(penalties, logit bias, logprobs, echo, ...) get a 400 naming them unless they hold their neutral value.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, Union
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_N = 64
+# Fields we know but do not implement: a request may send them only with their neutral value.
+UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "echo", "logprobs", "top_logprobs", "best_of",
+               "suffix", "tools", "response_format")
+
+
+class APIError(Exception):
+    """An HTTP error carrying OpenAI's error object ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=-1)  # extension (vLLM): -1 or 0 disables
+    min_p: float = Field(default=0.0, ge=0, le=1)  # extension (vLLM)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stop: Union[str, list[str], None] = None
+    stop_token_ids: list[int] | None = Field(default=None)  # extension (vLLM)
+    ignore_eos: bool = False  # extension (vLLM): generate past the model's end-of-sequence tokens
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None
+    # Known but unsupported: each must keep its neutral value.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise APIError(400, f"{len(stops)} stop strings; at most {MAX_STOP_STRINGS}", param="stop")
+        if any(s == "" for s in stops):
+            raise APIError(400, "stop strings must be non-empty", param="stop")
+        return stops
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+    def check_supported(self) -> None:
+        for name in UNSUPPORTED:
+            given = getattr(self, name, None)
+            if given not in (None, False, 0, {}, [], {"type": "text"}) and not (name == "best_of" and given == 1):
+                raise APIError(400, f"`{name}` is not supported by this server (got {given!r})", param=name)
+
+
+class CompletionRequest(_Request):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[ContentPart], None] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class RSAOptions(BaseModel):
+    """The Markov RSA extension of chat completions: a preset (``mode``) and/or explicit knobs."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: str | None = None
+    population: int | None = None
+    tails: int | None = None
+    rounds: int | None = None
+    budget: int | None = None
+    tail_tokens: int | None = None
+    final_budget: int | None = None
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+    rsa: RSAOptions | None = None
+
+
+def parse(model: type[BaseModel], body: bytes, limit: int):
+    """``body`` as ``model``; an APIError(400) naming the field for anything malformed or over ``limit`` bytes."""
+    if len(body) > limit:
+        raise APIError(400, f"request body of {len(body)} bytes is over the limit of {limit} bytes",
+                       code="body_too_large")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object")
+    try:
+        request = model.model_validate(data)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise APIError(400, f"invalid `{param}`: {first['msg']}" if param else first["msg"], param=param) from None
+    request.check_supported()
+    return request
