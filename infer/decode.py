@@ -153,14 +153,20 @@ def _choose(logits, sampling, keys, num_new, held, max_new, stop_ids, limit):
     return token, reason.astype(jnp.int32)
 
 
-def decode(params, config: ZayaConfig, state: SlotState, cancel: Array, *, steps: int, moe_impl: str = "auto"):
+def decode(params, config: ZayaConfig, state: SlotState, cancel: Array, *, steps: int, active: int | None = None,
+           moe_impl: str = "auto"):
     """Up to ``steps`` decode steps of every running slot in one ``lax.while_loop`` (fewer once none runs).
 
-    cancel: [M] bool, running slots to stop first (reason CANCELLED). Returns (state, emitted [M, steps]
-    int32 — the token a slot emitted at each step, -1 where it emitted none).
+    cancel: [M] bool, running slots to stop first (reason CANCELLED). active: decode slots ``[0, active)``
+    only (the engine keeps its requests in the lowest slots, so a lone request costs one row, not M);
+    the rest are left as they are. Returns (state, emitted [M, steps] int32 — the token a slot emitted
+    at each step, -1 where it emitted none).
     """
     M = state.token.shape[0]
     state = state.replace(reason=jnp.where(cancel & (state.reason == RUNNING), CANCELLED, state.reason))
+    if active is not None and active < M:
+        window, out = decode(params, config, _rows(state, active), cancel[:active], steps=steps, moe_impl=moe_impl)
+        return _put_rows(state, window), jnp.full((M, steps), -1, jnp.int32).at[:active].set(out)
     out = jnp.full((M, steps), -1, jnp.int32)
 
     def cond(carry):
@@ -184,7 +190,28 @@ def decode(params, config: ZayaConfig, state: SlotState, cancel: Array, *, steps
     return state, out
 
 
+_PER_SLOT = ("token", "num_new", "reason", "keys", "sampling", "max_new", "limit", "stop_ids")  # row axis 0
+
+
+def _rows(state: SlotState, n: int) -> SlotState:
+    """Slots ``[0, n)`` of the pool (cache rows are axis 1 of the layer-stacked arrays)."""
+    c = state.cache
+    cache = c.replace(k=c.k[:, :n], v=c.v[:, :n], conv=c.conv[:, :n], v_prev=c.v_prev[:, :n], lengths=c.lengths[:n])
+    return state.replace(cache=cache, **{f: jax.tree.map(lambda a: a[:n], getattr(state, f)) for f in _PER_SLOT})
+
+
+def _put_rows(state: SlotState, window: SlotState) -> SlotState:
+    """``state`` with slots ``[0, n)`` replaced by ``window`` (updated in place: the pool is donated)."""
+    c, w = state.cache, window.cache
+    n = w.lengths.shape[0]
+    cache = c.replace(k=c.k.at[:, :n].set(w.k), v=c.v.at[:, :n].set(w.v), conv=c.conv.at[:, :n].set(w.conv),
+                      v_prev=c.v_prev.at[:, :n].set(w.v_prev), lengths=c.lengths.at[:n].set(w.lengths))
+    put = lambda a, b: a.at[:n].set(b)  # noqa: E731
+    return state.replace(cache=cache, **{f: jax.tree.map(put, getattr(state, f), getattr(window, f)) for f in _PER_SLOT})
+
+
 prefill_chunk_compiled = inference_jit(prefill_chunk, static_argnames=("config", "moe_impl"),
                                        donate_argnames=("cache", "last"))
 insert_compiled = inference_jit(insert, donate_argnames=("state",))
-decode_compiled = inference_jit(decode, static_argnames=("config", "steps", "moe_impl"), donate_argnames=("state",))
+decode_compiled = inference_jit(decode, static_argnames=("config", "steps", "active", "moe_impl"),
+                                donate_argnames=("state",))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import heapq
 import itertools
 from typing import Callable, Iterator, Sequence
 
@@ -126,7 +127,7 @@ class Engine:
             if self.mesh is not None:
                 state = jax.device_put(state, self._state_shardings(state))
         self._state = state
-        self._free = collections.deque(range(self.slots))
+        self._free = list(range(self.slots))  # a heap: requests take the lowest free slots (see _decode)
         self._running: dict[int, Request] = {}
         self._waiting: dict[int, collections.deque] = collections.defaultdict(collections.deque)  # bucket -> FIFO
         self._cancel: set[int] = set()
@@ -316,7 +317,7 @@ class Engine:
             stop_ids = np.full((n, self.max_stop_ids), -1, np.int32)
             knobs = {k: np.zeros((n,), np.asarray(v).dtype) for k, v in group[0].knobs.items()}
             for i, r in enumerate(group):
-                r.slot = self._free.popleft()
+                r.slot = heapq.heappop(self._free)
                 src[i], dst[i], keys[i], stop_ids[i] = rows[r.prompt], r.slot, r.key, r.stop_ids
                 max_new[i] = min(r.max_new_tokens, np.iinfo(np.int32).max)
                 for k, v in r.knobs.items():
@@ -335,9 +336,11 @@ class Engine:
         cancel = np.zeros((self.slots,), bool)
         cancel[list(self._cancel)] = True
         self._cancel.clear()
+        # Requests sit in the lowest slots: decode only the smallest power-of-two window holding them all.
+        active = min(bucket(max(self._running) + 1), self.slots)
         with self._mesh_context():
             self._state, out = decode.decode_compiled(self.params, self.config, self._state, jnp.asarray(cancel),
-                                                      steps=self.decode_steps, moe_impl=self.moe_impl)
+                                                      steps=self.decode_steps, active=active, moe_impl=self.moe_impl)
         out, reason = to_host(out), to_host(self._state.reason)
         emitted = out >= 0
         self.stats["decode_calls"] += 1
@@ -350,7 +353,7 @@ class Engine:
         request.tokens += new
         if reason != decode.RUNNING:
             del self._running[request.slot]
-            self._free.append(request.slot)
+            heapq.heappush(self._free, request.slot)
             self._finish(request, reason, new)
         elif new and request.on_update is not None:
             request.on_update(request, new)
