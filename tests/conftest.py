@@ -28,3 +28,11 @@ def pristine(tmp_path_factory):
 def src(pristine, tmp_path):
     """A fresh copy of the tiny checkpoint to damage."""
     return shutil.copytree(pristine, tmp_path / "src")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops each module's compiled programs once it is done: one process runs the whole suite, and the
+    hundreds of executables it would otherwise keep hold memory that later compiles need."""
+    yield
+    jax.clear_caches()

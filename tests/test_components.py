@@ -92,19 +92,27 @@ def test_cca_projection_left_padded(pair, layer):
 
 
 def test_cca_projection_state_continuation(pair):
-    """Projecting a sequence in two chunks, carrying conv and value state, equals one pass."""
+    """Projecting a sequence in two chunks, carrying conv and value state, equals one pass; with right
+    padding, each row's state is the one after its own last valid token."""
     _, config, params = pair
     x = jnp.asarray(_hidden(config, S=10))
+    B = x.shape[0]
     valid = jnp.ones(x.shape[:2], bool)
     proj = zm.CCAProjection(config, jnp.float32)
     p = {"params": _layer(params, 1)["attn"]["cca"]}
-    full = proj.apply(p, x, valid)
-    first = proj.apply(p, x[:, :6], valid[:, :6])
+    zeros = (jnp.zeros((B, config.conv_state_len, config.conv_channels)), jnp.zeros((B, config.kv_dim // 2)))
+    full = proj.apply(p, x, valid, *zeros)
+    assert proj.apply(p, x, valid)[3] is None  # no state asked, none computed (the uncached forward)
+    first = proj.apply(p, x[:, :6], valid[:, :6], *zeros)
     second = proj.apply(p, x[:, 6:], valid[:, 6:], first[3], first[4])
     for a, b1, b2 in zip(full[:3], first[:3], second[:3]):
         np.testing.assert_allclose(np.asarray(a), np.concatenate([b1, b2], axis=1), atol=1e-5)
     np.testing.assert_allclose(full[3], second[3], atol=1e-6)
     np.testing.assert_allclose(full[4], second[4], atol=1e-6)
+    # Row 0 holds 6 valid tokens then padding: its state is the one after token 6.
+    ragged = proj.apply(p, x, valid.at[0, 6:].set(False), *zeros)
+    np.testing.assert_allclose(ragged[3][0], first[3][0], atol=1e-6)
+    np.testing.assert_allclose(ragged[4][0], first[4][0], atol=1e-6)
 
 
 def test_qk_norm_and_rope(pair):

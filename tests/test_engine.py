@@ -83,7 +83,7 @@ def test_chunked_prefill_equals_unchunked(params, workload, greedy):
 def test_a_request_beyond_max_len_stops_cache_full_alone(params, workload, greedy):
     prompts, max_new = workload
     engine = Engine(params, CONFIG, slots=2, max_len=64)
-    short = [p[:20] for p in prompts[:3]]
+    short = [prompts[1][i:i + 20] for i in (0, 20, 40)]
     out = engine.generate(short, max_new_tokens=[10**9, 5, 45], stop_token_ids=[])
     assert out.stop_reasons == ["cache_full", "max_new_tokens", "cache_full"]
     assert [len(p) + len(t) for p, t in zip(short, out.tokens)] == [64, 25, 64]
