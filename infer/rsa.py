@@ -313,7 +313,9 @@ class RSASearch:
         if len(template.headers) != tails:
             raise ValueError(f"template has {len(template.headers)} candidate headers but tails={tails}")
         self.config, self.questions, self.template = config, questions, template
-        self.population, self.tails, self.rounds, self.tail_tokens = population, tails, rounds, tail_tokens
+        # A tail is at most a whole candidate: tail_tokens >= budget is full-chain RSA, with tails no wider.
+        self.population, self.tails, self.rounds = population, tails, rounds
+        self.tail_tokens = min(tail_tokens, budget)
         self.budgets = [final_budget if t == rounds else budget for t in range(rounds + 1)]
         self.knobs = dict(temperature=temperature, top_p=top_p, stop_token_ids=stop_token_ids)
         self.seed, self.tokenizer, self.extract = seed, tokenizer, extract
@@ -326,7 +328,7 @@ class RSASearch:
         round0 = [len(template.round0_prefix) + len(q) + len(template.round0_suffix) for q in questions]
         need = max(r + self.budgets[0] for r in round0)
         if rounds:
-            agg = fixed + bucket(max(len(q) for q in questions)) + tails * tail_tokens
+            agg = fixed + bucket(max(len(q) for q in questions)) + tails * self.tail_tokens
             need = max(need, agg + max(self.budgets[1:]))
         if need > context:
             which = "round 0's prompts" if not rounds or need == max(r + self.budgets[0] for r in round0) else \

@@ -188,3 +188,14 @@ def test_cli_on_the_demo_model_runs_the_demo_settings(capsys):
     assert all(rsa.extract_boxed(text) is not None for text in out["problems"][0]["final_texts"])
     assert main(["rsa", "--prompt", "47+85+26", "--mode", "light"]) == 2  # APEX budgets exceed its context
     assert "more than the maximum length 1024" in capsys.readouterr().err
+
+
+def test_full_chain_tails_and_budget_messages(params):
+    """tail_tokens >= budget is full-chain RSA (tails are whole candidates), not a context overflow; a budget
+    beyond the context names every setting involved (final_budget included)."""
+    args = dict(population=4, tails=3, rounds=1, budget=6, template=TEMPLATE, seed=4)
+    whole = rsa.markov_rsa(params, CONFIG, QUESTIONS[0], tail_tokens=6, **args)
+    huge = rsa.markov_rsa(params, CONFIG, QUESTIONS[0], tail_tokens=10**6, **args)
+    assert huge.rounds[1].prompts == whole.rounds[1].prompts and huge.majority == whole.majority
+    with pytest.raises(ValueError, match=r"final_budget=1000000000"):
+        rsa.markov_rsa(params, CONFIG, QUESTIONS[0], tail_tokens=4, final_budget=10**9, **args)
