@@ -13,23 +13,10 @@ import time
 
 from zaya_jax.cli import add_model_args, is_demo_model, resolve_model
 
-from .rsa_cli import DEMO_MODE, PRESETS
+from .rsa_cli import add_search_args
 from .rsa_cli import settings as preset_settings
 
 KNOBS = ("population", "tails", "rounds", "budget", "tail_tokens", "final_budget")
-
-
-def add_search_args(p) -> None:
-    """Markov RSA's knobs: a ``--mode`` preset and the flags that override it."""
-    p.add_argument("--mode", choices=sorted(PRESETS) + [DEMO_MODE],
-                   help="preset: APEX settings of the ZAYA1 report, or the demo model's; the flags below override "
-                        "it (default: demo for the shipped demo model, light otherwise)")
-    p.add_argument("--population", type=int, help="N, candidates per round")
-    p.add_argument("--tails", type=int, help="C, tails per aggregation prompt")
-    p.add_argument("--rounds", type=int, help="T, aggregation rounds after the first generation")
-    p.add_argument("--budget", type=int, help="beta, new tokens per candidate")
-    p.add_argument("--tail-tokens", type=int, help="tau, tokens carried forward from each candidate")
-    p.add_argument("--final-budget", type=int, help="new tokens per candidate in the last round (default: budget)")
 
 
 def add_output_args(p, *, required: bool) -> None:

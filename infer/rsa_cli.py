@@ -27,6 +27,18 @@ def register(subparsers) -> None:
     source.add_argument("--prompt", help="the question as text (needs the model's tokenizer)")
     source.add_argument("--prompt-ids", help="the question as comma-separated token ids")
     source.add_argument("--prompts-file", help='JSONL: one {"prompt": TEXT} or {"prompt_ids": [...]} per line')
+    add_search_args(p)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slots", type=int, default=None,
+                   help="engine slots (default: problems x population, at most 64); problems interleave on them")
+    p.add_argument("--json", action="store_true", help="print one JSON object with every round")
+    p.set_defaults(func=_rsa_command)
+
+
+def add_search_args(p) -> None:
+    """Markov RSA's knobs: a ``--mode`` preset and the flags that override it."""
     p.add_argument("--mode", choices=sorted(PRESETS) + [DEMO_MODE],
                    help="preset: APEX settings of the ZAYA1 report, or the demo model's; the flags below override "
                         "it (default: demo for the shipped demo model, light otherwise)")
@@ -36,13 +48,6 @@ def register(subparsers) -> None:
     p.add_argument("--budget", type=int, help="beta, new tokens per candidate")
     p.add_argument("--tail-tokens", type=int, help="tau, tokens carried forward from each candidate")
     p.add_argument("--final-budget", type=int, help="new tokens per candidate in the last round (default: budget)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--slots", type=int, default=None,
-                   help="engine slots (default: problems x population, at most 64); problems interleave on them")
-    p.add_argument("--json", action="store_true", help="print one JSON object with every round")
-    p.set_defaults(func=_rsa_command)
 
 
 def _demo_preset() -> dict:
