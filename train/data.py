@@ -146,6 +146,8 @@ class LoadReport:
 def load_examples(path: str, seq_len: int, vocab_size: int, tokenizer: Tokenizer | None = None,
                   eos: int | None = None) -> tuple[list[Example], LoadReport]:
     """Reads, tokenizes and truncates every record of a JSONL file; errors name the line."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
+        raise DataError(f"{path}: seq_len must be an integer >= 2 (a token and its target), got {seq_len!r}")
     examples, report = [], LoadReport()
     for number, record in read_jsonl(path):
         try:
