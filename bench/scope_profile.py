@@ -92,8 +92,9 @@ def by_scope(op_times: dict[str, float], hlo_text: str) -> dict[str, float]:
 def main() -> None:
     import time
 
-    import zaya_jax
     from infer_bench import DECODE_PROMPT, jax_start
+
+    import zaya_jax
     from zaya_jax.bench_configs import CONFIGS
     from zaya_jax.infer import decode
 
