@@ -21,6 +21,7 @@ import json
 import os
 import re
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -90,8 +91,6 @@ def by_scope(op_times: dict[str, float], hlo_text: str) -> dict[str, float]:
 
 
 def main() -> None:
-    import time
-
     from infer_bench import DECODE_PROMPT, jax_start
 
     import zaya_jax
