@@ -74,7 +74,7 @@ class SlotState:
     max_new:  [M] int32     per-request limit on emitted tokens
     limit:    [M] int32     per-request limit on prompt + emitted tokens (<= T)
     stop_ids: [M, K] int32  per-request stop tokens, padded with -1
-    routes:   [M, T, L] int32 or None   (record) the route each fed token took in each layer
+    routes:   [M, T, L] int32 or None   (record) the route each fed token took in each layer; -1 elsewhere
     logprobs: [M, T] float32 or None    (record) log-prob of each sampled token at its position, under
               the temperature-scaled model distribution (the sampling filters aside)
     """
@@ -100,7 +100,7 @@ def init_slots(cache: KVCache, stop_width: int, record: bool = False) -> SlotSta
     return SlotState(cache=cache, token=zeros(), num_new=zeros(), reason=jnp.full((M,), IDLE, jnp.int32),
                      keys=jax.random.split(jax.random.key(0), M), sampling=SamplingParams.create(M),
                      max_new=zeros(), limit=zeros(), stop_ids=jnp.full((M, stop_width), -1, jnp.int32),
-                     routes=jnp.zeros((M, T, L), jnp.int32) if record else None,
+                     routes=jnp.full((M, T, L), -1, jnp.int32) if record else None,
                      logprobs=jnp.zeros((M, T), jnp.float32) if record else None)
 
 
@@ -158,7 +158,8 @@ def insert(state: SlotState, cache: KVCache, logits: Array, src: Array, dst: Arr
         held = cache.lengths[src]
         lp = token_logprobs(logits[src], sampling.temperature, token)
         logprobs = jnp.zeros((dst.shape[0], T), jnp.float32).at[jnp.arange(dst.shape[0]), held].set(lp, mode="drop")
-        state = state.replace(routes=state.routes.at[dst].set(0, mode="drop").at[dst, :S].set(routes[src], mode="drop"),
+        prompt_routes = jnp.where(jnp.arange(S)[None, :, None] < held[:, None, None], routes[src], -1)  # no padding
+        state = state.replace(routes=state.routes.at[dst].set(-1, mode="drop").at[dst, :S].set(prompt_routes, mode="drop"),
                               logprobs=put(state.logprobs, logprobs))
     return state, token, reason
 

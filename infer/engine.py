@@ -76,7 +76,7 @@ class Request:
     runs, then "stop_token", "max_new_tokens", "cache_full", "non_finite" or "cancelled".
     Set when it finishes on a recording engine: logprobs [n] float32, each emitted token's log-prob
     under the temperature-scaled model distribution; routes [P + n, L] int32, the route each prompt
-    and emitted token took in each layer (0 for a token never fed back: normally the last one).
+    and emitted token took in each layer (-1 for a token never fed back: normally the last one).
     """
 
     id: int

@@ -8,7 +8,8 @@ import os
 from zaya_jax.cli import add_non_finite_arg
 
 
-def _mesh(text: str | None):
+def mesh_arg(text: str | None):
+    """The mesh a `--mesh data=..,fsdp=..` argument names; None for none."""
     if not text:
         return None
     from zaya_jax import sharding
@@ -26,7 +27,7 @@ def _train_command(args) -> int:
 
     if args.batch_size % args.grad_accum:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
-    mesh = _mesh(args.mesh)
+    mesh = mesh_arg(args.mesh)
     config, params, desc = resolve_model(args.model, args.dtype, args.allow_non_finite)  # the loop places it on the mesh
     if args.seq_len > config.max_position_embeddings:
         raise InputError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings="

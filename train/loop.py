@@ -115,7 +115,7 @@ def prepare_out(out: str, settings: dict, resume: bool, force: bool = False) -> 
         json.dump(settings, f, indent=2)
 
 
-def _truncate_log(file: str, last_step: int) -> None:
+def truncate_log(file: str, last_step: int) -> None:
     """Keeps the log lines of steps up to ``last_step`` (those a resumed run does not redo)."""
     if not os.path.exists(file):
         return
@@ -153,7 +153,7 @@ def train(config: ZayaConfig, params: dict, batches: Batches, tcfg: TrainConfig,
     if resume:
         state, data_state, start = checkpoints.restore(mngr, state)
         batches.restore(data_state)
-        _truncate_log(log_file, start)
+        truncate_log(log_file, start)
 
     step_fn = (make_train_step(config, tcfg) if shard is None else
                make_train_step(config, tcfg, state_sharding=shard.state, batch_sharding=shard.batch,

@@ -277,8 +277,8 @@ class Router(nn.Module):
 
     Returns (route [N] int32 in [0, E], gate [N] float32 unbiased prob of the route, next state [N, R]).
     ``replay`` (same shape as the route, int32): take these routes instead of choosing (routing replay
-    in RL: the training forward follows the rollout's routing); the gate is still this router's
-    (differentiable) probability of the route taken.
+    in RL: the training forward follows the rollout's routing), where >= 0; -1 leaves the choice to
+    the router. The gate is still this router's (differentiable) probability of the route taken.
     """
 
     config: ZayaConfig
@@ -298,7 +298,9 @@ class Router(nn.Module):
         probs = jax.nn.softmax(Dense(C, ("router", "router_classes"), f32, init, name="out")(z), axis=-1)
         biases = _param(self, "balancing_biases", _balancing_init(C), (C,), ("router_classes",))
         # Biases steer the choice only; the gate is the unbiased probability.
-        route = jnp.argmax(probs + biases, axis=-1).astype(jnp.int32) if replay is None else replay.astype(jnp.int32)
+        route = jnp.argmax(probs + biases, axis=-1).astype(jnp.int32)
+        if replay is not None:
+            route = jnp.where(replay >= 0, replay, route).astype(jnp.int32)
         gate = jnp.take_along_axis(probs, route[..., None], axis=-1)[..., 0]
         return route, gate, h
 
@@ -494,8 +496,8 @@ def apply(params, config: ZayaConfig, tokens, ctx: AttentionContext, cache: KVCa
     """Runs the model. tokens: [B, S] int32.
 
     ``routes`` [L, B, S] int32 (routing replay): every token takes these routes instead of its router's
-    choice, with the router's current probability of that route as its gate (the same forward as
-    without ``routes`` when they are the routes it would choose).
+    choice (-1: its router chooses), with the router's current probability of that route as its gate
+    (the same forward as without ``routes`` when they are the routes it would choose).
 
     Returns (logits [B, S, V] float32 — or final hidden [B, S, D] with ``return_hidden`` —, the updated
     KVCache or None, aux {"route_counts": [L, E + 1], "routes": [L, B, S] int32 (the routes taken)}).
