@@ -29,6 +29,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -185,7 +186,8 @@ def train_rl(config: ZayaConfig, params: dict, task: Task, tcfg: TrainConfig, rc
                 "data": data_settings or {}}
     prepare_out(out, settings, resume, force)
     model_dtype, dtype = params["embed"].dtype, dtypes.resolve(tcfg.compute_dtype)
-    ref = cast_params(params, dtype) if objective.kl_coef else None  # the frozen reference: the starting model
+    # The frozen reference: the starting model (a copy: the state may share the params' buffers, and is donated).
+    ref = jax.tree.map(jnp.copy, cast_params(params, dtype)) if objective.kl_coef else None
     state = init_state(params, tcfg)
     del params
     width = seq_len(task, rcfg)
@@ -198,8 +200,9 @@ def train_rl(config: ZayaConfig, params: dict, task: Task, tcfg: TrainConfig, rc
                                asynchronous=mesh is None or mesh.size == 1)
     start, log_file = 0, os.path.join(out, "metrics.jsonl")
     if resume:
-        state, data_state, _ = checkpoints.restore(mngr, state)
-        start = data_state["rl_step"]
+        if mngr.latest_step() is not None:  # killed before its first checkpoint: start over
+            state, data_state, _ = checkpoints.restore(mngr, state)
+            start = data_state["rl_step"]
         truncate_log(log_file, start)
     step_fn = (make_train_step(config, tcfg, objective=objective) if shard is None else
                make_train_step(config, tcfg, objective=objective, state_sharding=shard.state,
