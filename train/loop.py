@@ -190,11 +190,18 @@ def train(config: ZayaConfig, params: dict, batches: Batches, tcfg: TrainConfig,
         if pending is not None:
             flush()
     bar.close()
+    finish(mngr, config, state, model_dtype, out, save_model, assets_from)
+    return state
+
+
+def finish(mngr, config: ZayaConfig, state: TrainState, model_dtype, out: str, save_model: bool,
+           assets_from: str | None) -> None:
+    """Waits for the last checkpoint; with ``save_model``, writes the trained model to ``out/model`` in
+    ``model_dtype`` (see ``save_model_dir``)."""
     mngr.wait_until_finished()
     mngr.close()
     if save_model:
         save_model_dir(config, cast_params(full_params(state), model_dtype), os.path.join(out, "model"), assets_from)
-    return state
 
 
 

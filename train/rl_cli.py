@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from zaya_jax.cli import add_non_finite_arg
+from .cli import add_run_args, add_step_args
 
 
 def _rl_command(args) -> int:
@@ -116,22 +116,9 @@ def register(subparsers) -> None:
     o.add_argument("--final-lr-ratio", type=float, default=1.0, help="cosine decays to lr x this (default 1: flat)")
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay of matrices (default 0)")
     o.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (default 1.0)")
-    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (default 1)")
-    o.add_argument("--remat", choices=("none", "full", "dots"), default="none",
-                   help="per-layer rematerialisation policy (default none)")
-    o.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="rollout and training dtype; master weights stay float32 (default float32)")
-    o.add_argument("--bias-rate", type=float, default=1e-3,
-                   help="sign-rule step of the expert balancing biases per update; 0 freezes them (default 1e-3)")
-    o.add_argument("--loss-chunk", type=int, default=None, help="tokens per log-prob chunk (default: ~64M logits)")
+    add_step_args(o)  # the rollouts run in --compute-dtype too
     r = p.add_argument_group("run")
     r.add_argument("--save-every", type=int, default=10, help="checkpoint interval in RL steps (default 10)")
     r.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
     r.add_argument("--seed", type=int, default=0, help="problem order and rollout seed (default 0)")
-    r.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,expert=2 (default: one device)")
-    r.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    r.add_argument("--force", action="store_true", help="start afresh in an --out that holds an earlier run's "
-                   "checkpoints/, model/, metrics.jsonl or run.json, deleting them")
-    add_non_finite_arg(r)
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r.add_argument("--json", action="store_true", help="print the final summary as one JSON object")
+    add_run_args(r)

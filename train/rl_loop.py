@@ -40,7 +40,7 @@ from zaya_jax.infer.rsa import markov_rsa
 from zaya_jax.model import cast_params
 
 from . import checkpoints, grpo, loss, rollout
-from .loop import Sharded, prepare_out, save_model_dir, truncate_log
+from .loop import Sharded, finish, prepare_out, truncate_log
 from .step import TrainConfig, full_params, init_state, make_train_step
 
 TASKS = ("solve", "aggregate")
@@ -246,10 +246,7 @@ def train_rl(config: ZayaConfig, params: dict, task: Task, tcfg: TrainConfig, rc
                 jax.block_until_ready(state)  # see checkpoints.manager: no collectives in flight during a save
             checkpoints.save(mngr, step_no, state, {"rl_step": step_no}, force=step_no == rcfg.steps)
     bar.close()
-    mngr.wait_until_finished()
-    mngr.close()
-    if save_model:
-        save_model_dir(config, cast_params(full_params(state), model_dtype), os.path.join(out, "model"), assets_from)
+    finish(mngr, config, state, model_dtype, out, save_model, assets_from)
     return state
 
 
