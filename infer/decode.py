@@ -11,8 +11,13 @@ then feeds each running slot's last token, samples the next and emits it, ``step
 A request's step-s draw uses ``fold_in(key, s)`` with its own key: no dependence on the slot, the
 batch company or the slot count.
 
+With ``record`` (RL rollouts), the pool also keeps each slot's routing and the log-probability of each
+sampled token, by position: prefill writes the prompt's routes, decode the fed tokens' routes and the
+new tokens' log-probs, insert copies them into the slot. Without it those fields are None and the
+programs are the plain ones.
+
 Shapes: M slots, T cache slots per slot (= max_len), G prefill rows, C chunk tokens, V vocabulary,
-K stop ids per request.
+K stop ids per request, L layers.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from zaya_jax.cache import KVCache
 from zaya_jax.config import ZayaConfig
 from zaya_jax.model import INFERENCE_COMPILER_OPTIONS, apply, cached_context, head_kernel
 
-from .sampling import SamplingParams, sample, step_keys
+from .sampling import SamplingParams, sample, step_keys, token_logprobs
 
 Array = jax.Array
 
@@ -69,6 +74,9 @@ class SlotState:
     max_new:  [M] int32     per-request limit on emitted tokens
     limit:    [M] int32     per-request limit on prompt + emitted tokens (<= T)
     stop_ids: [M, K] int32  per-request stop tokens, padded with -1
+    routes:   [M, T, L] int32 or None   (record) the route each fed token took in each layer; -1 elsewhere
+    logprobs: [M, T] float32 or None    (record) log-prob of each sampled token at its position, under
+              the temperature-scaled model distribution (the sampling filters aside)
     """
 
     cache: KVCache
@@ -80,42 +88,52 @@ class SlotState:
     max_new: Array
     limit: Array
     stop_ids: Array
+    routes: Array | None = None
+    logprobs: Array | None = None
 
 
-def init_slots(cache: KVCache, stop_width: int) -> SlotState:
-    """An idle pool over an empty ``cache`` (``zaya_jax.init_cache(config, slots, max_len, dtype)``)."""
-    M = cache.lengths.shape[0]
+def init_slots(cache: KVCache, stop_width: int, record: bool = False) -> SlotState:
+    """An idle pool over an empty ``cache`` (``zaya_jax.init_cache(config, slots, max_len, dtype)``);
+    ``record``: with the routes and log-probs buffers."""
+    L, M, T = cache.k.shape[:3]
     zeros = lambda: jnp.zeros((M,), jnp.int32)  # noqa: E731  (distinct buffers: the state is donated)
     return SlotState(cache=cache, token=zeros(), num_new=zeros(), reason=jnp.full((M,), IDLE, jnp.int32),
                      keys=jax.random.split(jax.random.key(0), M), sampling=SamplingParams.create(M),
-                     max_new=zeros(), limit=zeros(), stop_ids=jnp.full((M, stop_width), -1, jnp.int32))
+                     max_new=zeros(), limit=zeros(), stop_ids=jnp.full((M, stop_width), -1, jnp.int32),
+                     routes=jnp.full((M, T, L), -1, jnp.int32) if record else None,
+                     logprobs=jnp.zeros((M, T), jnp.float32) if record else None)
 
 
 def prefill_chunk(params, config: ZayaConfig, cache: KVCache, tokens: Array, new_len: Array, last: Array, *,
-                  moe_impl: str = "auto"):
+                  moe_impl: str = "auto", record: bool = False):
     """Appends one chunk of right-padded prompts to ``cache`` (a small [layers, G, S] prefill cache).
 
     tokens: [G, C] int32, row g's next ``new_len[g]`` tokens first; last: [G, V] float32 logits after
-    each row's tokens so far. Returns (last logits [G, V] — updated for rows with new tokens —, cache).
-    The LM head runs on each row's last new token only.
+    each row's tokens so far. Returns (last logits [G, V] — updated for rows with new tokens —, cache),
+    and with ``record`` the chunk's routes [G, C, L] int32 as a third item. The LM head runs on each
+    row's last new token only.
     """
     ctx = cached_context(cache, tokens.shape[1], new_len)
-    hidden, cache, _ = apply(params, config, tokens, ctx, cache, moe_impl=moe_impl, return_hidden=True)
+    hidden, cache, aux = apply(params, config, tokens, ctx, cache, moe_impl=moe_impl, return_hidden=True)
     end = jnp.maximum(new_len - 1, 0)[:, None, None]
     h = jnp.take_along_axis(hidden, end, axis=1)[:, 0]  # [G, D]
     with jax.named_scope("lm_head"):
         logits = jnp.einsum("gd,dv->gv", h, head_kernel(params, config).astype(h.dtype),
                             preferred_element_type=jnp.float32)
-    return jnp.where(new_len[:, None] > 0, logits, last), cache
+    last = jnp.where(new_len[:, None] > 0, logits, last)
+    if record:
+        return last, cache, aux["routes"].transpose(1, 2, 0)
+    return last, cache
 
 
 def insert(state: SlotState, cache: KVCache, logits: Array, src: Array, dst: Array, keys: Array,
-           sampling: SamplingParams, max_new: Array, limit: Array, stop_ids: Array):
+           sampling: SamplingParams, max_new: Array, limit: Array, stop_ids: Array, routes: Array | None = None):
     """Starts requests in slots: copies prefill row ``src[i]`` of ``cache`` into slot ``dst[i]``, samples
     its first token from ``logits[src[i]]`` and stores its knobs. Entries with ``dst[i] >= M`` are padding.
 
     cache: [layers, G, S] with S <= T; logits: [G, V]; src, dst, max_new, limit: [I]; keys: [I] keys;
-    sampling: [I] arrays; stop_ids: [I, K]. Returns (state, first tokens [I], reasons [I]).
+    sampling: [I] arrays; stop_ids: [I, K]; routes: [G, S, L] the prompts' routes (a recording pool
+    only). Returns (state, first tokens [I], reasons [I]).
     """
     S = cache.k.shape[2]
     c = state.cache
@@ -135,6 +153,14 @@ def insert(state: SlotState, cache: KVCache, logits: Array, src: Array, dst: Arr
         reason=put(state.reason, reason), keys=put(state.keys, keys),
         sampling=jax.tree.map(put, state.sampling, sampling), max_new=put(state.max_new, max_new),
         limit=put(state.limit, limit), stop_ids=put(state.stop_ids, stop_ids))
+    if state.routes is not None:
+        T = state.logprobs.shape[1]
+        held = cache.lengths[src]
+        lp = token_logprobs(logits[src], sampling.temperature, token)
+        logprobs = jnp.zeros((dst.shape[0], T), jnp.float32).at[jnp.arange(dst.shape[0]), held].set(lp, mode="drop")
+        prompt_routes = jnp.where(jnp.arange(S)[None, :, None] < held[:, None, None], routes[src], -1)  # no padding
+        state = state.replace(routes=state.routes.at[dst].set(-1, mode="drop").at[dst, :S].set(prompt_routes, mode="drop"),
+                              logprobs=put(state.logprobs, logprobs))
     return state, token, reason
 
 
@@ -177,11 +203,18 @@ def decode(params, config: ZayaConfig, state: SlotState, cancel: Array, *, steps
         i, s, out = carry
         running = s.reason == RUNNING
         ctx = cached_context(s.cache, 1, running.astype(jnp.int32))
-        logits, cache, _ = apply(params, config, s.token[:, None], ctx, s.cache, moe_impl=moe_impl)
+        logits, cache, aux = apply(params, config, s.token[:, None], ctx, s.cache, moe_impl=moe_impl)
         token, reason = _choose(logits[:, 0], s.sampling, s.keys, s.num_new, cache.lengths, s.max_new, s.stop_ids,
                                 s.limit)
         emitted = running & (reason != NON_FINITE)
         out = out.at[:, i].set(jnp.where(emitted, token, -1))
+        if s.routes is not None:  # the fed token's routes at its position; the new token's log-prob at its own
+            rows, T = jnp.arange(M), s.logprobs.shape[1]
+            fed = jnp.where(running, s.cache.lengths, T)
+            new = jnp.where(emitted, cache.lengths, T)
+            lp = token_logprobs(logits[:, 0], s.sampling.temperature, token)
+            s = s.replace(routes=s.routes.at[rows, fed].set(aux["routes"][:, :, 0].T, mode="drop"),
+                          logprobs=s.logprobs.at[rows, new].set(lp, mode="drop"))
         s = s.replace(cache=cache, token=jnp.where(emitted, token, s.token), num_new=s.num_new + emitted,
                       reason=jnp.where(running, reason, s.reason))
         return i + 1, s, out
@@ -190,7 +223,8 @@ def decode(params, config: ZayaConfig, state: SlotState, cancel: Array, *, steps
     return state, out
 
 
-_PER_SLOT = ("token", "num_new", "reason", "keys", "sampling", "max_new", "limit", "stop_ids")  # row axis 0
+# Row axis 0 (routes and logprobs are None in a pool that does not record: nothing to map).
+_PER_SLOT = ("token", "num_new", "reason", "keys", "sampling", "max_new", "limit", "stop_ids", "routes", "logprobs")
 
 
 def _rows(state: SlotState, n: int) -> SlotState:
@@ -210,7 +244,7 @@ def _put_rows(state: SlotState, window: SlotState) -> SlotState:
     return state.replace(cache=cache, **{f: jax.tree.map(put, getattr(state, f), getattr(window, f)) for f in _PER_SLOT})
 
 
-prefill_chunk_compiled = inference_jit(prefill_chunk, static_argnames=("config", "moe_impl"),
+prefill_chunk_compiled = inference_jit(prefill_chunk, static_argnames=("config", "moe_impl", "record"),
                                        donate_argnames=("cache", "last"))
 insert_compiled = inference_jit(insert, donate_argnames=("state",))
 decode_compiled = inference_jit(decode, static_argnames=("config", "steps", "active", "moe_impl"),

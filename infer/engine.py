@@ -58,10 +58,14 @@ def request_keys(seed: int, indices) -> np.ndarray:
 class GenerationResult:
     """New tokens per prompt (stop token included when one ended the row) and why each row stopped:
     "stop_token", "max_new_tokens", "cache_full" (prompt + output reached the maximum length) or
-    "non_finite" (the model produced NaN/Inf logits: the row stops there, without a token)."""
+    "non_finite" (the model produced NaN/Inf logits: the row stops there, without a token).
+    From a recording engine (``Engine(record=True)``) also each request's ``logprobs`` and ``routes``
+    (see ``Request``); None otherwise."""
 
     tokens: list[list[int]]
     stop_reasons: list[str]
+    logprobs: list[np.ndarray] | None = None
+    routes: list[np.ndarray] | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -70,6 +74,9 @@ class Request:
 
     tokens: emitted tokens (the stop token included when one ended it); stop_reason: None while it
     runs, then "stop_token", "max_new_tokens", "cache_full", "non_finite" or "cancelled".
+    Set when it finishes on a recording engine: logprobs [n] float32, each emitted token's log-prob
+    under the temperature-scaled model distribution; routes [P + n, L] int32, the route each prompt
+    and emitted token took in each layer (-1 for a token never fed back: normally the last one).
     """
 
     id: int
@@ -82,6 +89,8 @@ class Request:
     tokens: list[int] = dataclasses.field(default_factory=list)
     stop_reason: str | None = None
     slot: int | None = None
+    logprobs: np.ndarray | None = None
+    routes: np.ndarray | None = None
 
     @property
     def done(self) -> bool:
@@ -96,12 +105,13 @@ class Engine:
     mesh: a ``zaya_jax.sharding`` mesh the pool is placed on (slots split over its data axes, experts
     as the params are sharded); without one, a mesh set with ``jax.set_mesh`` applies as to any jit; prefill_chunk: prompt tokens per
     prefill call and row; prefill_tokens: tokens (rows x chunk) per prefill call at most; max_stop_ids:
-    stop tokens a request may have.
+    stop tokens a request may have; record: keep every request's routing and sampled tokens'
+    log-probs (``Request.routes`` / ``.logprobs``; RL rollouts replay and score them).
     """
 
     def __init__(self, params, config: ZayaConfig, *, slots: int = 64, max_len: int | None = None,
                  decode_steps: int = 16, moe_impl: str = "auto", mesh=None, prefill_chunk: int = 512,
-                 prefill_tokens: int = 4096, max_stop_ids: int = 16):
+                 prefill_tokens: int = 4096, max_stop_ids: int = 16, record: bool = False):
         for name, value in (("slots", slots), ("decode_steps", decode_steps), ("prefill_chunk", prefill_chunk),
                             ("prefill_tokens", prefill_tokens), ("max_stop_ids", max_stop_ids)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -117,13 +127,15 @@ class Engine:
         self.prefill_chunk = bucket(prefill_chunk)
         self.prefill_tokens = max(int(prefill_tokens), self.prefill_chunk)
         self.max_stop_ids = int(max_stop_ids)
+        self.record = bool(record)
         self.mesh = mesh  # None: whatever mesh the caller set with jax.set_mesh applies, as to any jit
         self._dtype = compute_dtype(params)
         # Cache slots: max_len rounded up to a multiple of the prompt bucket, so nearby max_len values
         # share compiled programs (rows still stop at max_len: it is a per-slot limit, not a shape).
         self._cache_len = -(-self.max_len // MIN_PROMPT_BUCKET) * MIN_PROMPT_BUCKET
         with self._mesh_context():
-            state = decode.init_slots(init_cache(config, self.slots, self._cache_len, self._dtype), self.max_stop_ids)
+            state = decode.init_slots(init_cache(config, self.slots, self._cache_len, self._dtype), self.max_stop_ids,
+                                      self.record)
             if self.mesh is not None:
                 state = jax.device_put(state, self._state_shardings(state))
         self._state = state
@@ -214,6 +226,19 @@ class Engine:
     def stream(self, prompts, **kwargs) -> Iterator[tuple[int, list[int], str]]:
         """Yields ``(index, tokens, stop_reason)`` for each prompt as it finishes; arguments as
         ``submit_batch`` (``generate``'s knobs)."""
+        for index, r in self._finished(prompts, **kwargs):
+            yield index, r.tokens, r.stop_reason
+
+    def generate(self, prompts, **kwargs):
+        """All of ``stream``'s results in input order, as a ``GenerationResult``."""
+        out = dict(self._finished(prompts, **kwargs))
+        requests = [out[i] for i in range(len(out))]
+        recorded = lambda field: [getattr(r, field) for r in requests] if self.record else None  # noqa: E731
+        return GenerationResult(tokens=[r.tokens for r in requests], stop_reasons=[r.stop_reason for r in requests],
+                                logprobs=recorded("logprobs"), routes=recorded("routes"))
+
+    def _finished(self, prompts, **kwargs) -> Iterator[tuple[int, Request]]:
+        """Yields ``(index, request)`` for each prompt as it finishes."""
         finished: collections.deque = collections.deque()
         requests = self.submit_batch(prompts, on_update=lambda r, _: r.done and finished.append(r), **kwargs)
         index = {r: i for i, r in enumerate(requests)}
@@ -222,20 +247,12 @@ class Engine:
                 self.step()
                 while finished:
                     r = finished.popleft()
-                    yield index.pop(r), r.tokens, r.stop_reason
+                    yield index.pop(r), r
         finally:  # a consumer that stops early leaves nothing of its own in the pool
             for r in index:
                 self.cancel(r)
             while any(r.slot is not None and not r.done for r in index):
                 self.step()
-
-    def generate(self, prompts, **kwargs):
-        """All of ``stream``'s results in input order, as a ``GenerationResult``."""
-        out: dict[int, tuple[list[int], str]] = {}
-        for index, tokens, reason in self.stream(prompts, **kwargs):
-            out[index] = (tokens, reason)
-        return GenerationResult(tokens=[out[i][0] for i in range(len(out))],
-                                stop_reasons=[out[i][1] for i in range(len(out))])
 
     # ------------------------------------------------------------------------------------------ checks
     def check_prompt(self, prompt, what: str = "prompt") -> list[int]:
@@ -299,14 +316,19 @@ class Engine:
         with self._mesh_context():
             cache = init_cache(self.config, G, S, self._dtype)
             last = jnp.zeros((G, V), jnp.float32)
+            routes = np.zeros((G, S, self.config.num_hidden_layers), np.int32) if self.record else None
             longest = max(len(p) for p in rows)
             for start in range(0, longest, C):
                 tokens, new_len = np.zeros((G, C), np.int32), np.zeros((G,), np.int32)
                 for prompt, g in rows.items():
                     piece = prompt[start:start + C]
                     tokens[g, : len(piece)], new_len[g] = piece, len(piece)
-                last, cache = decode.prefill_chunk_compiled(self.params, self.config, cache, jnp.asarray(tokens),
-                                                            jnp.asarray(new_len), last, moe_impl=self.moe_impl)
+                out = decode.prefill_chunk_compiled(self.params, self.config, cache, jnp.asarray(tokens),
+                                                    jnp.asarray(new_len), last, moe_impl=self.moe_impl,
+                                                    record=self.record)
+                last, cache = out[:2]
+                if self.record:
+                    routes[:, start:start + C] = to_host(out[2])
                 self.stats["prefill_calls"] += 1
             self.stats["prefill_rows"] += len(rows)
 
@@ -325,7 +347,7 @@ class Engine:
             self._state, first, reason = decode.insert_compiled(
                 self._state, cache, last, jnp.asarray(src), jnp.asarray(dst), jax.random.wrap_key_data(keys),
                 SamplingParams(**{k: jnp.asarray(v) for k, v in knobs.items()}), jnp.asarray(max_new),
-                jnp.asarray(limit), jnp.asarray(stop_ids))
+                jnp.asarray(limit), jnp.asarray(stop_ids), None if routes is None else jnp.asarray(routes))
         first, reason = to_host(first), to_host(reason)
         for i, r in enumerate(group):
             self._running[r.slot] = r
@@ -351,6 +373,10 @@ class Engine:
 
     def _advance(self, request: Request, new: list[int], reason: int) -> None:
         request.tokens += new
+        if reason != decode.RUNNING and self.record:
+            n, P = len(request.tokens), len(request.prompt)
+            request.routes = to_host(self._state.routes[request.slot, : P + n])
+            request.logprobs = to_host(self._state.logprobs[request.slot, P: P + n])
         if reason != decode.RUNNING:
             del self._running[request.slot]
             heapq.heappush(self._free, request.slot)
@@ -374,7 +400,7 @@ class Engine:
         return state.replace(cache=shd.cache_shardings(state.cache, self.config, self.mesh),
                              **{f: jax.tree.map(rows, getattr(state, f))
                                 for f in ("token", "num_new", "reason", "keys", "sampling", "max_new", "limit",
-                                          "stop_ids")})
+                                          "stop_ids", "routes", "logprobs")})
 
 
 def check_prompt_list(prompts) -> list:

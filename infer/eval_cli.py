@@ -86,24 +86,31 @@ def _eval_command(args) -> int:
     return 0
 
 
+def token_template(kind: str, tails: int, tokenizer):
+    """The run's ``rsa.TokenTemplate``: the demo model's own aggregation template (``kind`` "demo") or
+    the default one, inside ``tokenizer``'s chat template."""
+    from zaya_jax.demo import data as demo_data
+
+    from .rsa import AggregationTemplate, TokenTemplate
+
+    text_template = demo_data.TEMPLATE if kind == "demo" else AggregationTemplate.default(tails)
+    return TokenTemplate.from_tokenizer(text_template, tails, tokenizer)
+
+
 def run(params, config, model_dir: str, problems, settings: dict, *, source: str, out: str | None = None,
         resume: bool = False, force: bool = False, slots: int | None = None, save_texts: bool = False):
     """Evaluates ``problems`` (``evaluate.Problem``) under ``settings`` (``run_settings``); with ``out``, in
     that run directory. Returns (summary, table)."""
     from tqdm import tqdm
 
-    from zaya_jax.demo import data as demo_data
-
     from .eval_output import RunDir
     from .evaluate import Grader, apply_prompt_template, check_context, format_table, score_problem, summarize
-    from .rsa import AggregationTemplate, TokenTemplate, markov_rsa
+    from .rsa import markov_rsa
     from .tokenizer import Tokenizer
 
     grader = Grader(settings["grader"])
     tokenizer = Tokenizer.from_dir(model_dir)
-    tails = settings["tails"]
-    text_template = demo_data.TEMPLATE if settings["aggregation_template"] == "demo" else AggregationTemplate.default(tails)
-    template = TokenTemplate.from_tokenizer(text_template, tails, tokenizer)
+    template = token_template(settings["aggregation_template"], settings["tails"], tokenizer)
     ids = [tokenizer.encode(apply_prompt_template(settings["prompt_template"], p.question), add_special_tokens=False)
            for p in problems]
     check_context(problems, ids, template, settings, config.max_position_embeddings, source)

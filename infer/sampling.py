@@ -101,6 +101,17 @@ def _masked_softmax(x: Array, keep: Array) -> Array:
     return jax.nn.softmax(jnp.where(keep, x, -jnp.inf), axis=-1)
 
 
+def token_logprobs(logits: Array, temperature: Array, tokens: Array) -> Array:
+    """``log softmax(logits / temperature)[tokens]`` [B] float32 (temperature 0 counts as 1): the
+    log-probability of each row's token under the temperature-scaled distribution, filters aside.
+
+    logits: [B, V]; temperature: [B]; tokens: [B] int32.
+    """
+    t = jnp.where(temperature > 0, temperature, 1.0)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32) / t[:, None], axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
 def step_keys(keys: Array, step) -> Array:
     """Per-row keys ``[B]`` for generation step ``step`` (a scalar, or ``[B]``: each row's own step).
     A row's draws depend on its key and step alone, not on the batch."""

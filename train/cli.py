@@ -8,7 +8,8 @@ import os
 from zaya_jax.cli import add_non_finite_arg
 
 
-def _mesh(text: str | None):
+def mesh_arg(text: str | None):
+    """The mesh a `--mesh data=..,fsdp=..` argument names; None for none."""
     if not text:
         return None
     from zaya_jax import sharding
@@ -26,7 +27,7 @@ def _train_command(args) -> int:
 
     if args.batch_size % args.grad_accum:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
-    mesh = _mesh(args.mesh)
+    mesh = mesh_arg(args.mesh)
     config, params, desc = resolve_model(args.model, args.dtype, args.allow_non_finite)  # the loop places it on the mesh
     if args.seq_len > config.max_position_embeddings:
         raise InputError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings="
@@ -79,17 +80,27 @@ def register(subparsers) -> None:
     p.add_argument("--final-lr-ratio", type=float, default=0.1, help="cosine decays to lr x this (default 0.1)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of matrices (default 0.1)")
     p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (default 1.0)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
+    add_step_args(p)
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps (default 100)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
+    add_run_args(p)
+
+
+def add_step_args(p) -> None:
+    """The train-step options `zaya train` and `zaya rl` share."""
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none",
                    help="per-layer rematerialisation policy (default none)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="forward/backward dtype; master weights stay float32 (default float32)")
-    p.add_argument("--bias-rate", type=float, default=1e-3,
-                   help="sign-rule step of the expert balancing biases per step; 0 freezes them (default 1e-3)")
+    p.add_argument("--bias-rate", type=float, default=1e-3, help="sign-rule step of the expert balancing biases "
+                   "per optimizer step; 0 freezes them (default 1e-3)")
     p.add_argument("--loss-chunk", type=int, default=None, help="tokens per loss chunk (default: ~64M logits)")
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps (default 100)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
+
+
+def add_run_args(p) -> None:
+    """The run options `zaya train` and `zaya rl` share: mesh, resume/force, progress, output."""
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=2,expert=2 (default: one device)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--force", action="store_true", help="start afresh in an --out that holds an earlier run's "

@@ -115,7 +115,7 @@ def prepare_out(out: str, settings: dict, resume: bool, force: bool = False) -> 
         json.dump(settings, f, indent=2)
 
 
-def _truncate_log(file: str, last_step: int) -> None:
+def truncate_log(file: str, last_step: int) -> None:
     """Keeps the log lines of steps up to ``last_step`` (those a resumed run does not redo)."""
     if not os.path.exists(file):
         return
@@ -153,7 +153,7 @@ def train(config: ZayaConfig, params: dict, batches: Batches, tcfg: TrainConfig,
     if resume:
         state, data_state, start = checkpoints.restore(mngr, state)
         batches.restore(data_state)
-        _truncate_log(log_file, start)
+        truncate_log(log_file, start)
 
     step_fn = (make_train_step(config, tcfg) if shard is None else
                make_train_step(config, tcfg, state_sharding=shard.state, batch_sharding=shard.batch,
@@ -190,11 +190,18 @@ def train(config: ZayaConfig, params: dict, batches: Batches, tcfg: TrainConfig,
         if pending is not None:
             flush()
     bar.close()
+    finish(mngr, config, state, model_dtype, out, save_model, assets_from)
+    return state
+
+
+def finish(mngr, config: ZayaConfig, state: TrainState, model_dtype, out: str, save_model: bool,
+           assets_from: str | None) -> None:
+    """Waits for the last checkpoint; with ``save_model``, writes the trained model to ``out/model`` in
+    ``model_dtype`` (see ``save_model_dir``)."""
     mngr.wait_until_finished()
     mngr.close()
     if save_model:
         save_model_dir(config, cast_params(full_params(state), model_dtype), os.path.join(out, "model"), assets_from)
-    return state
 
 
 

@@ -23,29 +23,53 @@ def default_chunk(num_tokens: int, vocab_size: int) -> int:
     return max(1, min(num_tokens, CHUNK_LOGITS // vocab_size))
 
 
-def chunked_ce_sum(hidden, head, targets, weights, chunk: int):
-    """Sum of ``weights * CE(hidden @ head, targets)`` over tokens, ``chunk`` tokens at a time.
+def chunked_token_logprobs(hidden, head, targets, chunk: int):
+    """Per-token ``log softmax(hidden @ head)[targets]`` and the distribution's entropy, ``chunk`` tokens at
+    a time.
 
-    hidden: [N, D]; head: [D, V]; targets: [N] int32; weights: [N] float32. Logits are float32 and
-    rematerialised per chunk in the backward pass, so memory is ``chunk x V`` rather than ``N x V``.
+    hidden: [N, D]; head: [D, V]; targets: [N] int32. Returns (logprobs [N], entropy [N]) float32; the
+    entropy is a metric (no gradient). Logits are float32 and rematerialised per chunk in the backward
+    pass, so memory is ``chunk x V`` rather than ``N x V``.
     """
     n, d = hidden.shape
     pad = (-n) % chunk
     if pad:
         hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
         targets = jnp.pad(targets, (0, pad))
-        weights = jnp.pad(weights, (0, pad))
-    xs = (hidden.reshape(-1, chunk, d), targets.reshape(-1, chunk), weights.reshape(-1, chunk))
 
     @jax.checkpoint
-    def one_chunk(total, x):
-        h, t, w = x
+    def one_chunk(_, x):
+        h, t = x
         logits = jnp.dot(h, head, preferred_element_type=jnp.float32)  # [chunk, V]
-        target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        return total + jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target_logit) * w), None
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+        return None, (jnp.take_along_axis(logp, t[:, None], axis=-1)[:, 0], jax.lax.stop_gradient(entropy))
 
-    total, _ = jax.lax.scan(one_chunk, jnp.zeros((), jnp.float32), xs)
-    return total
+    _, (logprobs, entropy) = jax.lax.scan(one_chunk, None, (hidden.reshape(-1, chunk, d), targets.reshape(-1, chunk)))
+    return logprobs.reshape(-1)[:n], entropy.reshape(-1)[:n]
+
+
+def next_token_logprobs(params, config: ZayaConfig, tokens, mask, *, routes=None, chunk: int | None = None,
+                        moe_impl: str = "auto", remat_policy: str = "none"):
+    """Log-probability of each next token: ``logprobs[b, t] = log p(tokens[b, t + 1] | tokens[b, :t + 1])``.
+
+    tokens, mask: [B, S] (mask 1 = real token, right or left padding); routes: [L, B, S] int32 to replay
+    (see ``zaya_jax.model.apply``). Returns (logprobs [B, S], entropy [B, S] of each next-token
+    distribution (no gradient), aux of the forward); the last column, which predicts nothing, is 0.
+    """
+    B, S = tokens.shape
+    ctx = zmodel.uncached_context(mask)
+    # "auto" resolves for a differentiated call: the fastest forward-only dispatch is slow to train.
+    moe_impl = moe.resolve_impl(moe_impl, B * S, training=True)
+    hidden, _, aux = zmodel.apply(params, config, tokens, ctx, moe_impl=moe_impl, remat_policy=remat_policy,
+                                  return_hidden=True, routes=routes)
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+    head = zmodel.head_kernel(params, config).astype(hidden.dtype)
+    n = B * S
+    logprobs, entropy = chunked_token_logprobs(hidden.reshape(n, -1), head, targets.reshape(n),
+                                               chunk or default_chunk(n, config.vocab_size))
+    last = jnp.arange(S) < S - 1
+    return jnp.where(last, logprobs.reshape(B, S), 0.0), jnp.where(last, entropy.reshape(B, S), 0.0), aux
 
 
 def masked_ce_sum(params, config: ZayaConfig, batch: dict, *, chunk: int | None = None, moe_impl: str = "auto",
@@ -55,19 +79,15 @@ def masked_ce_sum(params, config: ZayaConfig, batch: dict, *, chunk: int | None 
     batch: ``tokens`` [B, S] int32, ``mask`` [B, S] (1 = real token, right or left padding),
     ``loss_mask`` [B, S] (1 = token is a target). Returns (sum, (count [] float32, route_counts [L, E+1])).
     """
-    tokens, mask = batch["tokens"], batch["mask"]
-    B, S = tokens.shape
-    ctx = zmodel.uncached_context(mask)
-    # "auto" resolves for a differentiated call: the fastest forward-only dispatch is slow to train.
-    moe_impl = moe.resolve_impl(moe_impl, B * S, training=True)
-    hidden, _, aux = zmodel.apply(params, config, tokens, ctx, moe_impl=moe_impl, remat_policy=remat_policy,
-                                  return_hidden=True)
-    # Position t predicts token t + 1; the last position predicts nothing.
-    weights = (batch["loss_mask"][:, 1:] * mask[:, 1:]).astype(jnp.float32)
-    weights = jnp.pad(weights, ((0, 0), (0, 1)))
-    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
-    head = zmodel.head_kernel(params, config).astype(hidden.dtype)
-    n = B * S
-    total = chunked_ce_sum(hidden.reshape(n, -1), head, targets.reshape(n), weights.reshape(n),
-                           chunk or default_chunk(n, config.vocab_size))
-    return total, (jnp.sum(weights), aux["route_counts"])
+    mask = batch["mask"]
+    logprobs, _, aux = next_token_logprobs(params, config, batch["tokens"], mask, chunk=chunk, moe_impl=moe_impl,
+                                           remat_policy=remat_policy)
+    weights = target_weights(batch["loss_mask"], mask)
+    return -jnp.sum(logprobs * weights), (jnp.sum(weights), aux["route_counts"])
+
+
+def target_weights(loss_mask, mask):
+    """[B, S] float32: 1 where column t's next token (t + 1) is a real target; the last column predicts
+    nothing."""
+    w = (loss_mask[:, 1:] * mask[:, 1:]).astype(jnp.float32)
+    return jnp.pad(w, ((0, 0), (0, 1)))

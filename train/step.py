@@ -5,6 +5,8 @@ sees the trainable params only; the router's balancing biases live beside them i
 by the sign rule of ``balance.update_biases``. Master weights are float32; the forward may run in
 bfloat16. Gradients are accumulated over ``grad_accum`` micro-batches with ``lax.scan`` and divided once
 by the number of target tokens of the whole batch, so the loss is the mean over all of its targets.
+The objective is next-token cross-entropy by default; RL passes its own (``grpo.GRPOObjective``) and
+reuses everything else.
 
 Shapes: B batch, S sequence, L layers, E experts.
 """
@@ -117,30 +119,48 @@ def full_params(state: TrainState) -> dict:
     return balance.merge_biases(state.params, state.biases)
 
 
-def train_step(state: TrainState, batch: dict, *, config: ZayaConfig, tcfg: TrainConfig):
-    """One optimisation step over ``batch`` (``tokens``, ``mask``, ``loss_mask``: [B, S], B divisible by
-    ``grad_accum``). Returns (new state, metrics of the step taken: loss, grad_norm (before clipping),
-    lr, target_tokens, tokens, route_counts [L, E+1] and balance.load_metrics)."""
+def cross_entropy(params, config: ZayaConfig, batch: dict, tcfg: TrainConfig):
+    """The default objective: next-token CE over ``batch``'s targets (``loss.masked_ce_sum``).
+
+    An objective maps (params, config, micro-batch, tcfg) to (sum over tokens, (token count [],
+    route_counts [L, E+1], extras)); extras is a dict of [] float32 sums the step reports divided by the
+    count, or maxima for keys starting with ``max_``.
+    """
+    total, (count, counts) = loss.masked_ce_sum(params, config, batch, chunk=tcfg.loss_chunk, moe_impl=tcfg.moe_impl,
+                                                remat_policy=tcfg.remat_policy)
+    return total, (count, counts, {})
+
+
+def train_step(state: TrainState, batch: dict, *, config: ZayaConfig, tcfg: TrainConfig, objective=cross_entropy):
+    """One optimisation step over ``batch`` (``tokens``, ``mask``, ``loss_mask``: [B, S], and whatever else
+    ``objective`` reads; B divisible by ``grad_accum``). Returns (new state, metrics of the step taken:
+    loss, grad_norm (before clipping), lr, target_tokens, tokens, route_counts [L, E+1],
+    balance.load_metrics and the objective's extras)."""
     accum = tcfg.grad_accum
     micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
     dtype = dtypes.resolve(tcfg.compute_dtype)
 
     def loss_of(trainable, mb):
         p = zmodel.cast_params(balance.merge_biases(trainable, state.biases), dtype)
-        return loss.masked_ce_sum(p, config, mb, chunk=tcfg.loss_chunk, moe_impl=tcfg.moe_impl,
-                                  remat_policy=tcfg.remat_policy)
+        return objective(p, config, mb, tcfg)
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
+    def combine(k, a, b):
+        return jnp.maximum(a, b) if k.startswith("max_") else a + b
+
     def accumulate(carry, mb):
-        grads, total, count, counts = carry
-        (s, (c, rc)), g = grad_fn(state.params, mb)
-        return (jax.tree.map(jnp.add, grads, g), total + s, count + c, counts + rc), None
+        grads, total, count, counts, extras = carry
+        (s, (c, rc, ex)), g = grad_fn(state.params, mb)
+        extras = {k: combine(k, extras[k], ex[k]) for k in extras}
+        return (jax.tree.map(jnp.add, grads, g), total + s, count + c, counts + rc, extras), None
 
     L, C = state.biases.shape
+    shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro))[0][1][2]
+    extras = {k: jnp.full((), -jnp.inf if k.startswith("max_") else 0.0, jnp.float32) for k in shapes}
     init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-            jnp.zeros((L, C), jnp.int32))
-    (grads, total, count, counts), _ = jax.lax.scan(accumulate, init, micro)
+            jnp.zeros((L, C), jnp.int32), extras)
+    (grads, total, count, counts, extras), _ = jax.lax.scan(accumulate, init, micro)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
 
@@ -159,19 +179,20 @@ def train_step(state: TrainState, batch: dict, *, config: ZayaConfig, tcfg: Trai
         "tokens": jnp.sum(batch["mask"]),
         "route_counts": counts,
         **balance.load_metrics(counts),
+        **{k: v if k.startswith("max_") else v / denom for k, v in extras.items()},
     }
     return new_state, metrics
 
 
 def make_train_step(config: ZayaConfig, tcfg: TrainConfig, *, state_sharding=None, batch_sharding=None,
-                    metrics_sharding=None):
-    """``train_step`` compiled once, with the input state donated.
+                    metrics_sharding=None, objective=cross_entropy):
+    """``train_step`` compiled once (for ``objective``: see ``cross_entropy``), with the input state donated.
 
     With a mesh, pass the ``TrainState`` sharding (``state_shardings``), the batch sharding (one
     ``NamedSharding`` for every batch leaf, or a dict) and a replicated sharding for the metrics; the
     step then runs under the mesh unchanged.
     """
-    fn = functools.partial(train_step, config=config, tcfg=tcfg)
+    fn = functools.partial(train_step, config=config, tcfg=tcfg, objective=objective)
     if state_sharding is None:
         return jax.jit(fn, donate_argnums=0)
     return jax.jit(fn, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),

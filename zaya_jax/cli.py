@@ -11,7 +11,7 @@ import sys
 # Modules exposing ``register(subparsers)``; each adds its subcommand(s) with ``set_defaults(func=...)``.
 COMMAND_MODULES = (
     "zaya_jax.cli", "zaya_jax.demo.cli", "zaya_jax.convert.cli", "zaya_jax.infer.cli", "zaya_jax.infer.rsa_cli",
-    "zaya_jax.infer.eval_cli", "zaya_jax.infer.serve.cli", "zaya_jax.train.cli",
+    "zaya_jax.infer.eval_cli", "zaya_jax.infer.serve.cli", "zaya_jax.train.cli", "zaya_jax.train.rl_cli",
 )
 
 

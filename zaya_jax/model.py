@@ -276,12 +276,15 @@ class Router(nn.Module):
     """MLP router with exponential depth averaging (EDA); float32 throughout.
 
     Returns (route [N] int32 in [0, E], gate [N] float32 unbiased prob of the route, next state [N, R]).
+    ``replay`` (same shape as the route, int32): take these routes instead of choosing (routing replay
+    in RL: the training forward follows the rollout's routing), where >= 0; -1 leaves the choice to
+    the router. The gate is still this router's (differentiable) probability of the route taken.
     """
 
     config: ZayaConfig
 
     @nn.compact
-    def __call__(self, x, prev_state):
+    def __call__(self, x, prev_state, replay=None):
         c = self.config
         f32 = jnp.float32
         init = _normal(c)
@@ -296,6 +299,8 @@ class Router(nn.Module):
         biases = _param(self, "balancing_biases", _balancing_init(C), (C,), ("router_classes",))
         # Biases steer the choice only; the gate is the unbiased probability.
         route = jnp.argmax(probs + biases, axis=-1).astype(jnp.int32)
+        if replay is not None:
+            route = jnp.where(replay >= 0, replay, route).astype(jnp.int32)
         gate = jnp.take_along_axis(probs, route[..., None], axis=-1)[..., 0]
         return route, gate, h
 
@@ -347,7 +352,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, carry, layer_xs, ctx: AttentionContext, expert_stack=None):
         residual, router_state = carry  # [B, S, D] f32, [B, S, R] f32
-        layer, theta, window, cache = layer_xs
+        layer, theta, window, cache, replay = layer_xs
         c, dt = self.config, self.dtype
         B, S, D = residual.shape
 
@@ -358,7 +363,7 @@ class Block(nn.Module):
 
         x = RMSNorm(c.rms_norm_eps, dt, name="post_attn_norm")(residual)
         with jax.named_scope("router"):
-            route, gate, router_state = Router(c, name="router")(x, router_state)
+            route, gate, router_state = Router(c, name="router")(x, router_state, replay)
         with jax.named_scope("experts"):
             m = Experts(c, dt, self.moe_impl, name="experts")(
                 x.reshape(B * S, D), route.reshape(-1), gate.reshape(-1), layer, expert_stack
@@ -367,13 +372,14 @@ class Block(nn.Module):
 
         # Route counts over real tokens: expert load for training metrics and bias balancing.
         counts = jnp.sum(jax.nn.one_hot(route, c.num_router_classes, dtype=jnp.int32) * ctx.token_valid[..., None], axis=(0, 1))
-        return (residual, router_state), (new_cache, counts)
+        return (residual, router_state), (new_cache, counts, route)
 
 
 class ZayaModel(nn.Module):
     """The whole ZAYA1 causal LM.
 
-    ``__call__(tokens [B, S], ctx, cache) -> (logits [B, S, V] f32 | hidden [B, S, D], new cache, aux)``.
+    ``__call__(tokens [B, S], ctx, cache) -> (logits [B, S, V] f32 | hidden [B, S, D], new cache, aux)``;
+    ``routes`` [L, B, S] int32 replays a recorded routing (see ``Router``).
     """
 
     config: ZayaConfig
@@ -383,7 +389,7 @@ class ZayaModel(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, ctx: AttentionContext, cache: dict | None = None, return_hidden: bool = False,
-                 expert_stack: dict | None = None):
+                 expert_stack: dict | None = None, routes=None):
         c, dt = self.config, self.dtype
         embedding = _param(self, "embed", _embed_init(c), (c.vocab_size, c.hidden_size), ("vocab", "embed"))
         in_scale = _param(self, "input_scale", nn.initializers.ones, (c.hidden_size,), ("embed",))
@@ -407,11 +413,12 @@ class ZayaModel(nn.Module):
         )(c, dt, self.moe_impl, name="layers")
         thetas, windows = layer_constants(c)
         layer_ids = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
-        (residual, _), (new_cache, counts) = layers(
-            (residual, router_state), (layer_ids, thetas, windows, cache), ctx, expert_stack)
+        # Routes ride the layer scan like thetas and windows: layer-major [L, B, S].
+        (residual, _), (new_cache, counts, taken) = layers(
+            (residual, router_state), (layer_ids, thetas, windows, cache, routes), ctx, expert_stack)
 
         h = RMSNorm(c.rms_norm_eps, dt, name="final_norm")(residual)
-        aux = {"route_counts": counts}  # [layers, E + 1]
+        aux = {"route_counts": counts, "routes": taken}  # [layers, E + 1], [layers, B, S]
         if return_hidden:
             return h, new_cache, aux
         if c.tie_word_embeddings:
@@ -485,11 +492,15 @@ def compute_dtype(params: dict):
 
 
 def apply(params, config: ZayaConfig, tokens, ctx: AttentionContext, cache: KVCache | None = None, *,
-          moe_impl: str = "auto", remat_policy: str = "none", return_hidden: bool = False):
+          moe_impl: str = "auto", remat_policy: str = "none", return_hidden: bool = False, routes=None):
     """Runs the model. tokens: [B, S] int32.
 
+    ``routes`` [L, B, S] int32 (routing replay): every token takes these routes instead of its router's
+    choice (-1: its router chooses), with the router's current probability of that route as its gate
+    (the same forward as without ``routes`` when they are the routes it would choose).
+
     Returns (logits [B, S, V] float32 — or final hidden [B, S, D] with ``return_hidden`` —, the updated
-    KVCache or None, aux {"route_counts": [L, E + 1]}).
+    KVCache or None, aux {"route_counts": [L, E + 1], "routes": [L, B, S] int32 (the routes taken)}).
     """
     model = ZayaModel(config, compute_dtype(params), moe_impl, remat_policy)
     layer_cache = cache.layer_slices() if cache is not None else None
@@ -498,7 +509,7 @@ def apply(params, config: ZayaConfig, tokens, ctx: AttentionContext, cache: KVCa
     stack = None
     if active_mesh() is None and moe.resolve_impl(moe_impl, tokens.size) in moe.STACK_IMPLS:
         stack = params["layers"]["experts"]
-    out, new_layers, aux = model.apply({"params": params}, tokens, ctx, layer_cache, return_hidden, stack)
+    out, new_layers, aux = model.apply({"params": params}, tokens, ctx, layer_cache, return_hidden, stack, routes)
     new_cache = None
     if cache is not None:
         new_cache = cache.replace(lengths=cache.lengths + jnp.sum(ctx.token_valid, axis=1, dtype=jnp.int32), **new_layers)

@@ -1,0 +1,271 @@
+"""The GRPO loop: rollouts on the engine, rewards, advantages, several clipped updates, checkpoints.
+
+Each RL step: take the step's prompts (a function of the seed and the step), sample ``group`` rollouts
+of each with the current params on a recording engine (temperature 1 by default), score them with the
+verifier, turn rewards into group-relative advantages, and run ``epochs`` passes of ``minibatches``
+updates of ``step.train_step`` with ``grpo.GRPOObjective`` (the ratio against the engine's log-probs,
+the rollout's routing replayed). Output directory, as ``zaya train``'s::
+
+    run.json          the run's settings; a resume must match them exactly
+    checkpoints/      orbax steps: the train state and the RL step reached
+    metrics.jsonl     one line per RL step
+    model/            the trained model (zaya_jax.load / zaya export)
+
+Everything random is a function of (seed, step), so ``--resume`` after a kill repeats the same
+rollouts and updates bit for bit.
+
+Tasks: ``solve`` rolls out each problem's prompt (the ``zaya eval`` round-0 prompt). ``aggregate``
+first samples ``population`` round-0 solutions of each problem with the current policy, then builds
+Markov RSA aggregation prompts from them with ``markov_rsa`` itself (the prompts its round 1 would
+see) and rolls out ``agg_prompts`` of them per problem, rewarding a correct final answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from zaya_jax import dtypes
+from zaya_jax.config import ZayaConfig
+from zaya_jax.infer.engine import Engine
+from zaya_jax.infer.rsa import markov_rsa
+from zaya_jax.model import cast_params
+
+from . import checkpoints, grpo, loss, rollout
+from .loop import Sharded, finish, prepare_out, truncate_log
+from .step import TrainConfig, full_params, init_state, make_train_step
+
+TASKS = ("solve", "aggregate")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """Loop settings. ``steps`` RL steps of ``prompts`` problems x ``group`` rollouts (x ``agg_prompts``
+    aggregation prompts per problem for ``aggregate``); each step makes ``epochs x minibatches`` updates."""
+
+    steps: int
+    prompts: int = 8
+    group: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    minibatches: int = 1
+    epochs: int = 1
+    replay: bool = True
+    task: str = "solve"
+    population: int = 16
+    tails: int = 4
+    tail_tokens: int = 24
+    agg_prompts: int = 2
+    seed: int = 0
+    slots: int = 64
+    save_every: int = 10
+    keep: int = 3
+
+    def __post_init__(self):
+        for name in ("steps", "prompts", "group", "max_new_tokens", "minibatches", "epochs", "population", "tails",
+                     "tail_tokens", "agg_prompts", "slots", "save_every", "keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group < 2:
+            raise ValueError(f"group must be >= 2 (advantages are relative to the group), got {self.group}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (rollouts are sampled), got {self.temperature}")
+        if self.task == "aggregate" and not (self.tails <= self.population and self.agg_prompts <= self.population):
+            raise ValueError(f"tails ({self.tails}) and agg_prompts ({self.agg_prompts}) cannot exceed population "
+                             f"({self.population})")
+        if self.batch_size % self.minibatches:
+            raise ValueError(f"{self.batch_size} rollouts per step do not split into {self.minibatches} minibatches")
+
+    @property
+    def groups(self) -> int:
+        """Groups (prompts rolled out ``group`` times) per step."""
+        return self.prompts * (self.agg_prompts if self.task == "aggregate" else 1)
+
+    @property
+    def batch_size(self) -> int:
+        return self.groups * self.group
+
+    @property
+    def updates(self) -> int:
+        """Optimizer steps per RL step."""
+        return self.epochs * self.minibatches
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What the loop needs about the problems: ``questions[i]`` token ids, ``answers[i]`` gold strings,
+    the run's ``rsa.TokenTemplate``, ``decode(ids) -> str``, ``verify(text, answer) -> reward`` and the
+    stop tokens."""
+
+    questions: list[list[int]]
+    answers: list[str]
+    template: object
+    decode: object
+    verify: object
+    stop_token_ids: tuple[int, ...] | None = None
+
+    def round0_prompt(self, i: int) -> list[int]:
+        t = self.template
+        return list(t.round0_prefix) + list(self.questions[i]) + list(t.round0_suffix)
+
+
+def seq_len(task: Task, rcfg: RLConfig) -> int:
+    """Tokens per training row (and the engine's max_len): the longest prompt the run can build plus
+    ``max_new_tokens``, rounded up to 16."""
+    t, q = task.template, max(len(x) for x in task.questions)
+    prompt = len(t.round0_prefix) + q + len(t.round0_suffix)
+    if rcfg.task == "aggregate":
+        prompt = max(prompt, len(t.agg_prefix) + q + len(t.agg_middle) + len(t.agg_suffix) + sum(map(len, t.headers))
+                     + rcfg.tails * (min(rcfg.tail_tokens, rcfg.max_new_tokens) + len(t.separator)))
+    return -(-(prompt + rcfg.max_new_tokens) // 16) * 16
+
+
+def step_problems(n: int, rcfg: RLConfig, step: int) -> list[int]:
+    """Problem indices of RL step ``step`` (1-based): epochs over the data, each in its own shuffled order."""
+    first = (step - 1) * rcfg.prompts
+    out = []
+    for pos in range(first, first + rcfg.prompts):
+        epoch, i = divmod(pos, n)
+        out.append(int(np.random.default_rng([rcfg.seed, epoch]).permutation(n)[i]))
+    return out
+
+
+def step_seed(rcfg: RLConfig, step: int) -> int:
+    """An int seed of its own for each step (``markov_rsa`` takes ints)."""
+    return int(np.random.default_rng([rcfg.seed, step, 0x52534147]).integers(2 ** 31))
+
+
+def make_rollouts(engine: Engine, task: Task, rcfg: RLConfig, step: int):
+    """The step's rollouts, the gold answer of each, and extra metrics (aggregate: round-0 accuracy)."""
+    ids = step_problems(len(task.questions), rcfg, step)
+    extra = {}
+    if rcfg.task == "solve":
+        prompts, answers = [task.round0_prompt(i) for i in ids], [task.answers[i] for i in ids]
+    else:
+        search = markov_rsa(engine.params, engine.config, [task.questions[i] for i in ids], population=rcfg.population,
+                            tails=rcfg.tails, rounds=1, budget=rcfg.max_new_tokens, tail_tokens=rcfg.tail_tokens,
+                            final_budget=1, temperature=rcfg.temperature, seed=step_seed(rcfg, step),
+                            template=task.template, stop_token_ids=task.stop_token_ids, engine=engine)
+        # Only round 1's prompts are used: they are built from the policy's own round-0 samples.
+        prompts = [p for problem in search.rounds[1].prompts for p in problem[: rcfg.agg_prompts]]
+        answers = [task.answers[i] for i in ids for _ in range(rcfg.agg_prompts)]
+        round0 = [task.verify(task.decode(c), task.answers[i]) for i, cands in zip(ids, search.rounds[0].candidates)
+                  for c in cands]
+        extra["round0_accuracy"] = float(np.mean(np.asarray(round0) > 0))
+    rolls = rollout.sample(engine, prompts, group=rcfg.group, max_new_tokens=rcfg.max_new_tokens, seed=rcfg.seed,
+                           step=step, temperature=rcfg.temperature, stop_token_ids=task.stop_token_ids)
+    return rolls, [a for a in answers for _ in range(rcfg.group)], extra
+
+
+def train_rl(config: ZayaConfig, params: dict, task: Task, tcfg: TrainConfig, rcfg: RLConfig,
+             objective: grpo.GRPOObjective, out: str, *, resume: bool = False, force: bool = False, mesh=None,
+             data_settings: dict | None = None, progress: bool = True, save_model: bool = True,
+             assets_from: str | None = None):
+    """Runs ``rcfg.steps`` GRPO steps on ``params`` (from the latest checkpoint when ``resume``); returns the
+    final ``TrainState``. ``tcfg.total_steps`` must be ``rcfg.steps x rcfg.updates`` (one schedule over
+    every update). ``out``, ``resume``, ``force``, ``data_settings``, ``save_model`` and ``assets_from``
+    as ``loop.train``."""
+    if tcfg.total_steps != rcfg.steps * rcfg.updates:
+        raise ValueError(f"tcfg.total_steps ({tcfg.total_steps}) must be steps x epochs x minibatches "
+                         f"({rcfg.steps * rcfg.updates})")
+    if (rcfg.batch_size // rcfg.minibatches) % tcfg.grad_accum:
+        raise ValueError(f"minibatches of {rcfg.batch_size // rcfg.minibatches} rollouts do not split into "
+                         f"{tcfg.grad_accum} micro-batches")
+    settings = {"train": dataclasses.asdict(tcfg), "grpo": dataclasses.asdict(objective),
+                "rl": {k: v for k, v in dataclasses.asdict(rcfg).items() if k not in ("save_every", "keep", "slots")},
+                "data": data_settings or {}}
+    prepare_out(out, settings, resume, force)
+    model_dtype, dtype = params["embed"].dtype, dtypes.resolve(tcfg.compute_dtype)
+    # The frozen reference: the starting model (a copy: the state may share the params' buffers, and is donated).
+    ref = jax.tree.map(jnp.copy, cast_params(params, dtype)) if objective.kl_coef else None
+    state = init_state(params, tcfg)
+    del params
+    width = seq_len(task, rcfg)
+    minibatch = rcfg.batch_size // rcfg.minibatches
+    shard = Sharded(mesh, config, state, tcfg, minibatch) if mesh is not None else None
+    if shard is not None:
+        state = jax.device_put(state, shard.state)
+
+    mngr = checkpoints.manager(os.path.join(out, "checkpoints"), save_every=rcfg.save_every, keep=rcfg.keep,
+                               asynchronous=mesh is None or mesh.size == 1)
+    start, log_file = 0, os.path.join(out, "metrics.jsonl")
+    if resume:
+        if mngr.latest_step() is not None:  # killed before its first checkpoint: start over
+            state, data_state, _ = checkpoints.restore(mngr, state)
+            start = data_state["rl_step"]
+        truncate_log(log_file, start)
+    step_fn = (make_train_step(config, tcfg, objective=objective) if shard is None else
+               make_train_step(config, tcfg, objective=objective, state_sharding=shard.state,
+                               batch_sharding=shard.batch, metrics_sharding=shard.metrics))
+    ref_fn = jax.jit(lambda p, tokens, mask: loss.next_token_logprobs(
+        p, config, tokens, mask, chunk=tcfg.loss_chunk, moe_impl=tcfg.moe_impl)[0]) if ref is not None else None
+
+    bar = tqdm(total=rcfg.steps, initial=start, desc="rl", unit="step", disable=not progress, dynamic_ncols=True)
+    with open(log_file, "a") as log, (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+        for step_no in range(start + 1, rcfg.steps + 1):
+            t0 = time.perf_counter()
+            engine = Engine(cast_params(full_params(state), dtype), config, slots=rcfg.slots, max_len=width,
+                            moe_impl=tcfg.moe_impl, mesh=mesh, record=True)
+            rolls, answers, extra = make_rollouts(engine, task, rcfg, step_no)
+            del engine  # it holds the state's buffers, which the train step donates
+            rewards = np.array([task.verify(task.decode(t), a) for t, a in zip(rolls.tokens, answers)], np.float32)
+            advantages = grpo.group_advantages(rewards, rcfg.group)
+            batch = rollout.to_batch(rolls, advantages, width, replay=rcfg.replay)
+            if ref_fn is not None:
+                batch["ref_logprobs"] = np.asarray(ref_fn(ref, batch["tokens"], batch["mask"]))
+            t1 = time.perf_counter()
+            updates = []
+            for epoch in range(rcfg.epochs):
+                order = np.random.default_rng([rcfg.seed, step_no, epoch]).permutation(rcfg.batch_size)
+                for k in range(rcfg.minibatches):
+                    rows = order[k * minibatch:(k + 1) * minibatch]
+                    mb = {key: value[rows] for key, value in batch.items()}
+                    if shard is not None:
+                        mb = jax.device_put(mb, shard.batch)
+                    state, metrics = step_fn(state, mb)
+                    updates.append(metrics)
+            updates = jax.device_get(updates)
+            t2 = time.perf_counter()
+            record = _record(step_no, rewards, advantages, rolls, updates, t0, t1, t2, extra, rcfg.group)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", gap=f"{record['logprob_gap']:.1e}",
+                            tok_s=f"{record['rollout_tokens_per_s']:.0f}")
+            if shard is not None and mngr.should_save(step_no):
+                jax.block_until_ready(state)  # see checkpoints.manager: no collectives in flight during a save
+            checkpoints.save(mngr, step_no, state, {"rl_step": step_no}, force=step_no == rcfg.steps)
+    bar.close()
+    finish(mngr, config, state, model_dtype, out, save_model, assets_from)
+    return state
+
+
+def _record(step, rewards, advantages, rolls, updates, t0, t1, t2, extra, group) -> dict:
+    """One metrics.jsonl line: the rollouts' rewards and lengths, the updates' means, timings."""
+    mean = lambda key: float(np.mean([u[key] for u in updates])) if key in updates[0] else None  # noqa: E731
+    ties = np.asarray(rewards).reshape(-1, group).std(axis=1) == 0
+    record = {
+        "step": step, "reward_mean": float(rewards.mean()), "accuracy": float(np.mean(rewards > 0)),
+        "response_length": float(np.mean([len(t) for t in rolls.tokens])),
+        "tied_groups": float(ties.mean()), "advantage_abs": float(np.abs(advantages).mean()),
+        # The first update runs at the rollout's params: its gap is the engine-vs-training log-prob gap.
+        "logprob_gap": float(updates[0]["max_logprob_gap"]),
+        "loss": mean("loss"), "kl": mean("kl"), "entropy": mean("entropy"), "clip_fraction": mean("clip_fraction"),
+        "ratio": mean("ratio"), "grad_norm": mean("grad_norm"), "lr": float(updates[-1]["lr"]),
+        "max_load_ratio": np.asarray(updates[-1]["max_load_ratio"], np.float64).round(4).tolist(),
+        "rollout_tokens": rolls.generated, "rollout_tokens_per_s": round(rolls.generated / max(t1 - t0, 1e-9), 2),
+        "train_tokens_per_s": round(sum(float(u["tokens"]) for u in updates) / max(t2 - t1, 1e-9), 2),
+        "rollout_s": round(t1 - t0, 3), "train_s": round(t2 - t1, 3),
+        **extra,
+    }
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items() if v is not None}
