@@ -159,8 +159,8 @@ def insert(state: SlotState, cache: KVCache, logits: Array, src: Array, dst: Arr
         lp = token_logprobs(logits[src], sampling.temperature, token)
         logprobs = jnp.zeros((dst.shape[0], T), jnp.float32).at[jnp.arange(dst.shape[0]), held].set(lp, mode="drop")
         prompt_routes = jnp.where(jnp.arange(S)[None, :, None] < held[:, None, None], routes[src], -1)  # no padding
-        state = state.replace(routes=state.routes.at[dst].set(-1, mode="drop").at[dst, :S].set(prompt_routes, mode="drop"),
-                              logprobs=put(state.logprobs, logprobs))
+        routes = state.routes.at[dst].set(-1, mode="drop").at[dst, :S].set(prompt_routes, mode="drop")
+        state = state.replace(routes=routes, logprobs=put(state.logprobs, logprobs))
     return state, token, reason
 
 
