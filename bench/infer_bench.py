@@ -85,7 +85,7 @@ def jax_start(params, config, ids: np.ndarray, new: int):
     T = -(-(S + new) // 16) * 16
     rows = jnp.arange(B, dtype=jnp.int32)
     state, first, _ = decode.insert_compiled(
-        decode.init_slots(zaya_jax.init_cache(config, B, T, dtype), 4), cache, last, rows, rows,
+        decode.init_slots(zaya_jax.init_cache(config, B, T, dtype), 4), cache, last, rows, rows, jnp.int32(B),
         jax.random.wrap_key_data(request_keys(0, np.arange(B))), SamplingParams.create(B),
         jnp.full((B,), new, jnp.int32), jnp.full((B,), T, jnp.int32), jnp.full((B, 4), -1, jnp.int32))
     return jax.block_until_ready((state, first))

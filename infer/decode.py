@@ -126,26 +126,28 @@ def prefill_chunk(params, config: ZayaConfig, cache: KVCache, tokens: Array, new
     return last, cache
 
 
-def insert(state: SlotState, cache: KVCache, logits: Array, src: Array, dst: Array, keys: Array,
+def insert(state: SlotState, cache: KVCache, logits: Array, src: Array, dst: Array, count: Array, keys: Array,
            sampling: SamplingParams, max_new: Array, limit: Array, stop_ids: Array, routes: Array | None = None):
     """Starts requests in slots: copies prefill row ``src[i]`` of ``cache`` into slot ``dst[i]``, samples
-    its first token from ``logits[src[i]]`` and stores its knobs. Entries with ``dst[i] >= M`` are padding.
+    its first token from ``logits[src[i]]`` and stores its knobs, for ``i < count``; entries from
+    ``count`` on are padding and must have ``dst[i] >= M``.
 
-    cache: [layers, G, S] with S <= T; logits: [G, V]; src, dst, max_new, limit: [I]; keys: [I] keys;
-    sampling: [I] arrays; stop_ids: [I, K]; routes: [G, S, L] the prompts' routes (a recording pool
-    only). Returns (state, first tokens [I], reasons [I]).
+    cache: [layers, G, S] with S <= T; logits: [G, V]; src, dst, max_new, limit: [I]; count: [] int32;
+    keys: [I] keys; sampling: [I] arrays; stop_ids: [I, K]; routes: [G, S, L] the prompts' routes (a
+    recording pool only). The engine pads I to M, so one program serves every group size of a (G, S)
+    prefill. Returns (state, first tokens [I], reasons [I]).
     """
     S = cache.k.shape[2]
-    c = state.cache
     put = lambda a, v: a.at[dst].set(v, mode="drop")  # noqa: E731
-    put_layers = lambda a, v: a.at[:, dst].set(v, mode="drop")  # noqa: E731
-    new_cache = c.replace(
-        k=c.k.at[:, dst, :S].set(cache.k[:, src].astype(c.k.dtype), mode="drop"),
-        v=c.v.at[:, dst, :S].set(cache.v[:, src].astype(c.v.dtype), mode="drop"),
-        conv=put_layers(c.conv, cache.conv[:, src].astype(c.conv.dtype)),
-        v_prev=put_layers(c.v_prev, cache.v_prev[:, src].astype(c.v_prev.dtype)),
-        lengths=put(c.lengths, cache.lengths[src]),
-    )
+
+    def copy_row(i, c):  # one slot's cache per iteration, in place: no [layers, I, S] gather of the prefill cache
+        put_row = lambda a, b, *ix: a.at[(slice(None), dst[i]) + ix].set(  # noqa: E731
+            b[:, src[i]].astype(a.dtype), mode="drop")
+        return c.replace(k=put_row(c.k, cache.k, slice(0, S)), v=put_row(c.v, cache.v, slice(0, S)),
+                         conv=put_row(c.conv, cache.conv), v_prev=put_row(c.v_prev, cache.v_prev))
+
+    new_cache = jax.lax.fori_loop(0, count, copy_row, state.cache)
+    new_cache = new_cache.replace(lengths=put(new_cache.lengths, cache.lengths[src]))
     num_new = jnp.zeros_like(max_new)
     token, reason = _choose(logits[src], sampling, keys, num_new, cache.lengths[src], max_new, stop_ids, limit)
     state = state.replace(

@@ -47,6 +47,13 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (m - 1).bit_length()
 
 
+def row_bucket(n: int, cap: int) -> int:
+    """Prefill rows for ``n`` distinct prompts: the smallest power of four >= n, at most ``cap`` (itself a
+    power of two). Powers of four, not two: each (rows, prompt bucket) pair is a compiled program of
+    its own (tens of MiB on XLA:CPU), and halving their number is worth padding a group up to 4x."""
+    return min(1 << (2 * -(-(max(int(n), 1) - 1).bit_length() // 2)), cap)
+
+
 def request_keys(seed: int, indices) -> np.ndarray:
     """Key data ``[n, 2]`` uint32 of requests ``indices`` under ``seed``: ``fold_in(key(seed), index)``,
     the key ``generate`` gives row ``index``."""
@@ -284,6 +291,9 @@ class Engine:
     def _prompt_bucket(self, n: int) -> int:
         return min(bucket(n, MIN_PROMPT_BUCKET), self._cache_len)
 
+    def _rows(self, distinct: int) -> int:
+        return row_bucket(distinct, bucket(self.slots))
+
     def _take_group(self) -> list[Request]:
         """The oldest waiting request and others of its bucket, as many as free slots and
         ``prefill_tokens`` allow (a repeated prompt costs a slot, not a prefill row)."""
@@ -292,7 +302,7 @@ class Engine:
         group, distinct = [], set()
         while queue and len(group) < len(self._free):
             fresh = queue[0].prompt not in distinct
-            if fresh and group and bucket(len(distinct) + 1) * chunk > self.prefill_tokens:
+            if fresh and group and self._rows(len(distinct) + 1) * chunk > self.prefill_tokens:
                 break
             distinct.add(queue[0].prompt)
             group.append(queue.popleft())
@@ -311,7 +321,7 @@ class Engine:
         for r in group:
             rows.setdefault(r.prompt, len(rows))
         S = self._prompt_bucket(len(group[0].prompt))
-        C, G = min(S, self.prefill_chunk), bucket(len(rows))
+        C, G = min(S, self.prefill_chunk), self._rows(len(rows))
         V = self.config.vocab_size
         with self._mesh_context():
             cache = init_cache(self.config, G, S, self._dtype)
@@ -332,7 +342,7 @@ class Engine:
                 self.stats["prefill_calls"] += 1
             self.stats["prefill_rows"] += len(rows)
 
-            n = bucket(len(group))
+            n = self.slots  # one insert program per prefill shape, whatever the group's size
             src, dst = np.zeros((n,), np.int32), np.full((n,), self.slots, np.int32)
             keys, max_new = np.zeros((n, 2), np.uint32), np.ones((n,), np.int32)
             limit = np.full((n,), self.max_len, np.int32)
@@ -345,7 +355,8 @@ class Engine:
                 for k, v in r.knobs.items():
                     knobs[k][i] = v
             self._state, first, reason = decode.insert_compiled(
-                self._state, cache, last, jnp.asarray(src), jnp.asarray(dst), jax.random.wrap_key_data(keys),
+                self._state, cache, last, jnp.asarray(src), jnp.asarray(dst), jnp.int32(len(group)),
+                jax.random.wrap_key_data(keys),
                 SamplingParams(**{k: jnp.asarray(v) for k, v in knobs.items()}), jnp.asarray(max_new),
                 jnp.asarray(limit), jnp.asarray(stop_ids), None if routes is None else jnp.asarray(routes))
         first, reason = to_host(first), to_host(reason)
