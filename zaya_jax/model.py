@@ -197,14 +197,18 @@ class CCAttention(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, theta, window, ctx: AttentionContext, cache: dict | None):
-        """x: [B, S, D] (normed). cache: this layer's slice of KVCache.layer_slices() or None.
+    def __call__(self, x, theta, window, ctx: AttentionContext, cache: dict | None, layer=None):
+        """x: [B, S, D] (normed). cache: KVCache.layer_slices() of ALL layers, or None; layer: [] int32,
+        this layer's index into it.
 
-        Returns (out [B, S, D], new cache slice or None).
+        Returns (out [B, S, D], the cache with this layer's part updated, or None). The whole cache rides
+        the layer scan's carry and each layer writes its new tokens into it in place: passed as the
+        scan's per-layer input and output instead, every layer's cache slice was copied in and out at
+        every decode step.
         """
         c, dt = self.config, self.dtype
-        conv_state = cache["conv"] if cache is not None else None
-        v_prev = cache["v_prev"] if cache is not None else None
+        conv_state = cache["conv"][layer] if cache is not None else None
+        v_prev = cache["v_prev"][layer] if cache is not None else None
         with jax.named_scope("cca_projection"):  # named scopes: an XLA profile attributes time by name
             q, k, v, conv_state, v_prev = CCAProjection(c, dt, name="cca")(x, ctx.token_valid, conv_state, v_prev)
 
@@ -217,15 +221,13 @@ class CCAttention(nn.Module):
         if cache is not None:
             # Each row writes its own slots; a write past the last slot is dropped (never wraps or shifts).
             rows = jnp.arange(x.shape[0])[:, None]
-            k_all = cache["k"].at[rows, ctx.q_slot].set(k.astype(cache["k"].dtype), mode="drop")
-            v_all = cache["v"].at[rows, ctx.q_slot].set(v.astype(cache["v"].dtype), mode="drop")
             new_cache = {
-                "k": k_all,
-                "v": v_all,
-                "conv": conv_state.astype(cache["conv"].dtype),
-                "v_prev": v_prev.astype(cache["v_prev"].dtype),
+                "k": cache["k"].at[layer, rows, ctx.q_slot].set(k.astype(cache["k"].dtype), mode="drop"),
+                "v": cache["v"].at[layer, rows, ctx.q_slot].set(v.astype(cache["v"].dtype), mode="drop"),
+                "conv": cache["conv"].at[layer].set(conv_state.astype(cache["conv"].dtype)),
+                "v_prev": cache["v_prev"].at[layer].set(v_prev.astype(cache["v_prev"].dtype)),
             }
-            k, v = k_all.astype(dt), v_all.astype(dt)
+            k, v = new_cache["k"][layer].astype(dt), new_cache["v"][layer].astype(dt)
         else:
             new_cache = None
 
@@ -351,14 +353,14 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, carry, layer_xs, ctx: AttentionContext, expert_stack=None):
-        residual, router_state = carry  # [B, S, D] f32, [B, S, R] f32
-        layer, theta, window, cache, replay = layer_xs
+        residual, router_state, cache = carry  # [B, S, D] f32, [B, S, R] f32, all layers' cache or None
+        layer, theta, window, replay = layer_xs
         c, dt = self.config, self.dtype
         B, S, D = residual.shape
 
         x = RMSNorm(c.rms_norm_eps, dt, name="input_norm")(residual)
         with jax.named_scope("attention"):
-            a, new_cache = CCAttention(c, dt, name="attn")(x, theta, window, ctx, cache)
+            a, cache = CCAttention(c, dt, name="attn")(x, theta, window, ctx, cache, layer)
         residual = ResidualScale(name="post_attn_scale")(a, residual)
 
         x = RMSNorm(c.rms_norm_eps, dt, name="post_attn_norm")(residual)
@@ -372,7 +374,7 @@ class Block(nn.Module):
 
         # Route counts over real tokens: expert load for training metrics and bias balancing.
         counts = jnp.sum(jax.nn.one_hot(route, c.num_router_classes, dtype=jnp.int32) * ctx.token_valid[..., None], axis=(0, 1))
-        return (residual, router_state), (new_cache, counts, route)
+        return (residual, router_state, cache), (counts, route)
 
 
 class ZayaModel(nn.Module):
@@ -414,8 +416,8 @@ class ZayaModel(nn.Module):
         thetas, windows = layer_constants(c)
         layer_ids = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
         # Routes ride the layer scan like thetas and windows: layer-major [L, B, S].
-        (residual, _), (new_cache, counts, taken) = layers(
-            (residual, router_state), (layer_ids, thetas, windows, cache, routes), ctx, expert_stack)
+        (residual, _, new_cache), (counts, taken) = layers(
+            (residual, router_state, cache), (layer_ids, thetas, windows, routes), ctx, expert_stack)
 
         h = RMSNorm(c.rms_norm_eps, dt, name="final_norm")(residual)
         aux = {"route_counts": counts, "routes": taken}  # [layers, E + 1], [layers, B, S]
