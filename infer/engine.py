@@ -338,7 +338,8 @@ class Engine:
                                                     record=self.record)
                 last, cache = out[:2]
                 if self.record:
-                    routes[:, start:start + C] = to_host(out[2])
+                    # The last chunk may run past a bucket capped at the cache length (S % C != 0).
+                    routes[:, start:start + C] = to_host(out[2])[:, :S - start]
                 self.stats["prefill_calls"] += 1
             self.stats["prefill_rows"] += len(rows)
 

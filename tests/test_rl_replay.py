@@ -92,6 +92,20 @@ def test_engine_routes_and_logprobs_match_training(params, rolled):
     assert np.abs(replayed - batch["old_logprobs"])[w].max() <= TOL
 
 
+def test_recorded_routes_of_a_prompt_past_the_last_whole_chunk(params):
+    """A prompt whose bucket is capped at a cache length that is not a multiple of the prefill chunk
+    (max_len 40: a 48-token cache = 32 + 16): the last chunk's routes are cut to the cache, and still
+    match training's."""
+    engine = Engine(params, CONFIG, slots=2, max_len=40, prefill_chunk=32, record=True)
+    prompt = [int(t) for t in jax.random.randint(jax.random.key(4), (35,), 1, CONFIG.vocab_size)]
+    rolls = rollout.sample(engine, [prompt], group=2, max_new_tokens=4, seed=0, step=1, stop_token_ids=[])
+    batch = rollout.to_batch(rolls, np.ones(2, np.float32), 40)
+    _, routes = _train_logprobs(params, batch, replay=False)
+    fed = batch["routes"] >= 0
+    assert fed.sum() == 2 * (35 + 4 - 1) * CONFIG.num_hidden_layers
+    assert np.array_equal(routes[fed], batch["routes"][fed])
+
+
 def test_replay_keeps_the_gap_where_routes_differ(params, rolled):
     _, batch = rolled
     w = np.asarray(loss.target_weights(batch["loss_mask"], batch["mask"])) > 0
