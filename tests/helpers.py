@@ -20,6 +20,31 @@ MESHES = {
 }
 
 
+def write_rl_problem_set(root, problems: int) -> None:
+    """``root/model`` (CONFIG with the demo task's character vocabulary, random weights) and
+    ``root/data.jsonl`` (``problems`` sums "i+i" with their answers): what the ``zaya rl`` tests run on."""
+    import dataclasses
+    import json
+
+    import jax
+
+    from zaya_jax.convert import save_hf
+    from zaya_jax.demo import vocab
+
+    config = dataclasses.replace(CONFIG, vocab_size=len(vocab.SPECIALS) + len(vocab.CHARACTERS), pad_token_id=0,
+                                 bos_token_id=2, eos_token_id=(4,))
+    save_hf(zaya_jax.model.init(config, jax.random.key(0)), config, str(root / "model"))
+    vocab.write(str(root / "model"))
+    with open(root / "data.jsonl", "w") as f:
+        for i in range(problems):
+            f.write(json.dumps({"question": f"{i}+{i}", "answer": str(2 * i)}) + "\n")
+
+
+def constant_reward(text: str, answer: str) -> float:
+    """A verifier under which every group ties (``--verifier helpers:constant_reward``)."""
+    return 1.0
+
+
 def digit_reward(text: str, answer: str) -> float:
     """A verifier for RL tests on untrained models (``--verifier helpers:digit_reward``): the digits in the
     text, so rewards vary within a group and the updates are not zero."""

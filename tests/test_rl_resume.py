@@ -2,7 +2,6 @@
 final model, bit for bit, as an uninterrupted run (rollout keys and problem order are functions of the
 seed and the step); a fresh run refuses an existing --out."""
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -16,10 +15,8 @@ import numpy as np
 import pytest
 
 import zaya_jax
-from helpers import CONFIG
+from helpers import write_rl_problem_set
 from zaya_jax import cli
-from zaya_jax.convert import save_hf
-from zaya_jax.demo import vocab
 
 STEPS = 4
 TIMING = ("rollout_tokens_per_s", "train_tokens_per_s", "rollout_s", "train_s")
@@ -28,13 +25,7 @@ TIMING = ("rollout_tokens_per_s", "train_tokens_per_s", "rollout_s", "train_s")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("rl")
-    config = dataclasses.replace(CONFIG, vocab_size=len(vocab.SPECIALS) + len(vocab.CHARACTERS), pad_token_id=0,
-                                 bos_token_id=2, eos_token_id=(4,))
-    save_hf(zaya_jax.model.init(config, jax.random.key(0)), config, str(root / "model"))
-    vocab.write(str(root / "model"))
-    with open(root / "data.jsonl", "w") as f:
-        for i in range(5):
-            f.write(json.dumps({"question": f"{i}+{i}", "answer": str(2 * i)}) + "\n")
+    write_rl_problem_set(root, 5)
     tests = str(pathlib.Path(__file__).parent)
     # The runs share one compilation cache: identical programs, compiled once.
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / "jax-cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

@@ -62,8 +62,14 @@ class Sharded:
         replicated = NamedSharding(mesh, PartitionSpec())
         params = sharding.param_shardings(config, mesh, sharding.TRAINING)
         self.state = state_shardings(state, params, replicated, tcfg)
-        self.batch = sharding.batch_sharding(mesh, 2, sharding.TRAINING, batch_size)
+        self.batch = self.batch_for(batch_size)
         self.metrics = replicated
+
+    def batch_for(self, batch_size: int):
+        """The sharding of a ``[batch_size, S]`` batch (split over the data axes where it divides)."""
+        from zaya_jax import sharding
+
+        return sharding.batch_sharding(self.mesh, 2, sharding.TRAINING, batch_size)
 
 
 def _metrics_record(step: int, metrics: dict, seconds: float) -> dict:

@@ -34,7 +34,7 @@ def _rl_command(args) -> int:
         steps=args.steps, prompts=args.prompts, group=args.group, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, minibatches=args.minibatches, epochs=args.epochs, replay=not args.no_replay,
         task=args.task, population=args.population, tails=args.tails, tail_tokens=args.tail_tokens,
-        agg_prompts=args.agg_prompts, seed=args.seed, slots=args.slots, save_every=args.save_every, keep=args.keep)
+        agg_prompts=args.agg_prompts, agg_select=args.agg_select, skip_tied=args.skip_tied, seed=args.seed, slots=args.slots, save_every=args.save_every, keep=args.keep)
     width = rl_loop.seq_len(task, rcfg)
     if width > config.max_position_embeddings:
         raise ValueError(f"the longest prompt plus --max-new-tokens needs {width} tokens, more than the model's "
@@ -101,6 +101,9 @@ def register(subparsers) -> None:
     g.add_argument("--tail-tokens", type=int, default=24, help="aggregate: tokens per candidate tail (default 24)")
     g.add_argument("--agg-prompts", type=int, default=2, help="aggregate: aggregation prompts per problem, each "
                    "rolled out --group times (default 2)")
+    g.add_argument("--agg-select", choices=("first", "mixed"), default="first",
+                   help="aggregate: which --agg-prompts of each problem's round-1 prompts to roll out: the first, or "
+                        "those whose candidates are partly right and partly wrong first (default first)")
     g.add_argument("--aggregation-template", choices=("demo", "default"), default=None,
                    help="aggregate: the demo model's template or the RSA default (default: demo for the demo model)")
     o = p.add_argument_group("objective and optimizer")
@@ -109,6 +112,8 @@ def register(subparsers) -> None:
     o.add_argument("--kl-coef", type=float, default=0.0, help="k3 KL penalty to the starting model (default 0: off)")
     o.add_argument("--no-replay", action="store_true", help="let the training forward route afresh instead of "
                    "replaying the rollouts' routing")
+    o.add_argument("--skip-tied", action="store_true", help="leave the rollouts of groups whose rewards all tie "
+                   "out of the updates (dynamic sampling; a step with no untied group makes no update)")
     o.add_argument("--minibatches", type=int, default=1, help="updates per pass over a step's rollouts (default 1)")
     o.add_argument("--epochs", type=int, default=1, help="passes over a step's rollouts (default 1)")
     o.add_argument("--lr", type=float, default=1e-6, help="peak learning rate (default 1e-6)")

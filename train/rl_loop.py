@@ -17,7 +17,13 @@ rollouts and updates bit for bit.
 Tasks: ``solve`` rolls out each problem's prompt (the ``zaya eval`` round-0 prompt). ``aggregate``
 first samples ``population`` round-0 solutions of each problem with the current policy, then builds
 Markov RSA aggregation prompts from them with ``markov_rsa`` itself (the prompts its round 1 would
-see) and rolls out ``agg_prompts`` of them per problem, rewarding a correct final answer.
+see) and rolls out ``agg_prompts`` of them per problem, rewarding a correct final answer
+(``agg_select="mixed"``: the prompts whose candidates disagree in correctness first).
+
+``skip_tied`` (dynamic sampling, as DAPO): groups whose rewards all tie carry no policy gradient, so
+their rollouts are left out of the updates instead of diluting the token mean; the remaining rows are
+padded up to a power-of-two bucket (a few compiled shapes), and a step with no untied group makes no
+update at all.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from .loop import Sharded, finish, prepare_out, truncate_log
 from .step import TrainConfig, full_params, init_state, make_train_step
 
 TASKS = ("solve", "aggregate")
+AGG_SELECT = ("first", "mixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +71,8 @@ class RLConfig:
     tails: int = 4
     tail_tokens: int = 24
     agg_prompts: int = 2
+    agg_select: str = "first"
+    skip_tied: bool = False
     seed: int = 0
     slots: int = 64
     save_every: int = 10
@@ -78,6 +87,8 @@ class RLConfig:
             raise ValueError(f"group must be >= 2 (advantages are relative to the group), got {self.group}")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.agg_select not in AGG_SELECT:
+            raise ValueError(f"agg_select must be one of {AGG_SELECT}, got {self.agg_select!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 (rollouts are sampled), got {self.temperature}")
         if self.task == "aggregate" and not (self.tails <= self.population and self.agg_prompts <= self.population):
@@ -157,14 +168,52 @@ def make_rollouts(engine: Engine, task: Task, rcfg: RLConfig, step: int):
                             final_budget=1, temperature=rcfg.temperature, seed=step_seed(rcfg, step),
                             template=task.template, stop_token_ids=task.stop_token_ids, engine=engine)
         # Only round 1's prompts are used: they are built from the policy's own round-0 samples.
-        prompts = [p for problem in search.rounds[1].prompts for p in problem[: rcfg.agg_prompts]]
+        round0 = np.array([[task.verify(task.decode(c), task.answers[i]) > 0 for c in cands]
+                           for i, cands in zip(ids, search.rounds[0].candidates)])
+        prompts = [search.rounds[1].prompts[p][m] for p in range(len(ids))
+                   for m in agg_members(round0[p], search.rounds[1].subsets[p], rcfg)]
         answers = [task.answers[i] for i in ids for _ in range(rcfg.agg_prompts)]
-        round0 = [task.verify(task.decode(c), task.answers[i]) for i, cands in zip(ids, search.rounds[0].candidates)
-                  for c in cands]
-        extra["round0_accuracy"] = float(np.mean(np.asarray(round0) > 0))
+        extra["round0_accuracy"] = float(round0.mean())
     rolls = rollout.sample(engine, prompts, group=rcfg.group, max_new_tokens=rcfg.max_new_tokens, seed=rcfg.seed,
                            step=step, temperature=rcfg.temperature, stop_token_ids=task.stop_token_ids)
     return rolls, [a for a in answers for _ in range(rcfg.group)], extra
+
+
+def agg_members(correct, subsets, rcfg: RLConfig) -> list[int]:
+    """The ``agg_prompts`` round-1 members of one problem to roll out. ``first``: the first ones;
+    ``mixed``: those whose candidates are some right, some wrong first (where choosing matters), then
+    the rest, each part in member order. correct: [N] bool, round 0; subsets: [N][C] candidate indices."""
+    members = list(range(len(subsets)))
+    if rcfg.agg_select == "mixed":
+        members.sort(key=lambda m: len({bool(correct[c]) for c in subsets[m]}) == 1)
+    return members[: rcfg.agg_prompts]
+
+
+def tied_groups(advantages, group: int) -> np.ndarray:
+    """[groups] bool: groups whose advantages are all zero (their rewards tie; ``grpo.group_advantages``)."""
+    return np.all(np.asarray(advantages).reshape(-1, group) == 0, axis=1)
+
+
+def update_size(rows: int, minibatch: int, group: int, grad_accum: int) -> int:
+    """Rows of an update holding ``rows`` rollouts: a power of two, at least ``group``, at most ``minibatch``
+    and a multiple of ``grad_accum`` (so skipping tied groups compiles only a few batch shapes)."""
+    size = min(minibatch, max(group, 1 << max(rows - 1, 0).bit_length()))
+    return min(minibatch, -(-size // grad_accum) * grad_accum)
+
+
+def minibatches(batch: dict, rows: np.ndarray, count: int, size: int):
+    """``count`` minibatches of ``rows`` (in order), each padded to ``size`` rows with copies of its own rows
+    whose ``loss_mask`` and advantage are zero (they add no loss and no token to the mean)."""
+    per = -(-len(rows) // count)
+    for k in range(count):
+        part = rows[k * per:(k + 1) * per]
+        if len(part) == 0:
+            continue
+        idx = np.concatenate([part, part[np.arange(size - len(part)) % len(part)]])
+        mb = {key: value[idx] for key, value in batch.items()}
+        mb["loss_mask"][len(part):] = 0
+        mb["advantages"][len(part):] = 0
+        yield mb
 
 
 def train_rl(config: ZayaConfig, params: dict, task: Task, tcfg: TrainConfig, rcfg: RLConfig,
@@ -204,9 +253,18 @@ def train_rl(config: ZayaConfig, params: dict, task: Task, tcfg: TrainConfig, rc
             state, data_state, _ = checkpoints.restore(mngr, state)
             start = data_state["rl_step"]
         truncate_log(log_file, start)
-    step_fn = (make_train_step(config, tcfg, objective=objective) if shard is None else
-               make_train_step(config, tcfg, objective=objective, state_sharding=shard.state,
-                               batch_sharding=shard.batch, metrics_sharding=shard.metrics))
+    step_fns = {}  # by update rows: one unless skip_tied pads to smaller buckets
+
+    def step_fn(state, mb):
+        size = len(mb["tokens"])
+        if size not in step_fns:
+            step_fns[size] = (make_train_step(config, tcfg, objective=objective) if shard is None else
+                              make_train_step(config, tcfg, objective=objective, state_sharding=shard.state,
+                                              batch_sharding=shard.batch_for(size), metrics_sharding=shard.metrics))
+        if shard is not None:
+            mb = jax.device_put(mb, shard.batch_for(size))
+        return step_fns[size](state, mb)
+
     ref_fn = jax.jit(lambda p, tokens, mask: loss.next_token_logprobs(
         p, config, tokens, mask, chunk=tcfg.loss_chunk, moe_impl=tcfg.moe_impl)[0]) if ref is not None else None
 
@@ -221,17 +279,17 @@ def train_rl(config: ZayaConfig, params: dict, task: Task, tcfg: TrainConfig, rc
             rewards = np.array([task.verify(task.decode(t), a) for t, a in zip(rolls.tokens, answers)], np.float32)
             advantages = grpo.group_advantages(rewards, rcfg.group)
             batch = rollout.to_batch(rolls, advantages, width, replay=rcfg.replay)
-            if ref_fn is not None:
+            live = np.arange(rcfg.batch_size)
+            if rcfg.skip_tied:
+                live = live[np.repeat(~tied_groups(advantages, rcfg.group), rcfg.group)]
+            if ref_fn is not None and len(live):
                 batch["ref_logprobs"] = np.asarray(ref_fn(ref, batch["tokens"], batch["mask"]))
             t1 = time.perf_counter()
             updates = []
+            size = update_size(-(-len(live) // rcfg.minibatches), minibatch, rcfg.group, tcfg.grad_accum)
             for epoch in range(rcfg.epochs):
-                order = np.random.default_rng([rcfg.seed, step_no, epoch]).permutation(rcfg.batch_size)
-                for k in range(rcfg.minibatches):
-                    rows = order[k * minibatch:(k + 1) * minibatch]
-                    mb = {key: value[rows] for key, value in batch.items()}
-                    if shard is not None:
-                        mb = jax.device_put(mb, shard.batch)
+                order = live[np.random.default_rng([rcfg.seed, step_no, epoch]).permutation(len(live))]
+                for mb in minibatches(batch, order, rcfg.minibatches, size):
                     state, metrics = step_fn(state, mb)
                     updates.append(metrics)
             updates = jax.device_get(updates)
@@ -240,7 +298,7 @@ def train_rl(config: ZayaConfig, params: dict, task: Task, tcfg: TrainConfig, rc
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.update(1)
-            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", gap=f"{record['logprob_gap']:.1e}",
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", gap=f"{record.get('logprob_gap', 0):.1e}",
                             tok_s=f"{record['rollout_tokens_per_s']:.0f}")
             if shard is not None and mngr.should_save(step_no):
                 jax.block_until_ready(state)  # see checkpoints.manager: no collectives in flight during a save
@@ -252,17 +310,19 @@ def train_rl(config: ZayaConfig, params: dict, task: Task, tcfg: TrainConfig, rc
 
 def _record(step, rewards, advantages, rolls, updates, t0, t1, t2, extra, group) -> dict:
     """One metrics.jsonl line: the rollouts' rewards and lengths, the updates' means, timings."""
-    mean = lambda key: float(np.mean([u[key] for u in updates])) if key in updates[0] else None  # noqa: E731
-    ties = np.asarray(rewards).reshape(-1, group).std(axis=1) == 0
+    mean = lambda key: float(np.mean([u[key] for u in updates])) if updates and key in updates[0] else None  # noqa: E731
+    ties = tied_groups(advantages, group)
+    last = updates[-1] if updates else None  # a step with every group tied and skip_tied makes no update
     record = {
         "step": step, "reward_mean": float(rewards.mean()), "accuracy": float(np.mean(rewards > 0)),
         "response_length": float(np.mean([len(t) for t in rolls.tokens])),
         "tied_groups": float(ties.mean()), "advantage_abs": float(np.abs(advantages).mean()),
         # The first update runs at the rollout's params: its gap is the engine-vs-training log-prob gap.
-        "logprob_gap": float(updates[0]["max_logprob_gap"]),
+        "logprob_gap": float(updates[0]["max_logprob_gap"]) if updates else None,
         "loss": mean("loss"), "kl": mean("kl"), "entropy": mean("entropy"), "clip_fraction": mean("clip_fraction"),
-        "ratio": mean("ratio"), "grad_norm": mean("grad_norm"), "lr": float(updates[-1]["lr"]),
-        "max_load_ratio": np.asarray(updates[-1]["max_load_ratio"], np.float64).round(4).tolist(),
+        "ratio": mean("ratio"), "grad_norm": mean("grad_norm"), "updates": len(updates),
+        "lr": float(last["lr"]) if last else None,
+        "max_load_ratio": np.asarray(last["max_load_ratio"], np.float64).round(4).tolist() if last else None,
         "rollout_tokens": rolls.generated, "rollout_tokens_per_s": round(rolls.generated / max(t1 - t0, 1e-9), 2),
         "train_tokens_per_s": round(sum(float(u["tokens"]) for u in updates) / max(t2 - t1, 1e-9), 2),
         "rollout_s": round(t1 - t0, 3), "train_s": round(t2 - t1, 3),
