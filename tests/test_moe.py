@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from zaya_jax import moe
+from zaya_jax import moe, narrow
 
 E, D, F = 5, 24, 16
 IMPLS = ("gather", "loop", "grouped", "tiled", "sorted", "auto")
@@ -99,17 +99,12 @@ def test_stacked_layer_weights():
         np.testing.assert_allclose(run(jnp.int32(1)), want, atol=1e-5, rtol=1e-5, err_msg=impl)
 
 
-def test_row_blocks():
-    assert moe._row_block(2048, 4096) == 512  # 8 MiB of float32
-    assert moe._row_block(24, 10**9) == 1 and moe._row_block(24, 1) == 8  # divides the rows
-
-
 def test_loop_reads_bfloat16_experts_in_row_blocks(monkeypatch):
     """bfloat16 weights on CPU: ``loop`` reads each expert of the layer stack in row blocks (12 and 8 blocks
     here), accumulating in float32; it equals the float32 oracle on the same weights within bfloat16's
     rounding of the hidden activation and the output."""
-    monkeypatch.setattr(moe, "CONVERT_BLOCK_BYTES", 2 * 2 * F * 4)  # 2 rows of gate_up, 2 of down
-    assert moe._row_block(D, 2 * F) == 2 and moe._row_block(F, D) == 2
+    monkeypatch.setattr(narrow, "CONVERT_BLOCK_BYTES", 2 * 2 * F * 4)  # 2 rows of gate_up, 2 of down
+    assert narrow.row_block(D, 2 * F) == 2 and narrow.row_block(F, D) == 2
     stack = [_weights(seed) for seed in range(2)]
     gate_up = jnp.stack([g for g, _ in stack]).astype(jnp.bfloat16)
     down = jnp.stack([d for _, d in stack]).astype(jnp.bfloat16)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import dtypes, expert_parallel, moe
+from . import dtypes, expert_parallel, moe, narrow
 from .cache import KVCache
 from .config import ZayaConfig
 from .mesh import active_mesh
@@ -120,8 +120,12 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = _param(self, "kernel", self.init, (x.shape[-1], self.features), self.axes)
-        y = x @ kernel.astype(self.dtype)
+        kernel = _param(self, "kernel", self.init, (x.shape[-1], self.features), self.axes).astype(self.dtype)
+        rows = math.prod(x.shape[:-1])
+        if narrow.use_blocks(kernel, rows):  # a decode step with bfloat16 weights on CPU
+            y = narrow.blocked_matmul(x, kernel).astype(jnp.result_type(x, kernel))
+        else:
+            y = x @ kernel
         if self.use_bias:
             y = y + _param(self, "bias", nn.initializers.zeros, (self.features,), (self.axes[1],)).astype(self.dtype)
         return y

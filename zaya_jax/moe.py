@@ -30,6 +30,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from . import narrow
+
 MOE_IMPLS = ("auto", "oracle", "gather", "loop", "grouped", "tiled", "sorted")
 # XLA:CPU thresholds in tokens per call (bench/moe_bench.py, see above).
 LOOP_MAX_TOKENS_CPU = 4
@@ -95,55 +97,24 @@ def _expert_weights(gate_up, down, e, layer=None):
     return gu, dn
 
 
-# XLA:CPU computes a bfloat16 dot by converting its operands to float32 first: for one token, writing
-# the float32 copy of a whole expert costs more than reading the expert. Read in row blocks of at most
-# this many float32 bytes instead, and each converted block stays in cache (docs/benchmarks.md).
-CONVERT_BLOCK_BYTES = 8 << 20
-
-
-def _row_block(rows: int, cols: int) -> int:
-    """Rows per block of a ``[rows, cols]`` weight: the largest power of two dividing ``rows`` whose float32
-    block fits ``CONVERT_BLOCK_BYTES`` (at least 1)."""
-    block = rows & -rows
-    while block > 1 and block * cols * 4 > CONVERT_BLOCK_BYTES:
-        block //= 2
-    return block
-
-
-def _blocked_matvec(x, weights, lead: tuple):
-    """``x [K] @ weights[lead] [K, N] -> [N]`` float32, reading the weight in row blocks (converted one
-    block at a time); ``lead``: the indices of the weight in the leading axes of ``weights``."""
-    K, N = weights.shape[-2:]
-    block = _row_block(K, N)
-    xb = x.astype(jnp.float32).reshape(K // block, block)
-    ones = (1,) * len(lead)
-
-    def add_block(i, acc):
-        w = jax.lax.dynamic_slice(weights, lead + (i * block, 0), ones + (block, N)).reshape(block, N)
-        return acc + jnp.dot(xb[i], w.astype(jnp.float32))
-
-    return jax.lax.fori_loop(0, K // block, add_block, jnp.zeros((N,), jnp.float32))
-
-
 def experts_loop(x, idx, gate, skip_scale, gate_up, down, act=None, layer=None):
     """One token at a time, each slicing its own expert's weights: ``[T, D] -> [T, D]``.
 
     With ``layer``, ``gate_up [L, E, D, 2F]`` and ``down [L, E, F, D]`` are the whole layer stack and
     the slice is taken at ``(layer, expert)``: inside the layer scan this reads only the touched
     experts, where a per-layer slice would first copy all of that layer's experts (bench/moe_bench.py).
-    Weights narrower than float32 on CPU are read in row blocks (``CONVERT_BLOCK_BYTES``), each product
-    accumulated in float32.
+    Weights narrower than float32 on CPU are read in row blocks (``narrow.blocked_matmul``).
     """
     num_experts, _, two_f = gate_up.shape[-3:]
     act = _activation(act, two_f)
-    blocked = gate_up.dtype != jnp.float32 and jax.default_backend() == "cpu"
+    blocked = narrow.use_blocks(gate_up, 1)
 
     def one(args):
         xt, e = args
         if blocked:
             lead = (e,) if layer is None else (layer, e)
-            h = _blocked_matvec(xt, gate_up, lead).astype(xt.dtype)
-            return _blocked_matvec(act(h), down, lead).astype(xt.dtype)
+            h = narrow.blocked_matmul(xt, gate_up, lead).astype(xt.dtype)
+            return narrow.blocked_matmul(act(h), down, lead).astype(xt.dtype)
         gu, dn = _expert_weights(gate_up, down, e, layer)
         return act(xt @ gu) @ dn
 
