@@ -253,17 +253,19 @@ def train_rl(config: ZayaConfig, params: dict, task: Task, tcfg: TrainConfig, rc
             state, data_state, _ = checkpoints.restore(mngr, state)
             start = data_state["rl_step"]
         truncate_log(log_file, start)
-    step_fns = {}  # by update rows: one unless skip_tied pads to smaller buckets
+    step_fns = {}  # update rows -> (compiled step, batch sharding): one unless skip_tied pads to smaller buckets
 
     def step_fn(state, mb):
         size = len(mb["tokens"])
         if size not in step_fns:
-            step_fns[size] = (make_train_step(config, tcfg, objective=objective) if shard is None else
-                              make_train_step(config, tcfg, objective=objective, state_sharding=shard.state,
-                                              batch_sharding=shard.batch_for(size), metrics_sharding=shard.metrics))
-        if shard is not None:
-            mb = jax.device_put(mb, shard.batch_for(size))
-        return step_fns[size](state, mb)
+            if shard is None:
+                step_fns[size] = (make_train_step(config, tcfg, objective=objective), None)
+            else:
+                placed = shard.batch_for(size)
+                step_fns[size] = (make_train_step(config, tcfg, objective=objective, state_sharding=shard.state,
+                                                  batch_sharding=placed, metrics_sharding=shard.metrics), placed)
+        run, placed = step_fns[size]
+        return run(state, mb if placed is None else jax.device_put(mb, placed))
 
     ref_fn = jax.jit(lambda p, tokens, mask: loss.next_token_logprobs(
         p, config, tokens, mask, chunk=tcfg.loss_chunk, moe_impl=tcfg.moe_impl)[0]) if ref is not None else None
