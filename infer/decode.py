@@ -29,7 +29,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from zaya_jax.cache import KVCache
+from zaya_jax.cache import KVCache, from_bits, to_bits
 from zaya_jax.config import ZayaConfig
 from zaya_jax.model import INFERENCE_COMPILER_OPTIONS, apply, cached_context, head_kernel
 
@@ -142,7 +142,7 @@ def insert(state: SlotState, cache: KVCache, logits: Array, src: Array, dst: Arr
 
     def copy_row(i, c):  # one slot's cache per iteration, in place: no [layers, I, S] gather of the prefill cache
         put_row = lambda a, b, *ix: a.at[(slice(None), dst[i]) + ix].set(  # noqa: E731
-            b[:, src[i]].astype(a.dtype), mode="drop")
+            to_bits(from_bits(b[:, src[i]], cache.dtype), c.dtype), mode="drop")
         return c.replace(k=put_row(c.k, cache.k, slice(0, S)), v=put_row(c.v, cache.v, slice(0, S)),
                          conv=put_row(c.conv, cache.conv), v_prev=put_row(c.v_prev, cache.v_prev))
 

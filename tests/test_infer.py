@@ -116,3 +116,47 @@ def test_greedy_matches_transformers_generate(name, tmp_path):
     assert result.stop_reasons == ["max_new_tokens"] * 3
     np.testing.assert_array_equal(np.array(result.tokens), ref)
     assert min(len(set(row)) for row in result.tokens) >= 5, "degenerate continuation proves little"
+
+
+def test_bfloat16_cache_holds_bits_updated_in_place(tmp_path):
+    """A bfloat16 cache holds its values' bit patterns as uint16: XLA:CPU computed every bf16 cache write
+    in float32 over the WHOLE cache (once per layer per step), which the compiled decode step shows as
+    float32 arrays of the cache's shape (22 of them here before). Cached bf16 decoding still follows the
+    bf16 forward: same top-1 everywhere, logits within a few bf16 ulps."""
+    hf_ref.build(SLIDING_CONV, tmp_path, seed=3, skip_bias=0.05)
+    config, params = zaya_jax.load(tmp_path, dtype=jnp.bfloat16)
+    values = jnp.asarray([0.0, -0.0, 1.5, -3e38, 1e-40, jnp.inf, -jnp.inf], jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(zaya_jax.cache.from_bits(zaya_jax.cache.to_bits(values, jnp.bfloat16),
+                                                                       jnp.bfloat16)), np.asarray(values))
+    rng = np.random.default_rng(4)
+    prompt, mask = hf_ref.left_padded(LENGTHS, config.vocab_size, seed=5)
+    S, new, B = prompt.shape[1], 7, len(LENGTHS)
+    cont = rng.integers(1, config.vocab_size, (B, new))
+    ref = np.asarray(zaya_jax.forward(params, config, np.concatenate([prompt, cont], axis=1),
+                                      np.concatenate([mask, np.ones_like(cont)], axis=1)))
+    rows = prompts_of(prompt, LENGTHS)
+    tokens = np.zeros((B, S), np.int32)
+    for b, r in enumerate(rows):
+        tokens[b, : len(r)] = r
+    T = S + new + 1
+    cache = zaya_jax.init_cache(config, B, T, jnp.bfloat16)
+    assert cache.dtype == jnp.bfloat16 and {a.dtype for a in (cache.k, cache.v, cache.conv, cache.v_prev)} == {np.dtype(np.uint16)}
+    logits, cache = prefill(params, config, cache, jnp.asarray(tokens), jnp.asarray([len(r) for r in rows], jnp.int32),
+                            jnp.zeros((B, config.vocab_size)))
+    got, want = [np.asarray(logits)], [ref[:, S - 1]]
+    for i in range(new):
+        logits, cache = decode_step(params, config, cache, jnp.asarray(cont[:, i], jnp.int32), jnp.ones((B,), jnp.int32))
+        got.append(np.asarray(logits))
+        want.append(ref[:, S + i])
+    got, want = np.stack(got), np.stack(want)
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+    ulp = 2.0**-8 * np.abs(want).max()  # bf16 resolution at the largest logit
+    assert np.abs(got - want).max() <= 4 * ulp, (np.abs(got - want).max(), ulp)
+
+    # The engine's slot pool (insert copies prefill rows into it) holds bits too: its greedy tokens follow.
+    first = generate(params, config, rows, max_new_tokens=1, temperature=0.0, stop_token_ids=[])
+    np.testing.assert_array_equal([t[0] for t in first.tokens], got[0].argmax(-1))
+
+    step = decode_step.lower(params, config, cache, jnp.asarray(cont[:, 0], jnp.int32), jnp.ones((B,), jnp.int32))
+    whole_cache_f32 = f"f32[{config.num_hidden_layers},{B},{T},"
+    assert whole_cache_f32 not in step.compile().as_text()

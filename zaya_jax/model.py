@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import dtypes, expert_parallel, moe, narrow
-from .cache import KVCache
+from .cache import KVCache, from_bits, to_bits
 from .config import ZayaConfig
 from .mesh import active_mesh
 from .validate import InputError, validate_ids
@@ -199,6 +199,7 @@ class CCAttention(nn.Module):
 
     config: ZayaConfig
     dtype: Any
+    cache_dtype: Any = None  # the values' dtype of the cache (KVCache.dtype); its arrays hold them as bits
 
     @nn.compact
     def __call__(self, x, theta, window, ctx: AttentionContext, cache: dict | None, layer=None):
@@ -210,9 +211,9 @@ class CCAttention(nn.Module):
         scan's per-layer input and output instead, every layer's cache slice was copied in and out at
         every decode step.
         """
-        c, dt = self.config, self.dtype
-        conv_state = cache["conv"][layer] if cache is not None else None
-        v_prev = cache["v_prev"][layer] if cache is not None else None
+        c, dt, cdt = self.config, self.dtype, self.cache_dtype
+        conv_state = from_bits(cache["conv"][layer], cdt) if cache is not None else None
+        v_prev = from_bits(cache["v_prev"][layer], cdt) if cache is not None else None
         with jax.named_scope("cca_projection"):  # named scopes: an XLA profile attributes time by name
             q, k, v, conv_state, v_prev = CCAProjection(c, dt, name="cca")(x, ctx.token_valid, conv_state, v_prev)
 
@@ -226,12 +227,12 @@ class CCAttention(nn.Module):
             # Each row writes its own slots; a write past the last slot is dropped (never wraps or shifts).
             rows = jnp.arange(x.shape[0])[:, None]
             new_cache = {
-                "k": cache["k"].at[layer, rows, ctx.q_slot].set(k.astype(cache["k"].dtype), mode="drop"),
-                "v": cache["v"].at[layer, rows, ctx.q_slot].set(v.astype(cache["v"].dtype), mode="drop"),
-                "conv": cache["conv"].at[layer].set(conv_state.astype(cache["conv"].dtype)),
-                "v_prev": cache["v_prev"].at[layer].set(v_prev.astype(cache["v_prev"].dtype)),
+                "k": cache["k"].at[layer, rows, ctx.q_slot].set(to_bits(k, cdt), mode="drop"),
+                "v": cache["v"].at[layer, rows, ctx.q_slot].set(to_bits(v, cdt), mode="drop"),
+                "conv": cache["conv"].at[layer].set(to_bits(conv_state, cdt)),
+                "v_prev": cache["v_prev"].at[layer].set(to_bits(v_prev, cdt)),
             }
-            k, v = new_cache["k"][layer].astype(dt), new_cache["v"][layer].astype(dt)
+            k, v = (from_bits(new_cache[name][layer], cdt).astype(dt) for name in ("k", "v"))
         else:
             new_cache = None
 
@@ -354,6 +355,7 @@ class Block(nn.Module):
     config: ZayaConfig
     dtype: Any
     moe_impl: str = "auto"
+    cache_dtype: Any = None
 
     @nn.compact
     def __call__(self, carry, layer_xs, ctx: AttentionContext, expert_stack=None):
@@ -364,7 +366,7 @@ class Block(nn.Module):
 
         x = RMSNorm(c.rms_norm_eps, dt, name="input_norm")(residual)
         with jax.named_scope("attention"):
-            a, cache = CCAttention(c, dt, name="attn")(x, theta, window, ctx, cache, layer)
+            a, cache = CCAttention(c, dt, self.cache_dtype, name="attn")(x, theta, window, ctx, cache, layer)
         residual = ResidualScale(name="post_attn_scale")(a, residual)
 
         x = RMSNorm(c.rms_norm_eps, dt, name="post_attn_norm")(residual)
@@ -392,6 +394,7 @@ class ZayaModel(nn.Module):
     dtype: Any = jnp.float32
     moe_impl: str = "auto"
     remat_policy: str = "none"
+    cache_dtype: Any = None  # KVCache.dtype when a cache is given
 
     @nn.compact
     def __call__(self, tokens, ctx: AttentionContext, cache: dict | None = None, return_hidden: bool = False,
@@ -416,7 +419,7 @@ class ZayaModel(nn.Module):
             in_axes=(0, nn.broadcast, nn.broadcast),
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, dt, self.moe_impl, name="layers")
+        )(c, dt, self.moe_impl, self.cache_dtype, name="layers")
         thetas, windows = layer_constants(c)
         layer_ids = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
         # Routes ride the layer scan like thetas and windows: layer-major [L, B, S].
@@ -508,7 +511,7 @@ def apply(params, config: ZayaConfig, tokens, ctx: AttentionContext, cache: KVCa
     Returns (logits [B, S, V] float32 — or final hidden [B, S, D] with ``return_hidden`` —, the updated
     KVCache or None, aux {"route_counts": [L, E + 1], "routes": [L, B, S] int32 (the routes taken)}).
     """
-    model = ZayaModel(config, compute_dtype(params), moe_impl, remat_policy)
+    model = ZayaModel(config, compute_dtype(params), moe_impl, remat_policy, cache.dtype if cache is not None else None)
     layer_cache = cache.layer_slices() if cache is not None else None
     # The CPU decode paths slice experts out of the stacked weights (read from the params given, so the
     # gradient stays exact); never under a mesh, where the expert-parallel shard_map runs instead.
