@@ -40,7 +40,9 @@ def step_program(layers: int, batch: int, slots: int, values_dtype, stored_dtype
             value = to_bits(k, values_dtype)
         cache = cache.at[index, jnp.arange(batch)[:, None], slot].set(value, mode="drop")
         mine = from_bits(cache[index], values_dtype).astype(jnp.float32)  # [batch, slots, heads, head_dim]
-        return (h + 1e-3 * mine.sum(axis=(1, 2)).repeat(2, axis=1)[:, : h.shape[1]], cache), None
+        # Consumed by a dot, as attention consumes it (a reduction here would fuse with the write).
+        scores = jnp.einsum("bthd,bd->bth", mine, h[:, :HEAD_DIM])
+        return (h + 1e-3 * scores.sum(axis=(1, 2))[:, None], cache), None
 
     def step(h, cache):
         (h, cache), _ = jax.lax.scan(layer, (h, cache), jnp.arange(layers))
