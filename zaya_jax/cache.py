@@ -8,9 +8,10 @@ values; causality keeps them from ever being attended to, and the next write ove
 A cache of a float narrower than 32 bits (bfloat16, float16) holds the values' bit patterns as unsigned
 ints of the same width (``storage_dtype``): XLA:CPU computes an update of a narrow float array in float32,
 converting the whole array there and back, so every token's write into a bfloat16 cache rewrote the
-whole cache, once per layer (ZAYA1-8B, 40 layers, 1024 slots, batch 1: 128 ms per decode step for
-the writes alone, 2.8 ms on the bits; bench/cache_bench.py). Integer updates stay in place. ``KVCache.dtype`` is the
-values' dtype; ``to_bits`` / ``from_bits`` convert at the model's reads and writes.
+whole cache, once per layer (ZAYA1-8B, 40 layers, 1024 slots, batch 1: 128 ms per decode step for the
+writes alone, 2.8 ms on the bits; bench/cache_bench.py). Integer updates stay in place.
+``KVCache.dtype`` is the values' dtype; ``to_bits`` / ``from_bits`` convert at the model's reads and
+writes.
 """
 
 from __future__ import annotations
