@@ -81,8 +81,12 @@ def test_tiled_explicit_tile_sizes():
 
 def test_capacity_buckets_hold_any_group():
     assert moe.capacity_buckets(1) == (0, 1)
-    assert moe.capacity_buckets(16) == (0, 1, 2, 4, 8, 16)
-    assert moe.capacity_buckets(17)[-1] == 32
+    assert moe.capacity_buckets(16) == (0, 1, 2, 4, 6, 8, 12, 16)
+    assert moe.capacity_buckets(17)[-1] == 24
+    for tokens in range(1, 300):  # every group size fits a bucket padded at most 1.5x (above 2 rows)
+        buckets = moe.capacity_buckets(tokens)
+        assert buckets[-1] >= tokens and buckets[-2] < tokens
+        assert all(next(b for b in buckets if b >= n) <= max(1.5 * n, 2) for n in range(1, tokens + 1))
 
 
 def test_stacked_layer_weights():
