@@ -3,11 +3,12 @@ same prompts, measured side by side in one run.
 
     python bench/infer_bench.py [--repeats 5] [--config bench-124M]
 
-Rows: prefill of one 512-token prompt (tokens/s), greedy decode at batch 1 and batch 16 (aggregate
-new tokens/s over 63 steps after a 128-token prompt), and zaya-jax compile times (first call minus
-the median run). Figures are medians over ``--repeats`` runs after a warm-up; ratios are jax / HF.
-Last, the floor of a decode step at batch 1 and 16 on this machine (``decode_floor``) and the fraction of
-it zaya-jax reaches (floor time / measured step time).
+Rows: prefill of one 512-token prompt (tokens/s; the two alternate call by call, and each pair's ratio
+is printed too), greedy decode at batch 1 and batch 16 (aggregate new tokens/s over 63 steps after a
+128-token prompt), and zaya-jax compile times (first call minus the median run). Figures are medians
+over ``--repeats`` runs after a warm-up; ratios are jax / HF. Last, the floor of a decode step at batch
+1 and 16 on this machine (``decode_floor``) and the fraction of it zaya-jax reaches (floor time /
+measured step time).
 
 transformers' decode is timed with a bare loop of cached forward calls (``logits_to_keep=1``, argmax),
 which is cheaper than its ``generate`` loop, so the ratios are conservative. zaya-jax runs its
@@ -36,6 +37,13 @@ from zaya_jax.infer.sampling import SamplingParams
 
 PREFILL_LEN = 512
 DECODE_PROMPT, DECODE_NEW = 128, 64  # 64 new tokens: 1 from the prefill, 63 decode steps
+
+
+def wall(fn) -> float:
+    """Wall seconds of one ``fn()`` call."""
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def timed(fn, repeats: int):
@@ -152,11 +160,18 @@ def run(name: str, repeats: int) -> None:
     rng = np.random.default_rng(0)
     rows = []
 
-    # Prefill 1 x 512.
+    # Prefill 1 x 512, the two alternating call by call: the machine's speed drifts by up to 1.5x within a
+    # minute here, and timing one side's runs after the other's put that drift into the ratio (0.7x-1.4x).
     ids = rng.integers(1, config.vocab_size, (1, PREFILL_LEN))
-    _, hf_t, _ = timed(lambda: hf_prefill(model, torch.as_tensor(ids)), repeats)
-    first, jx_t, _ = timed(lambda: jax_start(params, config, ids, 1), repeats)
+    hf_prefill(model, torch.as_tensor(ids))  # warm-up
+    first = wall(lambda: jax_start(params, config, ids, 1))
+    hf_runs, jx_runs = [], []
+    for _ in range(repeats):
+        hf_runs.append(wall(lambda: hf_prefill(model, torch.as_tensor(ids))))
+        jx_runs.append(wall(lambda: jax_start(params, config, ids, 1)))
+    hf_t, jx_t = statistics.median(hf_runs), statistics.median(jx_runs)
     rows.append(("prefill 1x512 (tokens/s)", PREFILL_LEN / hf_t, PREFILL_LEN / jx_t))
+    prefill_ratios = sorted(h / j for h, j in zip(hf_runs, jx_runs))
     compiles = [("prefill 1x512", first - jx_t)]
 
     # Greedy decode, batch 1 and 16, each against its floor.
@@ -190,6 +205,8 @@ def run(name: str, repeats: int) -> None:
     for row in rows:
         agree = f"{row[3]:.0%}" if len(row) > 3 else "-"
         print(f"| {row[0]} | {row[1]:,.0f} | {row[2]:,.0f} | {row[2] / row[1]:.1f}x | {agree} |")
+    print(f"\nPrefill ratio in each of the {repeats} alternating pairs: "
+          + ", ".join(f"{r:.2f}x" for r in prefill_ratios))
     print("\n| zaya-jax compile (first call minus median run) | seconds |")
     print("| --- | ---: |")
     for what, seconds in compiles:
