@@ -264,7 +264,7 @@ def causal_attention(q, k, v, ctx: AttentionContext, window, cached: bool):
     the block ending at query row e reads only keys [0, T - S + e). That is exact when query row j sits at
     slot <= T - S + j: always without a cache (slot = j, T = S), and with one when every row's cache has
     room for all S new tokens after its length (checked at run time; otherwise all T keys are read, as
-    for short inputs). The skipped work is about 40% of attention at S = 512 (docs/benchmarks.md).
+    for short inputs). At S = T = 512 that skips 6 of the 16 query-by-key blocks (docs/benchmarks.md).
 
     q: [B, S, Hq, Dh]; k, v: [B, T, Hkv, Dh]. Returns [B, S, Hq * Dh].
     """
