@@ -74,30 +74,33 @@ def test_short_inputs_take_the_plain_path(monkeypatch):
     q, k, v = _attention_inputs(1, 2 * BLOCK, 2 * BLOCK)
     model.causal_attention(q, k, v, model.uncached_context(jnp.ones((1, 2 * BLOCK), jnp.int32)), 1 << 30, False)
     assert calls == [BLOCK, BLOCK]
+    calls.clear()  # more new tokens than cache slots: no block could be exact
+    q, k, v = _attention_inputs(1, 2 * BLOCK, 2 * BLOCK - 1)
+    cache = zaya_jax.init_cache(model.ZayaConfig(**CONFIGS["tiny"]), 1, 2 * BLOCK - 1)
+    model.causal_attention(q, k, v, model.cached_context(cache, 2 * BLOCK), 1 << 30, True)
+    assert calls == [2 * BLOCK]
 
 
 def test_model_logits_and_gradients_unchanged_by_blocks(tiny, monkeypatch):
     """The whole model, uncached (training) and cached (a prefill chunk after a prefix), blocks vs none."""
     config, params = tiny
-    B, S = 2, 3 * BLOCK
+    B, S = 1, 3 * BLOCK
     ids = jnp.asarray(np.random.default_rng(2).integers(1, config.vocab_size, (B, S)), jnp.int32)
-    ctx = model.uncached_context(jnp.ones((B, S), jnp.int32))
+    ctx = model.uncached_context(jnp.ones((B, 2 * BLOCK), jnp.int32))
 
-    def loss(p):
-        logits, _, _ = model.apply(p, config, ids, ctx)
+    def loss(p):  # "gather": the cheapest MoE to compile; the blocks are in attention
+        logits, _, _ = model.apply(p, config, ids[:, : 2 * BLOCK], ctx, moe_impl="gather")
         return jnp.mean(jax.nn.log_softmax(logits)[..., 1])
 
-    def cached():
-        cache = zaya_jax.init_cache(config, B, S + BLOCK)
-        _, cache, _ = model.apply(params, config, ids[:, :BLOCK], model.cached_context(cache, BLOCK), cache)
-        logits, _, _ = jax.jit(lambda p, c, t: model.apply(p, config, t, model.cached_context(c, t.shape[1]), c))(
-            params, cache, ids[:, BLOCK:])
-        return logits
+    def extend(p, c, t):
+        return model.apply(p, config, t, model.cached_context(c, t.shape[1]), c)[:2]
 
+    prefix = zaya_jax.init_cache(config, B, S + BLOCK)
+    _, prefix = jax.jit(extend)(params, prefix, ids[:, :BLOCK])  # 8 tokens: never in blocks
     runs = {}
     for block in (1 << 30, BLOCK):
         _with_block(monkeypatch, block)
-        runs[block] = (jax.jit(jax.value_and_grad(loss))(params), cached())
+        runs[block] = (jax.jit(jax.value_and_grad(loss))(params), jax.jit(extend)(params, prefix, ids[:, BLOCK:])[0])
     (value, grads), logits = runs[BLOCK]
     (value0, grads0), logits0 = runs[1 << 30]
     np.testing.assert_allclose(value, value0, rtol=1e-6)

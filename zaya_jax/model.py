@@ -269,7 +269,7 @@ def causal_attention(q, k, v, ctx: AttentionContext, window, cached: bool):
     q: [B, S, Hq, Dh]; k, v: [B, T, Hkv, Dh]. Returns [B, S, Hq * Dh].
     """
     S, T = q.shape[1], k.shape[1]
-    if S < 2 * ATTENTION_BLOCK:
+    if S < 2 * ATTENTION_BLOCK or T < S:  # short, or more new tokens than cache slots: never exact
         return attention(q, k, v, ctx, window)
 
     def blocked(q, k, v, ctx, window):
