@@ -11,15 +11,15 @@ the router's skip route and get ``skip_scale[t] * x[t]`` (zero for the native be
 - ``experts_gather``: gather each token's expert weights; reads only touched experts. Best for decode.
 - ``experts_grouped``: sort tokens by expert, then ``jax.lax.ragged_dot``; dropless.
 - ``experts_tiled``: sort tokens by expert into fixed-size one-expert tiles, scan over tiles; dropless.
-- ``experts_sorted``: sort tokens by expert, scan over experts, each on its rows in a power-of-two
-  bucket (``lax.switch``); every touched expert's weights are read once. Forward-only choice.
+- ``experts_sorted``: sort tokens by expert, then each touched expert once on its rows, padded to a
+  bucket of at most 1.5x (one loop per bucket size); every touched expert's weights are read once.
 - ``experts_loop``: one token at a time, slicing its expert out of the whole layer stack. For decode.
 
 ``impl="auto"`` chooses by backend, token count and whether the call is differentiated (training),
 from measurements (``python bench/moe_bench.py [--grad]``; figures and the reasons in
 docs/benchmarks.md and docs/architecture.md). XLA:CPU: inference ``loop`` for a few tokens, then
-``sorted`` (its power-of-two padding costs more past 2048 tokens), then ``tiled``; training ``loop``
-for a few tokens, then ``tiled`` (``sorted``'s backward saves every switch branch's residuals).
+``sorted`` (1.3-4.8x faster than ``tiled`` from 16 to 8192 tokens); training ``loop``
+for a few tokens, then ``tiled`` (``sorted``'s backward adds into gradients of the whole layer stack).
 Accelerators default to gather for decode and ragged_dot otherwise until measured there.
 """
 
@@ -35,7 +35,6 @@ from . import narrow
 MOE_IMPLS = ("auto", "oracle", "gather", "loop", "grouped", "tiled", "sorted")
 # XLA:CPU thresholds in tokens per call (bench/moe_bench.py, see above).
 LOOP_MAX_TOKENS_CPU = 4
-SORTED_MAX_TOKENS_CPU = 2048
 TRAIN_LOOP_MAX_TOKENS_CPU = 16
 GATHER_MAX_TOKENS = 8
 # Implementations that can take the whole layer stack ``[L, E, ...]`` and a layer index.
@@ -204,10 +203,6 @@ def _tile_scan_fwd(act, tiles, tile_expert, tile_used, gate_up, down):
 def _tile_scan_bwd(act, residuals, d_out):
     tiles, tile_expert, tile_used, gate_up, down = residuals
 
-    def add_at(acc, e, value):  # acc[e] += value, in place inside the loop
-        start = (e,) + (0,) * value.ndim
-        return jax.lax.dynamic_update_slice(acc, jax.lax.dynamic_index_in_dim(acc, e, keepdims=True) + value[None], start)
-
     def step(grads, xs):
         x_tile, e, used, dy = xs
 
@@ -216,7 +211,7 @@ def _tile_scan_bwd(act, residuals, d_out):
             gu, dn = gate_up[e], down[e]
             a, act_vjp = jax.vjp(act, x_tile @ gu)
             (d_h,) = act_vjp(dy @ dn.T)
-            grads = (add_at(d_gate_up, e, x_tile.T @ d_h), add_at(d_down, e, a.T @ dy))
+            grads = (_add_at(d_gate_up, (e,), x_tile.T @ d_h), _add_at(d_down, (e,), a.T @ dy))
             return grads, d_h @ gu.T
 
         return jax.lax.cond(used, run, lambda g: (g, jnp.zeros_like(x_tile)), grads)
@@ -227,6 +222,13 @@ def _tile_scan_bwd(act, residuals, d_out):
 
 
 _tile_scan.defvjp(_tile_scan_fwd, _tile_scan_bwd)
+
+
+def _add_at(acc, index, value):
+    """``acc[index] += value`` for a tuple of leading ``index``es, in place inside a loop."""
+    start = tuple(index) + (0,) * value.ndim
+    shape = (1,) * len(index) + value.shape
+    return jax.lax.dynamic_update_slice(acc, jax.lax.dynamic_slice(acc, start, shape) + value.reshape(shape), start)
 
 
 def capacity_buckets(tokens: int) -> tuple[int, ...]:
@@ -244,45 +246,90 @@ def capacity_buckets(tokens: int) -> tuple[int, ...]:
 
 
 def experts_sorted(x, idx, gate, skip_scale, gate_up, down, act=None, layer=None):
-    """Sort by expert, then scan over experts; each runs once on its rows: ``[T, D] -> [T, D]``; dropless.
+    """Sort by expert, then run each touched expert once on its rows: ``[T, D] -> [T, D]``; dropless.
 
-    Expert ``e``'s rows are contiguous after the sort; ``lax.switch`` picks the smallest bucket of
-    ``capacity_buckets(T)`` that holds them (at most 1.5x padding), so every touched expert's weights are
-    read exactly once and untouched experts cost nothing. With ``layer``, the weights are the whole layer
+    Expert ``e``'s rows are contiguous after the sort and padded to the smallest bucket of
+    ``capacity_buckets(T)`` that holds them (at most 1.5x), so every touched expert's weights are read
+    exactly once and untouched experts cost nothing. With ``layer``, the weights are the whole layer
     stack (``[L, E, ...]``) and each expert is sliced at ``(layer, e)`` (no copy of the layer's experts).
     """
     T, D = x.shape
-    num_experts, _, two_f = gate_up.shape[-3:]
-    act = _activation(act, two_f)
+    num_experts = gate_up.shape[-3]
     buckets = capacity_buckets(T)
     order = jnp.argsort(idx, stable=True)
     sizes = jnp.bincount(idx, length=num_experts + 1)[:num_experts].astype(jnp.int32)
-    starts = jnp.cumsum(sizes) - sizes
     # A static tail of zero rows, so every bucket-sized slice stays in bounds (no clamping).
     xs = jnp.concatenate([x[order], jnp.zeros((buckets[-1], D), x.dtype)])
-
-    def expert_branch(rows: int):
-        def run(ys, e, start, size):
-            if rows == 0:
-                return ys
-            gu, dn = _expert_weights(gate_up, down, e, layer)
-            out = act(jax.lax.dynamic_slice(xs, (start, 0), (rows, D)) @ gu) @ dn
-            out = jnp.where((jnp.arange(rows) < size)[:, None], out, 0).astype(ys.dtype)
-            # Experts run in sorted order: rows past this group belong to later experts, which overwrite them.
-            return jax.lax.dynamic_update_slice(ys, out, (start, 0))
-        return run
-
-    branches = [expert_branch(rows) for rows in buckets]
-    bucket_sizes = jnp.asarray(buckets, jnp.int32)
-
-    def step(ys, args):
-        e, start, size = args
-        which = jnp.searchsorted(bucket_sizes, size, side="left")
-        return jax.lax.switch(which, branches, ys, e, start, size), None
-
-    ys, _ = jax.lax.scan(step, jnp.zeros_like(xs), (jnp.arange(num_experts), starts, sizes))
+    ys = _expert_groups(_activation(act, gate_up.shape[-1]), buckets, xs, sizes, gate_up, down, layer)
     y = ys[jnp.argsort(order)]  # back to token order; skip-route rows are zeroed by _finish
     return _finish(y, x, idx, gate, skip_scale, num_experts)
+
+
+def _for_each_group(buckets, sizes, body, carry):
+    """``carry = body(rows, e, start, size, carry)`` for every expert ``e`` with ``size > 0`` rows starting at
+    sorted row ``start``; ``rows`` is its (static) bucket. One loop per bucket over the experts padded to it:
+    a ``lax.switch`` per expert instead made XLA copy the carry through every branch (docs/benchmarks.md)."""
+    starts = jnp.cumsum(sizes) - sizes
+    which = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), sizes, side="left")  # [E] bucket of each expert
+    by_bucket = jnp.argsort(which, stable=True)
+    count = jnp.bincount(which, length=len(buckets)).astype(jnp.int32)
+    first = jnp.cumsum(count) - count
+    for k, rows in enumerate(buckets):
+        if rows:
+            def step(i, carry, rows=rows):
+                e = by_bucket[i]
+                return body(rows, e, starts[e], sizes[e], carry)
+            carry = jax.lax.fori_loop(first[k], first[k] + count[k], step, carry)
+    return carry
+
+
+def _write_rows(buf, value, start, size):
+    """``buf[start:start + size] = value[:size]``: the bucket's padding rows write back what ``buf`` holds
+    there (another expert's rows, written before or after), so the experts may run in any order."""
+    rows = value.shape[0]
+    keep = jax.lax.dynamic_slice_in_dim(buf, start, rows)
+    value = jnp.where((jnp.arange(rows) < size)[:, None], value.astype(buf.dtype), keep)
+    return jax.lax.dynamic_update_slice_in_dim(buf, value, start, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _expert_groups(act, buckets, xs, sizes, gate_up, down, layer):
+    """Each expert ``e`` on its ``sizes[e]`` sorted rows of ``xs [R, D]`` -> ``[R, D]`` (rows of no expert: 0).
+
+    The loops have run-time trip counts, which reverse-mode autodiff cannot differentiate; the custom
+    backward runs the same loops, adding each expert's weight gradients in place."""
+
+    def run(rows, e, start, size, ys):
+        gu, dn = _expert_weights(gate_up, down, e, layer)
+        return _write_rows(ys, act(jax.lax.dynamic_slice_in_dim(xs, start, rows) @ gu) @ dn, start, size)
+
+    return _for_each_group(buckets, sizes, run, jnp.zeros_like(xs))
+
+
+def _expert_groups_fwd(act, buckets, xs, sizes, gate_up, down, layer):
+    return _expert_groups(act, buckets, xs, sizes, gate_up, down, layer), (xs, sizes, gate_up, down, layer)
+
+
+def _expert_groups_bwd(act, buckets, residuals, d_ys):
+    xs, sizes, gate_up, down, layer = residuals
+    at = () if layer is None else (layer,)
+
+    def run(rows, e, start, size, grads):
+        d_xs, d_gate_up, d_down = grads
+        gu, dn = _expert_weights(gate_up, down, e, layer)
+        x_rows = jax.lax.dynamic_slice_in_dim(xs, start, rows)
+        dy = jnp.where((jnp.arange(rows) < size)[:, None], jax.lax.dynamic_slice_in_dim(d_ys, start, rows), 0)
+        a, act_vjp = jax.vjp(act, x_rows @ gu)
+        (d_h,) = act_vjp(dy @ dn.T)
+        return (_write_rows(d_xs, d_h @ gu.T, start, size), _add_at(d_gate_up, at + (e,), x_rows.T @ d_h),
+                _add_at(d_down, at + (e,), a.T @ dy))
+
+    init = (jnp.zeros_like(xs), jnp.zeros_like(gate_up), jnp.zeros_like(down))
+    d_xs, d_gate_up, d_down = _for_each_group(buckets, sizes, run, init)
+    return d_xs, None, d_gate_up, d_down, None
+
+
+_expert_groups.defvjp(_expert_groups_fwd, _expert_groups_bwd)
 
 
 def auto_impl(tokens: int, backend: str | None = None, training: bool = False) -> str:
@@ -292,9 +339,7 @@ def auto_impl(tokens: int, backend: str | None = None, training: bool = False) -
         return "gather" if tokens <= GATHER_MAX_TOKENS else "grouped"
     if training:
         return "loop" if tokens <= TRAIN_LOOP_MAX_TOKENS_CPU else "tiled"
-    if tokens <= LOOP_MAX_TOKENS_CPU:
-        return "loop"
-    return "sorted" if tokens <= SORTED_MAX_TOKENS_CPU else "tiled"
+    return "loop" if tokens <= LOOP_MAX_TOKENS_CPU else "sorted"
 
 
 def resolve_impl(impl: str, tokens: int, training: bool = False) -> str:
