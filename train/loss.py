@@ -62,7 +62,7 @@ def next_token_logprobs(params, config: ZayaConfig, tokens, mask, *, routes=None
     # "auto" resolves for a differentiated call: the fastest forward-only dispatch is slow to train.
     moe_impl = moe.resolve_impl(moe_impl, B * S, training=True)
     hidden, _, aux = zmodel.apply(params, config, tokens, ctx, moe_impl=moe_impl, remat_policy=remat_policy,
-                                  return_hidden=True, routes=routes)
+                                  return_hidden=True, routes=routes, stack_experts=False)
     targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
     head = zmodel.head_kernel(params, config).astype(hidden.dtype)
     n = B * S

@@ -535,8 +535,13 @@ def compute_dtype(params: dict):
 
 
 def apply(params, config: ZayaConfig, tokens, ctx: AttentionContext, cache: KVCache | None = None, *,
-          moe_impl: str = "auto", remat_policy: str = "none", return_hidden: bool = False, routes=None):
+          moe_impl: str = "auto", remat_policy: str = "none", return_hidden: bool = False, routes=None,
+          stack_experts: bool = True):
     """Runs the model. tokens: [B, S] int32.
+
+    ``stack_experts``: the ``moe.STACK_IMPLS`` dispatches slice each expert out of the whole layer stack
+    (inference). A differentiated call passes False, so that they take each layer's weights from the
+    layer scan: a gradient into the whole stack would cost a stack-sized add at every layer.
 
     ``routes`` [L, B, S] int32 (routing replay): every token takes these routes instead of its router's
     choice (-1: its router chooses), with the router's current probability of that route as its gate
@@ -550,7 +555,7 @@ def apply(params, config: ZayaConfig, tokens, ctx: AttentionContext, cache: KVCa
     # The CPU decode paths slice experts out of the stacked weights (read from the params given, so the
     # gradient stays exact); never under a mesh, where the expert-parallel shard_map runs instead.
     stack = None
-    if active_mesh() is None and moe.resolve_impl(moe_impl, tokens.size) in moe.STACK_IMPLS:
+    if stack_experts and active_mesh() is None and moe.resolve_impl(moe_impl, tokens.size) in moe.STACK_IMPLS:
         stack = params["layers"]["experts"]
     out, new_layers, aux = model.apply({"params": params}, tokens, ctx, layer_cache, return_hidden, stack, routes)
     new_cache = None
