@@ -1,5 +1,6 @@
 """GRPO's advantages and objective: tied groups make no update; the objective's gradient is REINFORCE's
-(at ratio 1, nothing clipped) computed by hand from the plain forward; clipping and the k3 KL."""
+(at ratio 1, nothing clipped) computed by hand from the plain forward; clipping and the k3 KL; the
+objective's temperature must be the rollouts'."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import pytest
 
 from helpers import CONFIG
 from zaya_jax import model as zmodel
-from zaya_jax.train import balance, grpo, loss, step
+from zaya_jax.train import balance, grpo, loss, rl_loop, step
 
 B, S, P = 4, 12, 5  # rollouts, tokens, prompt tokens
 
@@ -89,3 +90,12 @@ def test_clipping_and_kl():
     np.testing.assert_array_equal(stats["kl"], 0.0)  # reference = policy: k3 is exactly 0
     _, stats = obj.token_losses(jnp.zeros(1), old[:1], adv[:1], ref_logp=jnp.log(jnp.array([0.5])))
     np.testing.assert_allclose(stats["kl"], [0.5 - np.log(0.5) - 1], rtol=1e-6)  # k3 = r - log r - 1, r = ref/pi
+
+
+def test_objective_temperature_must_be_the_rollouts():
+    rcfg = rl_loop.RLConfig(steps=1, temperature=0.7)
+    with pytest.raises(ValueError, match=r"rollouts' temperature \(0.7\)"):
+        rl_loop.train_rl(CONFIG, None, None, step.TrainConfig(total_steps=1, warmup_steps=0), rcfg, grpo.GRPOObjective(),
+                         "unused")
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        grpo.GRPOObjective(temperature=0.0)

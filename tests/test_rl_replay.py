@@ -132,3 +132,22 @@ def test_first_update_ratio_is_one_with_replay(params, rolled):
     assert float(count) == 120
     assert float(sums["max_logprob_gap"]) <= TOL
     assert abs(float(sums["ratio"]) / float(count) - 1.0) < TOL
+
+
+def test_logprobs_match_at_a_sampling_temperature(params):
+    """Rollouts at temperature 0.7: the engine records log-probs of softmax(logits / 0.7); the objective
+    at that temperature recomputes them (ratio 1), the plain distribution does not."""
+    engine = Engine(params, CONFIG, slots=8, max_len=48, record=True)
+    rolls = rollout.sample(engine, [[5, 6, 7, 8, 9], [11, 12, 13]], group=3, max_new_tokens=20, seed=0, step=1,
+                           temperature=0.7, stop_token_ids=[])
+    batch = {k: jnp.asarray(v) for k, v in rollout.to_batch(rolls, np.ones(6, np.float32), 48).items()}
+
+    def gap(objective):
+        _, (count, _, sums) = jax.jit(lambda p, b: objective(p, CONFIG, b, step.TrainConfig()))(params, batch)
+        return float(sums["max_logprob_gap"]), float(sums["ratio"]) / float(count)
+
+    scaled, ratio = gap(grpo.GRPOObjective(temperature=0.7))
+    plain, _ = gap(grpo.GRPOObjective())
+    print(f"\nengine vs training log-prob gap at temperature 0.7: {scaled:.2e} (at 1.0: {plain:.2e})")
+    assert scaled <= TOL and abs(ratio - 1.0) < TOL
+    assert plain > 100 * TOL

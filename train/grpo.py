@@ -50,22 +50,30 @@ class GRPOObjective:
     ``advantages`` [B], ``old_logprobs`` [B, S] and, with ``kl_coef``, ``ref_logprobs`` [B, S] (both in
     ``loss.next_token_logprobs``' convention: column t scores token t + 1), and, for routing replay,
     ``routes`` [B, S, L] int32.
+
+    ``temperature`` is the rollouts' sampling temperature: the policy is ``softmax(logits / temperature)``,
+    the distribution the engine sampled from and recorded ``old_logprobs`` under, so the ratio compares
+    like with like (at 1.0 the plain model distribution).
     """
 
     clip_low: float = 0.2
     clip_high: float = 0.2
     kl_coef: float = 0.0
+    temperature: float = 1.0
 
     def __post_init__(self):
         if self.clip_low < 0 or self.clip_high < 0 or self.kl_coef < 0:
             raise ValueError(f"clip_low, clip_high and kl_coef must be >= 0, got {self}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
     def __call__(self, params, config: ZayaConfig, batch: dict, tcfg):
         mask = batch["mask"]
         routes = batch.get("routes")
         logp, entropy, aux = loss.next_token_logprobs(
             params, config, batch["tokens"], mask, routes=None if routes is None else routes.transpose(2, 0, 1),
-            chunk=tcfg.loss_chunk, moe_impl=tcfg.moe_impl, remat_policy=tcfg.remat_policy)
+            chunk=tcfg.loss_chunk, moe_impl=tcfg.moe_impl, remat_policy=tcfg.remat_policy,
+            temperature=self.temperature)
         w = loss.target_weights(batch["loss_mask"], mask)
         per_token, stats = self.token_losses(logp, batch["old_logprobs"], batch["advantages"][:, None],
                                              batch.get("ref_logprobs"))

@@ -50,11 +50,12 @@ def chunked_token_logprobs(hidden, head, targets, chunk: int):
 
 
 def next_token_logprobs(params, config: ZayaConfig, tokens, mask, *, routes=None, chunk: int | None = None,
-                        moe_impl: str = "auto", remat_policy: str = "none"):
+                        moe_impl: str = "auto", remat_policy: str = "none", temperature: float = 1.0):
     """Log-probability of each next token: ``logprobs[b, t] = log p(tokens[b, t + 1] | tokens[b, :t + 1])``.
 
     tokens, mask: [B, S] (mask 1 = real token, right or left padding); routes: [L, B, S] int32 to replay
-    (see ``zaya_jax.model.apply``). Returns (logprobs [B, S], entropy [B, S] of each next-token
+    (see ``zaya_jax.model.apply``); ``temperature``: the distribution is ``softmax(logits / temperature)``,
+    the one a sampler at that temperature draws from (and the engine records). Returns (logprobs [B, S], entropy [B, S] of each next-token
     distribution (no gradient), aux of the forward); the last column, which predicts nothing, is 0.
     """
     B, S = tokens.shape
@@ -65,6 +66,8 @@ def next_token_logprobs(params, config: ZayaConfig, tokens, mask, *, routes=None
                                   return_hidden=True, routes=routes, stack_experts=False)
     targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
     head = zmodel.head_kernel(params, config).astype(hidden.dtype)
+    if temperature != 1.0:
+        hidden = hidden / jnp.asarray(temperature, hidden.dtype)  # (h / T) @ head = logits / T
     n = B * S
     logprobs, entropy = chunked_token_logprobs(hidden.reshape(n, -1), head, targets.reshape(n),
                                                chunk or default_chunk(n, config.vocab_size))

@@ -46,7 +46,8 @@ def _rl_command(args) -> int:
         weight_decay=args.weight_decay, clip_norm=args.grad_clip, grad_accum=args.grad_accum,
         remat_policy=args.remat, compute_dtype=args.compute_dtype, bias_rate=args.bias_rate,
         loss_chunk=args.loss_chunk)
-    objective = grpo.GRPOObjective(clip_low=args.clip_low, clip_high=args.clip_high, kl_coef=args.kl_coef)
+    objective = grpo.GRPOObjective(clip_low=args.clip_low, clip_high=args.clip_high, kl_coef=args.kl_coef,
+                                   temperature=args.temperature)
     print(f"model: {desc}\ndata: {len(problems)} problems from {args.data}; {rcfg.batch_size} rollouts of up to "
           f"{width} tokens per step, {rcfg.updates} update(s) each")
     data_settings = {"model": os.path.abspath(args.model) if args.model else None,

@@ -227,6 +227,10 @@ def train_rl(config: ZayaConfig, params: dict, task: Task, tcfg: TrainConfig, rc
     if tcfg.total_steps != rcfg.steps * rcfg.updates:
         raise ValueError(f"tcfg.total_steps ({tcfg.total_steps}) must be steps x epochs x minibatches "
                          f"({rcfg.steps * rcfg.updates})")
+    if objective.temperature != rcfg.temperature:
+        # The ratio needs the training forward's distribution to be the one the rollouts were sampled from.
+        raise ValueError(f"objective.temperature ({objective.temperature}) must be the rollouts' temperature "
+                         f"({rcfg.temperature})")
     if (rcfg.batch_size // rcfg.minibatches) % tcfg.grad_accum:
         raise ValueError(f"minibatches of {rcfg.batch_size // rcfg.minibatches} rollouts do not split into "
                          f"{tcfg.grad_accum} micro-batches")
@@ -268,7 +272,8 @@ def train_rl(config: ZayaConfig, params: dict, task: Task, tcfg: TrainConfig, rc
         return run(state, mb if placed is None else jax.device_put(mb, placed))
 
     ref_fn = jax.jit(lambda p, tokens, mask: loss.next_token_logprobs(
-        p, config, tokens, mask, chunk=tcfg.loss_chunk, moe_impl=tcfg.moe_impl)[0]) if ref is not None else None
+        p, config, tokens, mask, chunk=tcfg.loss_chunk, moe_impl=tcfg.moe_impl,
+        temperature=rcfg.temperature)[0]) if ref is not None else None
 
     bar = tqdm(total=rcfg.steps, initial=start, desc="rl", unit="step", disable=not progress, dynamic_ncols=True)
     with open(log_file, "a") as log, (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
