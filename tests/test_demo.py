@@ -96,13 +96,14 @@ def test_shipped_model_matches_transformers():
 
 
 def test_demo_command(capsys):
-    assert main(["demo", "--problems", "3", "--population", "4", "--rounds", "1", "--json"]) == 0
+    assert main(["demo", "--problems", "3", "--population", "4", "--rounds", "1", "--tail-tokens", "12", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     methods = [r["method"] for r in out["rows"]]
     assert methods == ["single sample", "majority vote (N=4)", "Markov RSA round 1 (N=4, C=4)",
                        "Markov RSA round 1 + majority vote"]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in out["rows"])
     assert out["problems"] == 3 and out["settings"]["rounds"] == 1 and out["settings"]["budget"] == data.BUDGET
+    assert out["settings"]["tail_tokens"] == 12
     tokens = [r["tokens"] for r in out["rows"][1:]]
     assert tokens == sorted(tokens) and tokens[0] > 0
 

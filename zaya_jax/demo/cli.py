@@ -20,6 +20,9 @@ def register(subparsers) -> None:
     p.add_argument("--population", type=int, default=DEMO_POPULATION, help=f"N (default {DEMO_POPULATION})")
     p.add_argument("--tails", type=int, default=data.TAILS, help=f"C (default {data.TAILS})")
     p.add_argument("--rounds", type=int, default=DEMO_ROUNDS, help=f"T aggregation rounds (default {DEMO_ROUNDS})")
+    p.add_argument("--tail-tokens", type=int, default=data.TAIL_TOKENS,
+                   help=f"tau, the last tokens of each candidate an aggregation prompt shows (default {data.TAIL_TOKENS}; "
+                        f"{data.BUDGET}: whole solutions)")
     p.add_argument("--temperature", type=float, default=DEMO_TEMPERATURE,
                    help=f"sampling temperature of every round (default {DEMO_TEMPERATURE})")
     p.add_argument("--seed", type=int, default=0)
@@ -46,7 +49,7 @@ def _demo_command(args) -> int:
         raise ValueError(f"--problems must be positive, got {args.problems}")
     config, params, desc = resolve_model(path)
     knobs = dict(population=args.population, tails=args.tails, rounds=args.rounds, budget=data.BUDGET,
-                 tail_tokens=data.TAIL_TOKENS)
+                 tail_tokens=args.tail_tokens)
     settings = run_settings(knobs, model=model_setting(path, desc), data=f"arith test split, first {args.problems}",
                             temperature=args.temperature, top_p=1.0, seed=args.seed, grader="math", template="demo")
     summary, table = run(params, config, path, heldout_problems(args.problems), settings, source=SOURCE,
