@@ -40,8 +40,9 @@ def register(subparsers) -> None:
 def add_search_args(p) -> None:
     """Markov RSA's knobs: a ``--mode`` preset and the flags that override it."""
     p.add_argument("--mode", choices=sorted(PRESETS) + [DEMO_MODE],
-                   help="preset: APEX settings of the ZAYA1 report, or the demo model's; the flags below override "
-                        "it (default: demo for the shipped demo model, light otherwise)")
+                   help="preset: APEX settings of the ZAYA1 report, or the demo model's (its knobs and its aggregation "
+                        "template: for models trained from it, e.g. by zaya rl); the flags below override the knobs "
+                        "(default: demo for the shipped demo model, light otherwise)")
     p.add_argument("--population", type=int, help="N, candidates per round")
     p.add_argument("--tails", type=int, help="C, tails per aggregation prompt")
     p.add_argument("--rounds", type=int, help="T, aggregation rounds after the first generation")
@@ -66,6 +67,12 @@ def settings(args) -> dict:
     return out
 
 
+def template_kind(args) -> str:
+    """The aggregation template: ``"demo"`` (the one the demo model was taught) for the shipped demo model
+    or ``--mode demo`` (a model trained from it, e.g. by ``zaya rl``), ``"default"`` otherwise."""
+    return "demo" if is_demo_model(args.model) or args.mode == DEMO_MODE else "default"
+
+
 def _rsa_command(args) -> int:
     from zaya_jax.demo import data
     from zaya_jax.jsonl import read_objects
@@ -82,8 +89,7 @@ def _rsa_command(args) -> int:
         ids = line[key] if key == "prompt_ids" else tokenizer.encode(line[key], add_special_tokens=False)
         questions.append(list(ids))
     knobs = settings(args)
-    # The demo model aggregates with the template it was trained on; other models get the default one.
-    template = TokenTemplate.from_tokenizer(data.TEMPLATE, knobs["tails"], tokenizer) if is_demo_model(args.model) else None
+    template = TokenTemplate.from_tokenizer(data.TEMPLATE, knobs["tails"], tokenizer) if template_kind(args) == "demo" else None
 
     def progress(t, rnd):
         print(f"round {t}/{knobs['rounds']}: {rnd.generated_tokens} tokens generated, longest prompt "
