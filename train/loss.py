@@ -55,8 +55,9 @@ def next_token_logprobs(params, config: ZayaConfig, tokens, mask, *, routes=None
 
     tokens, mask: [B, S] (mask 1 = real token, right or left padding); routes: [L, B, S] int32 to replay
     (see ``zaya_jax.model.apply``); ``temperature``: the distribution is ``softmax(logits / temperature)``,
-    the one a sampler at that temperature draws from (and the engine records). Returns (logprobs [B, S], entropy [B, S] of each next-token
-    distribution (no gradient), aux of the forward); the last column, which predicts nothing, is 0.
+    the one a sampler at that temperature draws from (and the engine records). Returns (logprobs [B, S],
+    entropy [B, S] of each next-token distribution (no gradient), aux of the forward); the last column,
+    which predicts nothing, is 0.
     """
     B, S = tokens.shape
     ctx = zmodel.uncached_context(mask)
