@@ -7,7 +7,7 @@ arithmetic task:
   measured member accuracy after rounds 1 and 2, and where RSA wins or loses points against the vote;
 - the member accuracy after rounds 1 and 2 of simulated aggregators on the same round-0 answers,
   with the run's N, C and T:
-  * ``plurality``: each member takes the most common answer of its C candidates (ties at random);
+  * ``plurality``: each member takes the majority vote of its C candidates (ties at random);
   * ``last-step check``: drops candidates whose last written addition is wrong (what a 24-token tail
     shows), then plurality;
   * ``whole-chain check``: right whenever any of its C candidates is right (what checking every step of
@@ -23,10 +23,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import operator
 import os
 import re
 
 import numpy as np
+
+from zaya_jax.infer.evaluate import majority_vote
 
 STEP = re.compile(r"(\d+)\+(\d+)=(\d+)")
 
@@ -41,11 +44,10 @@ def last_step_ok(text: str) -> bool:
     return a + b == c
 
 
-def plurality(answers, rng) -> str | None:
-    counts = collections.Counter(answers)
-    top = max(counts.values())
-    tied = [a for a, n in counts.items() if n == top]
-    return tied[rng.integers(len(tied))]
+def plurality(answers) -> str | None:
+    """The evaluator's majority vote (exact equality). Candidates come in random order, so its tie rule
+    (the answer seen first) breaks ties at random."""
+    return majority_vote(answers, operator.eq)
 
 
 def simulate(answers, gold, rule, *, tails, rounds, rng, texts=None):
@@ -58,11 +60,11 @@ def simulate(answers, gold, rule, *, tails, rounds, rng, texts=None):
             cands = [population[i] for i in pick]
             if t == 0 and rule == "last-step check":
                 checked = [population[i] for i in pick if last_step_ok(texts[i])]
-                nxt.append(plurality(checked or cands, rng))
+                nxt.append(plurality(checked or cands))
             elif t == 0 and rule == "whole-chain check" and gold in cands:
                 nxt.append(gold)
             else:
-                nxt.append(plurality(cands, rng))
+                nxt.append(plurality(cands))
         population = nxt
         accuracy.append(float(np.mean([a == gold for a in population])))
     return accuracy

@@ -13,7 +13,7 @@ import time
 
 from zaya_jax.cli import add_model_args, is_demo_model, resolve_model
 
-from .rsa_cli import add_search_args, template_kind
+from .rsa_cli import add_search_args, mode_template
 from .rsa_cli import settings as preset_settings
 
 KNOBS = ("population", "tails", "rounds", "budget", "tail_tokens", "final_budget")
@@ -78,7 +78,7 @@ def _eval_command(args) -> int:
         digest = hashlib.sha256(f.read()).hexdigest()
     settings = run_settings(knobs, model=model_setting(args.model, desc), data=f"{os.path.basename(args.data)} sha256:{digest}",
                             temperature=args.temperature, top_p=args.top_p, seed=args.seed, grader=args.grader,
-                            template=template_kind(args),
+                            template=mode_template(args),
                             prompt_template=args.prompt_template, limit=args.limit)
     _, table = run(params, config, args.model, problems, settings, source=args.data, out=args.out,
                    resume=args.resume, force=args.force, slots=args.slots, save_texts=args.save_texts)

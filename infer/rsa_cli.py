@@ -67,10 +67,16 @@ def settings(args) -> dict:
     return out
 
 
-def template_kind(args) -> str:
-    """The aggregation template: ``"demo"`` (the one the demo model was taught) for the shipped demo model
-    or ``--mode demo`` (a model trained from it, e.g. by ``zaya rl``), ``"default"`` otherwise."""
-    return "demo" if is_demo_model(args.model) or args.mode == DEMO_MODE else "default"
+def template_kind(model: str | None, requested: str | None = None) -> str:
+    """The aggregation template: ``requested`` ("demo" or "default") if given, else ``"demo"`` (the one the
+    demo model was taught) for the shipped demo model and ``"default"`` for any other ``model``."""
+    return requested or ("demo" if is_demo_model(model) else "default")
+
+
+def mode_template(args) -> str:
+    """``zaya rsa`` / ``zaya eval``: ``--mode demo`` brings the demo's template (for a model trained from
+    the demo model, e.g. by ``zaya rl``); otherwise as ``template_kind``."""
+    return template_kind(args.model, DEMO_MODE if args.mode == DEMO_MODE else None)
 
 
 def _rsa_command(args) -> int:
@@ -89,7 +95,7 @@ def _rsa_command(args) -> int:
         ids = line[key] if key == "prompt_ids" else tokenizer.encode(line[key], add_special_tokens=False)
         questions.append(list(ids))
     knobs = settings(args)
-    template = TokenTemplate.from_tokenizer(data.TEMPLATE, knobs["tails"], tokenizer) if template_kind(args) == "demo" else None
+    template = TokenTemplate.from_tokenizer(data.TEMPLATE, knobs["tails"], tokenizer) if mode_template(args) == "demo" else None
 
     def progress(t, rnd):
         print(f"round {t}/{knobs['rounds']}: {rnd.generated_tokens} tokens generated, longest prompt "

@@ -202,9 +202,10 @@ def test_aggregation_template_follows_the_demo_model_or_mode(tmp_path):
     --mode demo; any other model with the default one."""
     import argparse
 
-    from zaya_jax.infer.rsa_cli import template_kind
+    from zaya_jax.infer.rsa_cli import mode_template, template_kind
 
-    kind = lambda model, mode: template_kind(argparse.Namespace(model=model, mode=mode))  # noqa: E731
+    kind = lambda model, mode: mode_template(argparse.Namespace(model=model, mode=mode))  # noqa: E731
     assert kind(DEFAULT_MODEL_DIR, None) == "demo" and kind(DEFAULT_MODEL_DIR, "light") == "demo"
     assert kind(str(tmp_path / "rl" / "model"), "demo") == "demo"
     assert kind(str(tmp_path / "rl" / "model"), None) == "default" and kind(str(tmp_path), "light") == "default"
+    assert template_kind(str(tmp_path), "demo") == "demo" and template_kind(None) == "demo"  # zaya rl's choice

@@ -9,10 +9,11 @@ from .cli import add_run_args, add_step_args
 
 
 def _rl_command(args) -> int:
-    from zaya_jax.cli import is_demo_model, resolve_model
+    from zaya_jax.cli import resolve_model
     from zaya_jax.demo import DEFAULT_MODEL_DIR
     from zaya_jax.infer.eval_cli import token_template
     from zaya_jax.infer.evaluate import apply_prompt_template, read_dataset
+    from zaya_jax.infer.rsa_cli import template_kind
     from zaya_jax.infer.tokenizer import Tokenizer
 
     from . import data, grpo, rewards, rl_loop, step
@@ -24,7 +25,7 @@ def _rl_command(args) -> int:
     config, params, desc = resolve_model(args.model, args.dtype, args.allow_non_finite)
     model_dir = args.model or DEFAULT_MODEL_DIR
     tokenizer = Tokenizer.from_dir(model_dir)
-    kind = args.aggregation_template or ("demo" if is_demo_model(args.model) else "default")
+    kind = template_kind(args.model, args.aggregation_template)
     task = rl_loop.Task(
         questions=[tokenizer.encode(apply_prompt_template(args.prompt_template, p.question), add_special_tokens=False)
                    for p in problems],
