@@ -29,7 +29,9 @@ class Driver:
         self.failure: BaseException | None = None
         self._finished: collections.Counter = collections.Counter()  # engine stop reasons seen
         self._lock = threading.Lock()
-        self.load = {"running": 0, "waiting": 0}  # published after every step, for /health
+        # For /health: published after every batch of calls and every step, so a submitted request is
+        # always in "waiting", "running" or the finished counts (a step can run for seconds).
+        self.load = {"running": 0, "waiting": 0}
 
     def start(self) -> None:
         self._thread.start()
@@ -63,6 +65,9 @@ class Driver:
         with self._lock:
             return dict(self._finished)
 
+    def _publish(self) -> None:
+        self.load = {"running": self.engine.running, "waiting": self.engine.waiting}
+
     def _run(self) -> None:
         try:
             while True:
@@ -75,9 +80,10 @@ class Driver:
                         return
                     fn(self.engine)
                     fn = self._inbox.get_nowait() if not self._inbox.empty() else None
+                self._publish()
                 if self.engine.busy:
                     self.engine.step()
-                self.load = {"running": self.engine.running, "waiting": self.engine.waiting}
+                    self._publish()
         except BaseException as e:  # the engine is unusable now: /health reports it, new requests get 503
             log.exception("the engine driver failed")
             self.failure = e
