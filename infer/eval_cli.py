@@ -29,6 +29,7 @@ def add_output_args(p, *, required: bool) -> None:
                                                             "files zaya eval writes)")
     p.add_argument("--save-texts", action="store_true", help="also keep every candidate's full text in results.jsonl")
     p.add_argument("--slots", type=int, help="rows of the engine's slot pool (default: the engine's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def register(subparsers) -> None:
@@ -81,7 +82,8 @@ def _eval_command(args) -> int:
                             template=mode_template(args),
                             prompt_template=args.prompt_template, limit=args.limit)
     _, table = run(params, config, args.model, problems, settings, source=args.data, out=args.out,
-                   resume=args.resume, force=args.force, slots=args.slots, save_texts=args.save_texts)
+                   resume=args.resume, force=args.force, slots=args.slots, save_texts=args.save_texts,
+                   progress=not args.no_progress)
     print(table)
     return 0
 
@@ -98,9 +100,10 @@ def token_template(kind: str, tails: int, tokenizer):
 
 
 def run(params, config, model_dir: str, problems, settings: dict, *, source: str, out: str | None = None,
-        resume: bool = False, force: bool = False, slots: int | None = None, save_texts: bool = False):
+        resume: bool = False, force: bool = False, slots: int | None = None, save_texts: bool = False,
+        progress: bool = True):
     """Evaluates ``problems`` (``evaluate.Problem``) under ``settings`` (``run_settings``); with ``out``, in
-    that run directory. Returns (summary, table)."""
+    that run directory; ``progress``: a tqdm bar on stderr. Returns (summary, table)."""
     from tqdm import tqdm
 
     from .eval_output import RunDir
@@ -120,7 +123,7 @@ def run(params, config, model_dir: str, problems, settings: dict, *, source: str
 
     start, spent = time.perf_counter(), 0
     bar = tqdm(total=len(problems), initial=len(problems) - len(todo), unit="problem", file=sys.stderr,
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not progress)
 
     def on_problem(j, result):
         nonlocal spent

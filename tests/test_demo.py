@@ -97,7 +97,9 @@ def test_shipped_model_matches_transformers():
 
 def test_demo_command(capsys):
     assert main(["demo", "--problems", "3", "--population", "4", "--rounds", "1", "--tail-tokens", "12", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert "round 1/1 done" in captured.err  # the progress bar
+    out = json.loads(captured.out)
     methods = [r["method"] for r in out["rows"]]
     assert methods == ["single sample", "majority vote (N=4)", "Markov RSA round 1 (N=4, C=4)",
                        "Markov RSA round 1 + majority vote"]
@@ -109,8 +111,10 @@ def test_demo_command(capsys):
 
 
 def test_demo_table(capsys):
-    assert main(["demo", "--problems", "3", "--population", "4", "--rounds", "1"]) == 0  # the shapes above
-    lines = capsys.readouterr().out.splitlines()
+    assert main(["demo", "--problems", "3", "--population", "4", "--rounds", "1", "--no-progress"]) == 0  # shapes above
+    captured = capsys.readouterr()
+    assert "round 1/1" not in captured.err
+    lines = captured.out.splitlines()
     table = lines[lines.index("| --- | ---: | ---: |") + 1:]
     assert [line.split(" | ")[0] for line in table[:4]] == [
         "| single sample", "| majority vote (N=4)", "| Markov RSA round 1 (N=4, C=4)",

@@ -54,7 +54,7 @@ def _demo_command(args) -> int:
                             temperature=args.temperature, top_p=1.0, seed=args.seed, grader="math", template="demo")
     summary, table = run(params, config, path, heldout_problems(args.problems), settings, source=SOURCE,
                          out=args.out, resume=args.resume, force=args.force, slots=args.slots,
-                         save_texts=args.save_texts)
+                         save_texts=args.save_texts, progress=not args.no_progress)
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     else:
