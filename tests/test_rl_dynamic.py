@@ -101,3 +101,15 @@ def test_untied_groups_are_trained(model_dir, tmp_path):
     assert record["tied_groups"] < 1  # the digit count varies within a group
     assert record["updates"] == 2 and record["loss"] != 0
     assert record["logprob_gap"] <= 1e-4  # the objective scores the rollouts at their own temperature
+
+
+def test_mix_solve_rolls_out_each_problem_beside_its_aggregation_prompts(model_dir, tmp_path):
+    rcfg = rl_loop.RLConfig(steps=1, prompts=2, group=4, task="aggregate", population=4, tails=2, agg_prompts=1,
+                            mix_solve=True)
+    assert rcfg.groups == 4 and rcfg.batch_size == 16  # per problem: one aggregation group, one solve group
+    with pytest.raises(ValueError, match="mix_solve adds solve groups to an aggregate run"):
+        rl_loop.RLConfig(steps=1, mix_solve=True)
+    (record,) = _run(model_dir, tmp_path / "run", "helpers:digit_reward", "--task", "aggregate", "--population", "4",
+                     "--tails", "2", "--agg-prompts", "1", "--mix-solve")
+    assert 0 <= record["solve_accuracy"] <= 1 and 0 <= record["round0_accuracy"] <= 1
+    assert record["rollout_tokens"] <= 16 * 5 and record["updates"] >= 1

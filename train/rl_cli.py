@@ -35,7 +35,8 @@ def _rl_command(args) -> int:
         steps=args.steps, prompts=args.prompts, group=args.group, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, minibatches=args.minibatches, epochs=args.epochs, replay=not args.no_replay,
         task=args.task, population=args.population, tails=args.tails, tail_tokens=args.tail_tokens,
-        agg_prompts=args.agg_prompts, agg_select=args.agg_select, skip_tied=args.skip_tied, seed=args.seed, slots=args.slots, save_every=args.save_every, keep=args.keep)
+        agg_prompts=args.agg_prompts, agg_select=args.agg_select, mix_solve=args.mix_solve, skip_tied=args.skip_tied,
+        seed=args.seed, slots=args.slots, save_every=args.save_every, keep=args.keep)
     width = rl_loop.seq_len(task, rcfg)
     if width > config.max_position_embeddings:
         raise ValueError(f"the longest prompt plus --max-new-tokens needs {width} tokens, more than the model's "
@@ -106,6 +107,8 @@ def register(subparsers) -> None:
     g.add_argument("--agg-select", choices=("first", "mixed"), default="first",
                    help="aggregate: which --agg-prompts of each problem's round-1 prompts to roll out: the first, or "
                         "those whose candidates are partly right and partly wrong first (default first)")
+    g.add_argument("--mix-solve", action="store_true", help="aggregate: also roll out each problem's own prompt as "
+                   "one more group, so solving keeps being trained beside aggregating")
     g.add_argument("--aggregation-template", choices=("demo", "default"), default=None,
                    help="aggregate: the demo model's template or the RSA default (default: demo for the demo model)")
     o = p.add_argument_group("objective and optimizer")

@@ -18,7 +18,9 @@ Tasks: ``solve`` rolls out each problem's prompt (the ``zaya eval`` round-0 prom
 first samples ``population`` round-0 solutions of each problem with the current policy, then builds
 Markov RSA aggregation prompts from them with ``markov_rsa`` itself (the prompts its round 1 would
 see) and rolls out ``agg_prompts`` of them per problem, rewarding a correct final answer
-(``agg_select="mixed"``: the prompts whose candidates disagree in correctness first).
+(``agg_select="mixed"``: the prompts whose candidates disagree in correctness first); ``mix_solve`` also
+rolls out each problem's own prompt as one more group, so that solving keeps being trained beside
+aggregating (the policy's samples are the aggregator's candidates).
 
 ``skip_tied`` (dynamic sampling, as DAPO): groups whose rewards all tie carry no policy gradient, so
 their rollouts are left out of the updates instead of diluting the token mean; the remaining rows are
@@ -72,6 +74,7 @@ class RLConfig:
     tail_tokens: int = 24
     agg_prompts: int = 2
     agg_select: str = "first"
+    mix_solve: bool = False
     skip_tied: bool = False
     seed: int = 0
     slots: int = 64
@@ -91,6 +94,8 @@ class RLConfig:
             raise ValueError(f"agg_select must be one of {AGG_SELECT}, got {self.agg_select!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 (rollouts are sampled), got {self.temperature}")
+        if self.mix_solve and self.task != "aggregate":
+            raise ValueError("mix_solve adds solve groups to an aggregate run; a solve run has only those")
         if self.task == "aggregate" and not (self.tails <= self.population and self.agg_prompts <= self.population):
             raise ValueError(f"tails ({self.tails}) and agg_prompts ({self.agg_prompts}) cannot exceed population "
                              f"({self.population})")
@@ -100,7 +105,7 @@ class RLConfig:
     @property
     def groups(self) -> int:
         """Groups (prompts rolled out ``group`` times) per step."""
-        return self.prompts * (self.agg_prompts if self.task == "aggregate" else 1)
+        return self.prompts * (self.agg_prompts + self.mix_solve if self.task == "aggregate" else 1)
 
     @property
     def batch_size(self) -> int:
@@ -173,6 +178,9 @@ def make_rollouts(engine: Engine, task: Task, rcfg: RLConfig, step: int):
         prompts = [search.rounds[1].prompts[p][m] for p in range(len(ids))
                    for m in agg_members(round0[p], search.rounds[1].subsets[p], rcfg)]
         answers = [task.answers[i] for i in ids for _ in range(rcfg.agg_prompts)]
+        if rcfg.mix_solve:
+            prompts += [task.round0_prompt(i) for i in ids]
+            answers += [task.answers[i] for i in ids]
         extra["round0_accuracy"] = float(round0.mean())
     rolls = rollout.sample(engine, prompts, group=rcfg.group, max_new_tokens=rcfg.max_new_tokens, seed=rcfg.seed,
                            step=step, temperature=rcfg.temperature, stop_token_ids=task.stop_token_ids)
@@ -285,6 +293,8 @@ def train_rl(config: ZayaConfig, params: dict, task: Task, tcfg: TrainConfig, rc
             del engine  # it holds the state's buffers, which the train step donates
             rewards = np.array([task.verify(task.decode(t), a) for t, a in zip(rolls.tokens, answers)], np.float32)
             advantages = grpo.group_advantages(rewards, rcfg.group)
+            if rcfg.mix_solve:  # the solve groups come last
+                extra["solve_accuracy"] = float(np.mean(rewards[-rcfg.prompts * rcfg.group:] > 0))
             batch = rollout.to_batch(rolls, advantages, width, replay=rcfg.replay)
             live = np.arange(rcfg.batch_size)
             if rcfg.skip_tied:
