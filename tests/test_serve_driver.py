@@ -1,12 +1,16 @@
-"""The serve driver thread, against a scripted engine: what /health's load says while a step runs, and
-a failing engine."""
+"""The serve driver thread and the jobs on it, against scripted engines: what /health's load says while a
+step runs, a failing engine, and work that fails to start without stopping the driver."""
 
+import asyncio
 import threading
+import types
 
 import pytest
 from serve_util import wait_for
 
 from zaya_jax.infer.serve.driver import Driver
+from zaya_jax.infer.serve.jobs import generate_choices, run_rsa
+from zaya_jax.infer.serve.protocol import APIError
 
 
 class ScriptedEngine:
@@ -48,13 +52,83 @@ def test_a_submitted_request_is_in_the_load_while_a_long_step_runs():
         driver.close()
 
 
-def test_a_failed_engine_refuses_new_calls():
-    driver = Driver(ScriptedEngine(fail=True))
+def test_a_failed_engine_runs_no_more_calls():
+    engine = ScriptedEngine(fail=True)
+    driver = Driver(engine)
     driver.start()
     try:
         driver.call(lambda e: e.submit())
         assert wait_for(lambda: driver.failure is not None, timeout=10)
-        with pytest.raises(RuntimeError, match="the engine failed: RuntimeError\\('device lost'\\)"):
-            driver.call(lambda e: e.submit())
+        assert repr(driver.failure) == "RuntimeError('device lost')"
+        driver.call(lambda e: e.submit())  # a cleanup after the failure: neither raises nor runs
+        assert engine.waiting == 1
+    finally:
+        driver.close()
+
+
+class FailingEngine:
+    """Submits fail at request index ``fail_at``; records cancels. Never busy: the driver only runs calls."""
+
+    busy, running, waiting = False, 0, 0
+
+    def __init__(self, fail_at: int):
+        self.fail_at, self.cancelled = fail_at, []
+
+    def submit(self, prompt, *, index, on_update, **knobs):
+        if index == self.fail_at:
+            raise OverflowError("Python int too large to convert to C long")
+        return types.SimpleNamespace(index=index, done=False)
+
+    def cancel(self, request) -> None:
+        self.cancelled.append(request.index)
+
+
+def _drain(driver: Driver) -> None:
+    """Returns once the driver has run every call made before this one."""
+    done = threading.Event()
+    driver.call(lambda engine: done.set())
+    assert done.wait(timeout=10)
+
+
+def test_a_submit_that_raises_is_a_400_and_the_driver_lives_on():
+    engine = FailingEngine(fail_at=1)
+    driver = Driver(engine)
+    driver.start()
+
+    async def consume():
+        async for _ in generate_choices(driver, [[5, 6]], 2, knobs={}, seed=0, stops=[], decode=str):
+            pass
+
+    try:
+        with pytest.raises(APIError, match="too large to convert") as info:
+            asyncio.run(consume())
+        assert info.value.status == 400
+        _drain(driver)
+        # The request queued before the failure is cancelled; the one never made is skipped (it once raised
+        # AttributeError on the driver's thread and stopped it).
+        assert driver.failure is None and engine.cancelled and set(engine.cancelled) == {0}
+    finally:
+        driver.close()
+
+
+def test_an_rsa_search_that_fails_to_start_is_a_400_and_the_driver_lives_on():
+    class Search:
+        progress = on_problem = None
+
+        def start(self, engine):
+            raise ValueError("temperature must be finite")
+
+    driver = Driver(FailingEngine(fail_at=-1))
+    driver.start()
+
+    async def consume():
+        async for _ in run_rsa(driver, Search()):
+            pass
+
+    try:
+        with pytest.raises(APIError, match="rsa: temperature must be finite"):
+            asyncio.run(consume())
+        _drain(driver)
+        assert driver.failure is None
     finally:
         driver.close()

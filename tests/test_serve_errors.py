@@ -68,6 +68,12 @@ def test_api_key_on_every_route_but_health(url, http):
     ("chat", {"rsa": {"mode": "light"}}, "rsa", "beyond the context"),
     ("chat", {"rsa": {"population": 4, "tails": 8}}, "rsa", "cannot exceed population"),
     ("chat", {"rsa": {"bogus": 1}}, "rsa.bogus", "Extra inputs"),
+    # Each of these once reached the engine's thread and stopped it (every later request got 503).
+    ("chat", {"seed": 2 ** 63}, "seed", "less than or equal to 9223372036854775807"),
+    ("completions", {"prompt": "1+2", "seed": -(2 ** 63) - 1}, "seed", "greater than or equal to"),
+    ("chat", {"rsa": {"population": 2, "tails": 1}, "temperature": 1e39}, None, "temperature"),
+    ("chat", {"rsa": {"population": 2, "tails": 1}, "top_p": 1e-50}, None, "top_p"),
+    ("chat", {"rsa": {"rounds": 33}}, "rsa.rounds", "less than or equal to 32"),
 ])
 def test_bad_request_gets_400_and_the_next_one_succeeds(http, route, change, param, match):
     body = {**CHAT, **change}

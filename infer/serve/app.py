@@ -315,6 +315,10 @@ def _rsa_search(server: Server, body: ChatRequest):
                            param=name)
     if body.n != 1:
         raise APIError(400, "an rsa request returns one choice (n=1)", param="n")
+    try:
+        check_knobs(1, temperature=body.temperature, top_p=body.top_p)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
     if opts.mode is not None and opts.mode not in (*PRESETS, DEMO_MODE):
         raise APIError(400, f"unknown rsa mode {opts.mode!r}; one of {sorted((*PRESETS, DEMO_MODE))}", param="rsa.mode")
     knobs = settings(argparse.Namespace(model=server.model_path, **opts.model_dump(include=set(KNOBS) | {"mode"})))

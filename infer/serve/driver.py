@@ -41,10 +41,10 @@ class Driver:
         self._thread.join(timeout)
 
     def call(self, fn: Callable[[Engine], None]) -> None:
-        """Runs ``fn(engine)`` on the driver thread."""
-        if self.failure is not None:
-            raise RuntimeError(f"the engine failed: {self.failure!r}")
-        self._inbox.put(fn)
+        """Runs ``fn(engine)`` on the driver thread; nothing once the engine has failed (handlers see
+        ``failure``: new requests get 503, waiting ones 500), so a cleanup call never raises."""
+        if self.failure is None:
+            self._inbox.put(fn)
 
     def warm_up(self, prompt: list[int], max_new_tokens: int) -> float:
         """Runs one request through the engine on the calling thread (before ``start``): compiles the

@@ -67,14 +67,14 @@ async def generate_choices(driver: Driver, prompts: list[list[int]], n: int, *, 
         try:
             for i in range(len(requests)):
                 requests[i] = engine.submit(prompts[i // n], index=i, seed=seed, on_update=on_update(i), **knobs)
-        except ValueError as e:  # checked before; a request that slips through must not stop the driver
+        except Exception as e:  # checked before; a request that slips through must not stop the driver
             for r in requests:
                 if r is not None:
                     engine.cancel(r)
-            put((None, str(e), None))
+            put((None, str(e) or repr(e), None))
 
-    def cancel(indices) -> None:
-        driver.call(lambda engine: [engine.cancel(requests[i]) for i in indices])
+    def cancel(indices) -> None:  # a failed submit leaves some requests None
+        driver.call(lambda engine: [engine.cancel(requests[i]) for i in indices if requests[i] is not None])
 
     choices = [ChoiceText(decode, stops) for _ in requests]
     left = set(range(len(choices)))
@@ -136,13 +136,19 @@ async def run_rsa(driver: Driver, search, disconnected=None) -> AsyncIterator[tu
 
     def start(engine) -> None:
         tracked.append(_Tracked(engine, driver))
-        search.start(tracked[0])
+        try:
+            search.start(tracked[0])
+        except Exception as e:  # checked before; a search that slips through must not stop the driver
+            put(("error", str(e) or repr(e)))  # first: the cancels below may finish the search
+            tracked[0].cancel()
 
     driver.call(start)
     finished = False
     try:
         while not finished:
             kind, value = await _next(updates, driver, disconnected)
+            if kind == "error":
+                raise APIError(400, f"rsa: {value}", param="rsa")
             finished = kind == "result"
             yield kind, value
     finally:

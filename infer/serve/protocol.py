@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_N = 64
+MAX_RSA_ROUNDS = 32  # a search past its client runs its rounds out (each submitted, then cancelled)
+SEEDS = dict(ge=-(2 ** 63), le=2 ** 63 - 1)  # what jax.random.key takes
 # Fields we know but do not implement: a request may send them only with their neutral value.
 UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "echo", "logprobs", "top_logprobs", "best_of",
                "suffix", "tools", "response_format")
@@ -44,7 +46,7 @@ class _Request(BaseModel):
     stop: Union[str, list[str], None] = None
     stop_token_ids: list[int] | None = Field(default=None)  # extension (vLLM)
     ignore_eos: bool = False  # extension (vLLM): generate past the model's end-of-sequence tokens
-    seed: int | None = None
+    seed: int | None = Field(default=None, **SEEDS)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
@@ -103,7 +105,7 @@ class RSAOptions(BaseModel):
     mode: str | None = None
     population: int | None = None
     tails: int | None = None
-    rounds: int | None = None
+    rounds: int | None = Field(default=None, ge=0, le=MAX_RSA_ROUNDS)
     budget: int | None = None
     tail_tokens: int | None = None
     final_budget: int | None = None
