@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from zaya_jax.cli import add_model_args, is_demo_model, parse_ids, resolve_model
+from zaya_jax.cli import add_model_args, is_demo_model, parse_ids, resolve_model, seed_arg
 from zaya_jax.jsonl import iter_objects
 
 KNOBS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p")
@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this much probability (1: off)")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (0: off)")
-    p.add_argument("--seed", type=int, default=0, help="line i (0-based, blank lines skipped) samples with key "
+    p.add_argument("--seed", type=seed_arg, default=0, help="line i (0-based, blank lines skipped) samples with key "
                                                        "fold_in(key(seed), i)")
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text and stop reason")
     pool = p.add_argument_group("engine (with --prompts-file)")

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from zaya_jax.cli import add_model_args, is_demo_model, resolve_model
+from zaya_jax.cli import add_model_args, is_demo_model, resolve_model, seed_arg
 
 from .rsa_cli import add_search_args, mode_template
 from .rsa_cli import settings as preset_settings
@@ -45,7 +45,7 @@ def register(subparsers) -> None:
     add_search_args(p)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--limit", type=int, help="only the first LIMIT problems")
     p.add_argument("--grader", choices=("math", "exact"), default="math",
                    help="math: math-verify equivalence (default); exact: string equality")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from zaya_jax.cli import add_model_args, is_demo_model, resolve_model
+from zaya_jax.cli import add_model_args, is_demo_model, resolve_model, seed_arg
 from zaya_jax.demo import DEMO_POPULATION, DEMO_ROUNDS
 
 # Zyphra's APEX settings (ZAYA1 report, Table XIII): rounds T, population N, tails C, budget beta, tail tau.
@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     add_search_args(p)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--slots", type=int, default=None,
                    help="engine slots (default: problems x population, at most 64); problems interleave on them")
     p.add_argument("--json", action="store_true", help="print one JSON object with every round")

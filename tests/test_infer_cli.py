@@ -72,6 +72,15 @@ def test_empty_prompts_are_refused(capsys):
     assert code == 2 and "--prompt is empty" in err
 
 
+@pytest.mark.parametrize("command", ["generate", "rsa", "eval", "demo", "train", "rl"])
+def test_a_seed_beyond_64_bits_is_refused_by_name(capsys, command):
+    """It once reached jax.random.key and ended in an OverflowError traceback."""
+    with pytest.raises(SystemExit) as info:
+        main([command, "--seed", str(2 ** 63)])
+    assert info.value.code == 2
+    assert f"argument --seed: must be a signed 64-bit integer, got {2 ** 63}" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("model")

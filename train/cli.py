@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from zaya_jax.cli import add_non_finite_arg
+from zaya_jax.cli import add_non_finite_arg, seed_arg
 
 
 def mesh_arg(text: str | None):
@@ -83,7 +83,7 @@ def register(subparsers) -> None:
     add_step_args(p)
     p.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps (default 100)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="data order seed (default 0)")
     add_run_args(p)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from zaya_jax.cli import seed_arg
+
 from .cli import add_run_args, add_step_args
 
 
@@ -130,5 +132,5 @@ def register(subparsers) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--save-every", type=int, default=10, help="checkpoint interval in RL steps (default 10)")
     r.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
-    r.add_argument("--seed", type=int, default=0, help="problem order and rollout seed (default 0)")
+    r.add_argument("--seed", type=seed_arg, default=0, help="problem order and rollout seed (default 0)")
     add_run_args(r)

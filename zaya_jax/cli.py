@@ -48,6 +48,17 @@ def add_non_finite_arg(parser: argparse.ArgumentParser) -> None:
                         help="use a model even if a weight holds NaN or Inf (refused by default)")
 
 
+def seed_arg(text: str) -> int:
+    """argparse type of ``--seed``: an integer ``jax.random.key`` takes (signed 64-bit)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not -(2 ** 63) <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be a signed 64-bit integer, got {text}")
+    return value
+
+
 def parse_ids(text: str) -> list[int]:
     """``--prompt-ids``: comma-separated integers; an empty item (``2,,3``) is refused, not skipped."""
     items = text.replace(" ", "").split(",")

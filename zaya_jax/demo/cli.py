@@ -11,6 +11,7 @@ SOURCE = "held-out arithmetic problem"  # what errors call a problem's position 
 
 
 def register(subparsers) -> None:
+    from zaya_jax.cli import seed_arg
     from zaya_jax.infer.eval_cli import add_output_args
 
     p = subparsers.add_parser("demo", help="the trained demo model: single samples vs majority vote vs Markov RSA "
@@ -25,7 +26,7 @@ def register(subparsers) -> None:
                         f"{data.BUDGET}: whole solutions)")
     p.add_argument("--temperature", type=float, default=DEMO_TEMPERATURE,
                    help=f"sampling temperature of every round (default {DEMO_TEMPERATURE})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     add_output_args(p, required=False)
     p.set_defaults(func=_demo_command)
