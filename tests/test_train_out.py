@@ -1,6 +1,7 @@
 """`zaya train` and what it finds (issue 17): an --out holding other outputs, a changed data file on
 --resume, text data with the default model, a --seq-len beyond the context."""
 
+import dataclasses
 import json
 import os
 
@@ -50,6 +51,27 @@ def test_resume_refuses_a_changed_data_file(tmp_path, text_data):
     text_data.write_text(json.dumps({"text": "1+2=4"}) + "\n")
     with pytest.raises(ValueError, match=rf"the data file {text_data} changed since the run started"):
         loop.prepare_out(out, settings(), resume=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Knobs:
+    steps: int
+    mix: bool = False  # a setting added after some runs started
+
+
+def test_resume_matches_a_setting_the_saved_run_predates_at_its_default(tmp_path):
+    out, defaults = str(tmp_path / "out"), loop.setting_defaults(rl=Knobs)
+    assert defaults == {"rl": {"mix": False}}
+    loop.prepare_out(out, {"rl": {"steps": 3}}, resume=False)  # a run.json written before `mix` existed
+    loop.prepare_out(out, {"rl": {"steps": 3, "mix": False}}, resume=True, defaults=defaults)
+    with pytest.raises(ValueError, match=r"settings differ from the saved run in rl\.mix$"):
+        loop.prepare_out(out, {"rl": {"steps": 3, "mix": True}}, resume=True, defaults=defaults)
+    with pytest.raises(ValueError, match=r"settings differ from the saved run in rl\.mix, rl\.steps$"):
+        loop.prepare_out(out, {"rl": {"steps": 4, "mix": True}}, resume=True, defaults=defaults)
+    with pytest.raises(ValueError, match=r"in rl\.mix$"):  # with no default known, a missing setting differs
+        loop.prepare_out(out, {"rl": {"steps": 3, "mix": False}}, resume=True)
+    with pytest.raises(ValueError, match=r"in grpo$"):  # a whole section added
+        loop.prepare_out(out, {"rl": {"steps": 3}, "grpo": {}}, resume=True, defaults=defaults)
 
 
 def test_train_on_text_uses_the_default_models_tokenizer(tmp_path, capsys):

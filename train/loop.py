@@ -32,6 +32,8 @@ from . import checkpoints
 from .data import Batches
 from .step import TrainConfig, TrainState, full_params, init_state, make_train_step, state_shardings
 
+_ABSENT = object()  # a setting a run.json section does not hold
+
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
@@ -87,10 +89,33 @@ def _metrics_record(step: int, metrics: dict, seconds: float) -> dict:
 OUTPUTS = ("checkpoints", "model", "metrics.jsonl", "run.json")  # what a run writes in its --out
 
 
-def prepare_out(out: str, settings: dict, resume: bool, force: bool = False) -> None:
+def setting_defaults(**sections) -> dict:
+    """``{section: {field: default}}`` of the dataclasses a run.json section records (``prepare_out``'s
+    ``defaults``): a field added later defaults to what runs did before it existed."""
+    return {name: {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+            for name, cls in sections.items()}
+
+
+def changed_settings(saved: dict, settings: dict, defaults: dict | None = None) -> list[str]:
+    """The settings that differ between a saved run.json and this run's, as ``section.field`` (or
+    ``section``); a field the saved section lacks matches its value in ``defaults[section]``."""
+    changed = []
+    for section in sorted(set(saved) | set(settings)):
+        then, now = saved.get(section, _ABSENT), settings.get(section, _ABSENT)
+        if not (isinstance(then, dict) and isinstance(now, dict)):
+            changed += [section] if then != now else []
+            continue
+        known = (defaults or {}).get(section, {})
+        changed += [f"{section}.{k}" for k in sorted(set(then) | set(now))
+                    if then.get(k, known.get(k, _ABSENT)) != now.get(k, _ABSENT)]
+    return changed
+
+
+def prepare_out(out: str, settings: dict, resume: bool, force: bool = False, defaults: dict | None = None) -> None:
     """Checks ``out`` for a run with ``settings``. A resume needs the saved run.json to match (a changed
-    data file, by its sha256, is named as such). A fresh run refuses an ``out`` that already holds any
-    of ``OUTPUTS`` (they may be another run's, or the user's) unless ``force``, which deletes them; other
+    data file, by its sha256, is named as such; a field the saved run lacks matches at its ``defaults``
+    value, see ``changed_settings``). A fresh run refuses an ``out`` that already holds any of
+    ``OUTPUTS`` (they may be another run's, or the user's) unless ``force``, which deletes them; other
     files in ``out`` are left alone."""
     file = os.path.join(out, "run.json")
     if resume:
@@ -102,7 +127,7 @@ def prepare_out(out: str, settings: dict, resume: bool, force: bool = False) -> 
         if data_then.get("sha256") != data_now.get("sha256"):
             raise ValueError(f"cannot resume: the data file {data_now.get('data')} changed since the run started "
                              f"(sha256 {data_then.get('sha256')} then, {data_now.get('sha256')} now)")
-        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        changed = changed_settings(saved, settings, defaults)
         if changed:
             raise ValueError(f"cannot resume: settings differ from the saved run in {', '.join(changed)}")
         return
@@ -144,7 +169,7 @@ def train(config: ZayaConfig, params: dict, batches: Batches, tcfg: TrainConfig,
     settings = {"train": dataclasses.asdict(tcfg), "run": {k: v for k, v in dataclasses.asdict(run).items()
                                                            if k not in ("save_every", "keep")},
                 "data": data_settings or {}}
-    prepare_out(out, settings, resume, force)
+    prepare_out(out, settings, resume, force, setting_defaults(train=TrainConfig, run=RunConfig))
     model_dtype = params["embed"].dtype
     state = init_state(params, tcfg)
     del params

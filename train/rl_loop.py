@@ -48,7 +48,7 @@ from zaya_jax.infer.rsa import markov_rsa
 from zaya_jax.model import cast_params
 
 from . import checkpoints, grpo, loss, rollout
-from .loop import Sharded, finish, prepare_out, truncate_log
+from .loop import Sharded, finish, prepare_out, setting_defaults, truncate_log
 from .step import TrainConfig, full_params, init_state, make_train_step
 
 TASKS = ("solve", "aggregate")
@@ -245,7 +245,7 @@ def train_rl(config: ZayaConfig, params: dict, task: Task, tcfg: TrainConfig, rc
     settings = {"train": dataclasses.asdict(tcfg), "grpo": dataclasses.asdict(objective),
                 "rl": {k: v for k, v in dataclasses.asdict(rcfg).items() if k not in ("save_every", "keep", "slots")},
                 "data": data_settings or {}}
-    prepare_out(out, settings, resume, force)
+    prepare_out(out, settings, resume, force, setting_defaults(train=TrainConfig, grpo=grpo.GRPOObjective, rl=RLConfig))
     model_dtype, dtype = params["embed"].dtype, dtypes.resolve(tcfg.compute_dtype)
     # The frozen reference: the starting model (a copy: the state may share the params' buffers, and is donated).
     ref = jax.tree.map(jnp.copy, cast_params(params, dtype)) if objective.kl_coef else None
