@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1  # the seeds jax.random.key takes (int64)
 
 
 @flax.struct.dataclass

@@ -50,11 +50,13 @@ def add_non_finite_arg(parser: argparse.ArgumentParser) -> None:
 
 def seed_arg(text: str) -> int:
     """argparse type of ``--seed``: an integer ``jax.random.key`` takes (signed 64-bit)."""
+    from .infer.sampling import SEED_MAX, SEED_MIN
+
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if not -(2 ** 63) <= value < 2 ** 63:
+    if not SEED_MIN <= value <= SEED_MAX:
         raise argparse.ArgumentTypeError(f"must be a signed 64-bit integer, got {text}")
     return value
 

@@ -162,6 +162,15 @@ def _chat_prompt(server: Server, messages: list[Message]) -> list[int]:
     return _prompt_ids(server, ids, "messages")
 
 
+def _check_sampling(body) -> None:
+    """The sampling knobs as the engine checks them (in float32: a temperature of 1e39 is inf there); a
+    400 naming the bad one, before anything reaches the engine's thread."""
+    try:
+        check_knobs(1, temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p, min_p=body.min_p)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+
+
 def _knobs(server: Server, body, prompts: list[list[int]]) -> dict:
     """The engine's keyword arguments for ``body``; 400s name what is wrong."""
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
@@ -173,9 +182,9 @@ def _knobs(server: Server, body, prompts: list[list[int]]) -> dict:
     stop_ids = list(body.stop_token_ids or [])
     if not body.ignore_eos:
         stop_ids += [t for t in server.engine.config.eos_token_id if t not in stop_ids]
+    _check_sampling(body)
     try:
         server.engine.stop_id_row(stop_ids)
-        check_knobs(1, temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p, min_p=body.min_p)
     except ValueError as e:
         raise APIError(400, str(e)) from None
     bad = [t for t in stop_ids if not 0 <= t < server.engine.config.vocab_size]
@@ -315,10 +324,7 @@ def _rsa_search(server: Server, body: ChatRequest):
                            param=name)
     if body.n != 1:
         raise APIError(400, "an rsa request returns one choice (n=1)", param="n")
-    try:
-        check_knobs(1, temperature=body.temperature, top_p=body.top_p)
-    except ValueError as e:
-        raise APIError(400, str(e)) from None
+    _check_sampling(body)
     if opts.mode is not None and opts.mode not in (*PRESETS, DEMO_MODE):
         raise APIError(400, f"unknown rsa mode {opts.mode!r}; one of {sorted((*PRESETS, DEMO_MODE))}", param="rsa.mode")
     knobs = settings(argparse.Namespace(model=server.model_path, **opts.model_dump(include=set(KNOBS) | {"mode"})))

@@ -12,10 +12,11 @@ from typing import Any, Literal, Union
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..sampling import SEED_MAX, SEED_MIN
+
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_N = 64
 MAX_RSA_ROUNDS = 32  # a search past its client runs its rounds out (each submitted, then cancelled)
-SEEDS = dict(ge=-(2 ** 63), le=2 ** 63 - 1)  # what jax.random.key takes
 # Fields we know but do not implement: a request may send them only with their neutral value.
 UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "echo", "logprobs", "top_logprobs", "best_of",
                "suffix", "tools", "response_format")
@@ -46,7 +47,7 @@ class _Request(BaseModel):
     stop: Union[str, list[str], None] = None
     stop_token_ids: list[int] | None = Field(default=None)  # extension (vLLM)
     ignore_eos: bool = False  # extension (vLLM): generate past the model's end-of-sequence tokens
-    seed: int | None = Field(default=None, **SEEDS)
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
