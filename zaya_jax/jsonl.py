@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Iterator
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is beyond float range")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def read_objects(path: str, *, what: str = "records", error: type[Exception] = ValueError) -> list[tuple[int, dict]]:
@@ -37,8 +49,8 @@ def iter_objects(path: str, *, error: type[Exception] = ValueError) -> Iterator[
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
+                obj = json.loads(line, parse_float=_finite_float, parse_constant=_no_constant)
+            except ValueError as e:  # bad JSON, NaN / Infinity / 1e400, an integer past Python's digit limit
                 yield number, error(f"{path}:{number}: not valid JSON: {e}")
                 continue
             except RecursionError:
