@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -93,9 +94,9 @@ def _file_command(args) -> int:
     from .engine import Engine
 
     path = args.prompts_file
-    if not sum(1 for _ in iter_objects(path)):  # the file is checked before the model loads
+    if not sum(1 for _ in iter_objects(path)):  # the file and --out are checked before the model loads
         raise ValueError(f"{path} holds no prompts")
-    done = _open_out(args)
+    _check_out(args)
     config, params, desc = resolve_model(args.model, args.dtype, args.allow_non_finite)
     tokenizer = _optional_tokenizer(args.model, config)
     chat = is_demo_model(args.model) if args.chat is None else args.chat
@@ -103,9 +104,10 @@ def _file_command(args) -> int:
     defaults = {k: getattr(args, k) for k in KNOBS}
     total, max_len = _size_pass(path, args, tokenizer, chat, template_kwargs, defaults)
     engine = Engine(params, config, slots=args.slots, max_len=max_len, decode_steps=args.decode_steps)
+    run = run_id(args, desc, chat)
+    done = _open_out(args, run)  # only now, with every setting checked, is --out replaced or cut
     print(f"model: {desc}; engine: {engine.slots} slots x {engine.max_len} tokens; {total} prompts"
           + (f", {len(done)} already in {args.out}" if done else ""), file=sys.stderr)
-    defaults = {k: getattr(args, k) for k in KNOBS}
     sink = open(args.out, "a", encoding="utf-8") if args.out else sys.stdout
     writer = _InOrderWriter(sink)
     counts = {"error": 0, "non_finite": 0}
@@ -113,7 +115,7 @@ def _file_command(args) -> int:
     start = time.perf_counter()
 
     def finished(n, record):
-        writer.put(n, record)
+        writer.put(n, dict(record, run=run))
         bar.update(1)
         counts["non_finite"] += record.get("stop_reason") == "non_finite"
 
@@ -173,7 +175,7 @@ def _size_pass(path, args, tokenizer, chat, template_kwargs, defaults) -> tuple[
             except ValueError:
                 continue  # reported when the line runs
             need = max(need, len(ids) + max(knobs["max_new_tokens"], 1))
-    return total, args.max_len or bucket(need, MIN_PROMPT_BUCKET)
+    return total, bucket(need, MIN_PROMPT_BUCKET) if args.max_len is None else args.max_len
 
 
 def _record(n: int, request, tokenizer) -> dict:
@@ -201,30 +203,60 @@ class _InOrderWriter:
         self.sink.flush()
 
 
-def _open_out(args) -> set[int]:
-    """Prepares ``--out``; returns the line numbers it already holds (with --resume). A torn last line
-    (a run killed mid-write) is cut off; nothing the user has is replaced without --force."""
+def run_id(args, model_desc: str, chat: bool) -> str:
+    """What a --prompts-file run's records depend on, hashed: every record carries it, and --resume
+    continues only a file of the same run (the prompts file's bytes, model, chat, seed, knobs, max_len)."""
+    from .eval_cli import model_setting
+
+    with open(args.prompts_file, "rb") as f:
+        prompts = hashlib.file_digest(f, "sha256").hexdigest()
+    settings = dict(prompts=prompts, model=model_setting(args.model, model_desc), dtype=args.dtype, chat=chat,
+                    no_thinking=args.no_thinking, seed=args.seed, max_len=args.max_len,
+                    **{k: getattr(args, k) for k in KNOBS})
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_out(args) -> None:
+    """The flag checks of ``--out`` that need no model: refuses before anything loads."""
     if not args.out:
         if args.resume:
             raise ValueError("--resume needs --out")
+        return
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a directory; give a file")
+    if os.path.exists(args.out) and os.path.getsize(args.out) and not (args.force or args.resume):
+        raise ValueError(f"{args.out} exists: --resume continues it, --force replaces it")
+
+
+def _open_out(args, run: str) -> set[int]:
+    """Prepares ``--out``; returns the line numbers it already holds (with --resume, from records of run
+    ``run`` only). A torn last record (a run killed mid-write) is cut off; nothing else the user has is
+    replaced without --force."""
+    _check_out(args)
+    if not args.out or not os.path.exists(args.out) or os.path.getsize(args.out) == 0:
         return set()
-    if not os.path.exists(args.out) or os.path.getsize(args.out) == 0:
-        return set()
-    if args.force and not args.resume:
+    if not args.resume:  # --force
         os.remove(args.out)
         return set()
-    if not args.resume:
-        raise ValueError(f"{args.out} exists: --resume continues it, --force replaces it")
     with open(args.out, "rb") as f:
         data = f.read()
     whole = data[: data.rfind(b"\n") + 1]
+    torn = data[len(whole):]
+    if torn and not torn.startswith(b'{"line": '):
+        raise ValueError(f"{args.out}: its last line is neither a whole record nor the start of one of zaya generate; "
+                         "not resuming into it")
     done = set()
-    for k, line in enumerate(whole.decode("utf-8").splitlines(), 1):
+    for k, line in enumerate(whole.decode("utf-8", errors="replace").splitlines(), 1):
         try:
-            done.add(int(json.loads(line)["line"]))
+            record = json.loads(line)
+            done.add(int(record["line"]))
+            there = record["run"]
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{args.out}:{k} is not a record of zaya generate ({e}); not resuming into it") from e
-    if len(whole) < len(data):
+            raise ValueError(f"{args.out}:{k} is not a record of zaya generate ({e!r}); not resuming into it") from e
+        if there != run:
+            raise ValueError(f"{args.out}:{k} comes from another run (run {there}, this one {run}): the prompts file, "
+                             "model or settings differ; use another --out, or --force to start over")
+    if torn:
         with open(args.out, "r+b") as f:
             f.truncate(len(whole))
     return done

@@ -108,7 +108,7 @@ class Engine:
     """Continuous batching over a fixed slot pool (see the module docstring).
 
     slots: rows decoded together; max_len: tokens (prompt + output) a row holds, default and cap the
-    model's context; decode_steps: decode steps per host round trip; moe_impl: the MoE dispatch;
+    model's context; decode_steps: decode steps per host round trip (at most the cache's slots); moe_impl: the MoE dispatch;
     mesh: a ``zaya_jax.sharding`` mesh the pool is placed on (slots split over its data axes, experts
     as the params are sharded); without one, a mesh set with ``jax.set_mesh`` applies as to any jit; prefill_chunk: prompt tokens per
     prefill call and row; prefill_tokens: tokens (rows x chunk) per prefill call at most; max_stop_ids:
@@ -130,7 +130,7 @@ class Engine:
             raise ValueError(f"max_len must be an integer >= 2 (a prompt token and a new one), got {max_len!r}")
         self.params, self.config = params, config
         self.slots, self.max_len = int(slots), min(int(max_len), context)
-        self.decode_steps, self.moe_impl = int(decode_steps), moe_impl
+        self.moe_impl = moe_impl
         self.prefill_chunk = bucket(prefill_chunk)
         self.prefill_tokens = max(int(prefill_tokens), self.prefill_chunk)
         self.max_stop_ids = int(max_stop_ids)
@@ -140,6 +140,9 @@ class Engine:
         # Cache slots: max_len rounded up to a multiple of the prompt bucket, so nearby max_len values
         # share compiled programs (rows still stop at max_len: it is a per-slot limit, not a shape).
         self._cache_len = -(-self.max_len // MIN_PROMPT_BUCKET) * MIN_PROMPT_BUCKET
+        # A row takes fewer steps than its cache has slots: more per call would only grow the [slots, steps]
+        # token buffer (capped at the cache, not max_len, so nearby max_len values share the decode program).
+        self.decode_steps = min(int(decode_steps), self._cache_len)
         with self._mesh_context():
             state = decode.init_slots(init_cache(config, self.slots, self._cache_len, self._dtype), self.max_stop_ids,
                                       self.record)

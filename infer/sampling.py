@@ -63,8 +63,12 @@ def check_knobs(batch: int, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0) -
 def per_row(name: str, value, batch: int, dtype) -> np.ndarray:
     """A scalar or one value per row as a validated ``[batch]`` numpy array of ``dtype``."""
     arr = np.asarray(value)
-    if np.issubdtype(dtype, np.integer) and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must be integers, got {arr.tolist()}")
+    if np.issubdtype(dtype, np.integer):
+        if not np.issubdtype(arr.dtype, np.integer):  # ints past 64 bits come as dtype object
+            raise ValueError(f"{name} must be integers of at most 64 bits, got {arr.tolist()}")
+        limits = np.iinfo(dtype)
+        if arr.size and (arr.min() < limits.min or arr.max() > limits.max):  # a cast would wrap silently
+            raise ValueError(f"{name} must be in [{limits.min}, {limits.max}], got {arr.tolist()}")
     if arr.ndim == 0:
         return np.full((batch,), arr, dtype)
     if arr.shape != (batch,):

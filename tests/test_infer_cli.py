@@ -164,8 +164,26 @@ def test_prompts_file_out_is_never_overwritten(capsys, model_dir, tmp_path):
     assert code == 2 and "--resume continues it, --force replaces it" in err and out.read_text() == "my notes\n"
     code, _, err = run(capsys, str(model_dir), "--prompts-file", str(file), "--out", str(out), "--resume")
     assert code == 2 and "not a record of zaya generate" in err and out.read_text() == "my notes\n"
+    out.write_text("my notes, no newline")  # not a record cut by a kill: resuming must not cut it away
+    code, _, err = run(capsys, str(model_dir), "--prompts-file", str(file), "--out", str(out), "--resume")
+    assert code == 2 and "neither a whole record nor the start of one" in err
+    assert out.read_text() == "my notes, no newline"
+    code, _, err = run(capsys, str(model_dir), "--prompts-file", str(file), "--out", str(out), "--force", "--slots", "0")
+    assert code == 2 and "slots must be a positive integer" in err  # refused before --force replaced anything
+    assert out.read_text() == "my notes, no newline"
     assert run(capsys, str(model_dir), "--prompts-file", str(file), "--out", str(out), "--force")[0] == 0
-    assert json.loads(out.read_text())["line"] == 1
+    record = json.loads(out.read_text())
+    assert record["line"] == 1
+    # --resume continues only the same run: another prompts file, or other settings, is refused.
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"prompt_ids": [2, 41]}\n')
+    for argv in (["--prompts-file", str(other)], ["--prompts-file", str(file), "--seed", "1"],
+                 ["--prompts-file", str(file), "--max-new-tokens", "3"]):
+        code, _, err = run(capsys, str(model_dir), *argv, "--out", str(out), "--resume")
+        assert code == 2 and f"comes from another run (run {record['run']}" in err, err
+    assert json.loads(out.read_text()) == record
+    code, _, err = run(capsys, str(model_dir), "--prompts-file", str(file), "--out", str(out), "--resume")
+    assert code == 0 and "1 already in" in err and json.loads(out.read_text()) == record
 
 
 def test_model_without_tokenizer_refuses_text(capsys, tmp_path):

@@ -79,6 +79,10 @@ def test_cache_full_is_reported(params, prompts, greedy):
     assert result.stop_reasons == ["cache_full", "cache_full", "max_new_tokens"]
     assert [len(p) + len(t) for p, t in zip(prompts, result.tokens)] == [14, 14, 10]
     assert all(t == g[: len(t)] for t, g in zip(result.tokens, greedy.tokens))
+    # A count past 64 bits is still "more than fits": every row runs to the context, none stops short.
+    result = generate(params, TINY, prompts, max_new_tokens=10**20, stop_token_ids=[])
+    assert result.stop_reasons == ["cache_full"] * 3 and result.tokens[0] == greedy.tokens[0]
+    assert [len(p) + len(t) for p, t in zip(prompts, result.tokens)] == [MAX_LEN] * 3
 
 
 def test_streaming_delivers_every_token_once(params, prompts):
@@ -141,3 +145,19 @@ def test_bad_prompts_are_named(params, prompts, message):
 def test_bad_max_new_tokens(params):
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
         generate(params, TINY, [[1, 2]], max_new_tokens=0)
+
+
+@pytest.mark.parametrize("top_k, message", [
+    (2**32 + 1, r"top_k must be in \[-2147483648, 2147483647\]"),  # would wrap to 1 in int32
+    (2**31, r"top_k must be in"),
+    (10**20, "top_k must be integers of at most 64 bits"),
+])
+def test_top_k_beyond_int32_is_refused_not_wrapped(params, top_k, message):
+    with pytest.raises(ValueError, match=message):
+        generate(params, TINY, [[1, 2]], max_new_tokens=2, temperature=1.0, top_k=top_k)
+
+
+def test_decode_steps_are_capped_at_max_len(params):
+    """More steps per call than a row can take would only grow the [slots, steps] token buffer."""
+    assert Engine(params, TINY, slots=1, max_len=16, decode_steps=10**12).decode_steps == 16
+    assert Engine(params, TINY, slots=1, max_len=12, decode_steps=16).decode_steps == 16  # 16 cache slots
