@@ -57,7 +57,8 @@ def register(subparsers) -> None:
 def run_settings(knobs: dict, *, model: str, data: str, temperature: float, top_p: float, seed: int, grader: str,
                  template: str, prompt_template: str | None = None, limit: int | None = None) -> dict:
     """Everything the scores depend on: what run.json records and ``--resume`` compares."""
-    knobs = dict(knobs, final_budget=knobs.get("final_budget") or knobs["budget"])
+    final_budget = knobs.get("final_budget")
+    knobs = dict(knobs, final_budget=knobs["budget"] if final_budget is None else final_budget)
     return dict(knobs, model=model, data=data, temperature=temperature, top_p=top_p, seed=seed, grader=grader,
                 aggregation_template=template, prompt_template=prompt_template, limit=limit)
 
@@ -70,8 +71,6 @@ def model_setting(path: str, description: str) -> str:
 def _eval_command(args) -> int:
     from .evaluate import read_dataset
 
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be positive, got {args.limit}")
     problems = read_dataset(args.data, args.limit)
     config, params, desc = resolve_model(args.model, args.dtype, args.allow_non_finite)
     knobs = dict(preset_settings(args), final_budget=args.final_budget)
@@ -108,14 +107,24 @@ def run(params, config, model_dir: str, problems, settings: dict, *, source: str
 
     from .eval_output import RunDir
     from .evaluate import Grader, apply_prompt_template, check_context, format_table, score_problem, summarize
-    from .rsa import markov_rsa
+    from .rsa import check_search, markov_rsa
     from .tokenizer import Tokenizer
 
     grader = Grader(settings["grader"])
     tokenizer = Tokenizer.from_dir(model_dir)
     template = token_template(settings["aggregation_template"], settings["tails"], tokenizer)
-    ids = [tokenizer.encode(apply_prompt_template(settings["prompt_template"], p.question), add_special_tokens=False)
-           for p in problems]
+    ids = []
+    for p in problems:
+        text = apply_prompt_template(settings["prompt_template"], p.question)
+        try:
+            ids.append(tokenizer.encode(text, add_special_tokens=False))
+        except ValueError as e:
+            raise ValueError(f"{source}:{p.line}: {e}") from None
+    # Every setting is checked before the run directory is touched: a refused run leaves nothing behind.
+    check_search(config, ids, **{k: settings[k] for k in KNOBS}, temperature=settings["temperature"],
+                 top_p=settings["top_p"])
+    if slots is not None and (not isinstance(slots, int) or slots < 1):
+        raise ValueError(f"--slots must be a positive integer, got {slots!r}")
     check_context(problems, ids, template, settings, config.max_position_embeddings, source)
     run_dir = RunDir(out, settings, resume=resume, force=force) if out else None
     records = dict(run_dir.records) if run_dir else {}

@@ -50,7 +50,13 @@ class RunDir:
         if not os.path.isfile(self._file(RUN)):
             raise ValueError(f"--resume: {self.path} has no {RUN}, so it is not a `zaya eval` run directory")
         with open(self._file(RUN), encoding="utf-8") as f:
-            before = json.load(f)
+            try:
+                before = json.load(f)
+            except ValueError as e:
+                raise ValueError(f"--resume: {self._file(RUN)} is not valid JSON ({e}); it was not written by "
+                                 "`zaya eval`") from None
+        if not isinstance(before, dict):
+            raise ValueError(f"--resume: {self._file(RUN)} is not a settings object of `zaya eval`")
         differ = [k for k in sorted(set(before) | set(self.settings)) if before.get(k) != self.settings.get(k)]
         if differ:
             said = "; ".join(f"{k}: {before.get(k)!r} there, {self.settings.get(k)!r} now" for k in differ)
@@ -74,6 +80,9 @@ class RunDir:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{file}:{number}: not valid JSON ({e}); it was not written by `zaya eval`") from e
+            if not _is_record(record):
+                raise ValueError(f"{file}:{number}: not a problem record of `zaya eval` (an object with an integer "
+                                 "\"index\" and \"rounds\", each with its \"correct\" list)")
             records[record["index"]] = record
         return records
 
@@ -94,6 +103,12 @@ class RunDir:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, self._file(name))
+
+
+def _is_record(record) -> bool:
+    """Whether ``record`` has the shape ``score_problem`` writes, as far as a resumed run reads it."""
+    return (isinstance(record, dict) and type(record.get("index")) is int and isinstance(record.get("rounds"), list)
+            and all(isinstance(r, dict) and isinstance(r.get("correct"), list) for r in record["rounds"]))
 
 
 def plot_accuracy(summary: dict, path: str) -> bool:

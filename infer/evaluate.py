@@ -34,6 +34,8 @@ class Problem:
 def read_dataset(path: str, limit: int | None = None) -> list[Problem]:
     """The problems of a JSONL file (``{"question"|"problem"|"prompt": ..., "answer": ..., "id"?: ...}``),
     the first ``limit`` when given; errors name the file and line."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be positive, got {limit}")
     problems, ids = [], {}
     for line, obj in read_objects(path, what="problems"):
         key = next((k for k in QUESTION_KEYS if k in obj), None)
@@ -196,22 +198,15 @@ def format_table(summary: dict) -> str:
 
 def check_context(problems: Sequence[Problem], question_ids: Sequence[Sequence[int]], template, knobs: dict,
                   max_len: int, source: str) -> None:
-    """Raises, naming the line and the overshoot, when a problem's prompts plus budget exceed ``max_len``.
+    """Raises, naming the line and the overshoot, when a problem's prompts plus new tokens exceed ``max_len``
+    (``rsa.context_needs``: the sizes Markov RSA itself checks). ``template`` is the run's ``rsa.TokenTemplate``;
+    ``knobs`` holds the search's settings (``run_settings``)."""
+    from .rsa import context_needs
 
-    ``template`` is the run's ``rsa.TokenTemplate``: round 0 is ``round0_prefix + question + round0_suffix``
-    with ``budget`` new tokens; an aggregation prompt adds ``tails`` tails of up to ``tail_tokens`` tokens
-    (and their headers and separators) and has up to ``max(budget, final_budget)`` new tokens.
-    """
-    budget, final = knobs["budget"], knobs.get("final_budget") or knobs["budget"]
-    fixed0 = len(template.round0_prefix) + len(template.round0_suffix)
-    fixed_agg = (len(template.agg_prefix) + len(template.agg_middle) + len(template.agg_suffix)
-                 + sum(len(h) for h in template.headers) + knobs["tails"] * (knobs["tail_tokens"] + len(template.separator)))
     for p, q in zip(problems, question_ids):
-        needs = [("the prompt", fixed0 + len(q), budget)]
-        if knobs["rounds"]:
-            needs.append((f"an aggregation prompt ({knobs['tails']} tails of up to {knobs['tail_tokens']} tokens)",
-                          fixed_agg + len(q), max(budget, final)))
-        for what, prompt, new in needs:
+        for what, prompt, new in context_needs(template, len(q), tails=knobs["tails"], rounds=knobs["rounds"],
+                                               budget=knobs["budget"], final_budget=knobs["final_budget"],
+                                               tail_tokens=knobs["tail_tokens"]):
             if prompt + new > max_len:
                 raise ValueError(f"{source}:{p.line}: {what} is {prompt} tokens; with {new} new tokens that is "
                                  f"{prompt + new - max_len} more than the model's context of {max_len}")

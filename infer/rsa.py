@@ -31,6 +31,7 @@ from zaya_jax.config import ZayaConfig
 
 from .decode import inference_jit
 from .engine import Engine, bucket, request_keys
+from .sampling import check_knobs
 
 _ROUND_SALT, _SUBSET_SALT = 0x52534147, 0x53554253  # "RSAG", "SUBS": key streams disjoint from row keys
 
@@ -282,8 +283,8 @@ def markov_rsa(params, config: ZayaConfig, prompt_ids, *, population: int, tails
                        stop_token_ids=stop_token_ids, max_cache_len=max_cache_len, progress=progress,
                        on_problem=on_problem)
     if engine is None:
-        engine = Engine(params, config, slots=slots or min(bucket(search.rows), 64), max_len=search.max_len,
-                        moe_impl=moe_impl)
+        engine = Engine(params, config, slots=min(bucket(search.rows), 64) if slots is None else slots,
+                        max_len=search.max_len, moe_impl=moe_impl)
     search.start(engine)
     while not search.done:
         engine.step()
@@ -305,7 +306,8 @@ class RSASearch:
         single = len(prompt_ids) > 0 and np.isscalar(prompt_ids[0])
         questions = [list(map(int, prompt_ids))] if single else [list(map(int, q)) for q in prompt_ids]
         final_budget = budget if final_budget is None else final_budget
-        _validate(config, questions, population, tails, rounds, budget, final_budget, tail_tokens)
+        check_search(config, questions, population=population, tails=tails, rounds=rounds, budget=budget,
+                     final_budget=final_budget, tail_tokens=tail_tokens, temperature=temperature, top_p=top_p)
         if template is None:
             if tokenizer is None:
                 raise ValueError("markov_rsa needs a `template` (TokenTemplate) or a `tokenizer` to build the default one")
@@ -316,7 +318,7 @@ class RSASearch:
         # A tail is at most a whole candidate: tail_tokens >= budget is full-chain RSA, with tails no wider.
         self.population, self.tails, self.rounds = population, tails, rounds
         self.tail_tokens = min(tail_tokens, budget)
-        self.budgets = [final_budget if t == rounds else budget for t in range(rounds + 1)]
+        self.budget, self.final_budget = budget, final_budget
         self.knobs = dict(temperature=temperature, top_p=top_p, stop_token_ids=stop_token_ids)
         self.seed, self.tokenizer, self.extract = seed, tokenizer, extract
         self.progress, self.on_problem = progress, on_problem
@@ -324,22 +326,20 @@ class RSASearch:
 
         context = config.max_position_embeddings if max_cache_len is None else min(max_cache_len,
                                                                                    config.max_position_embeddings)
-        self._pieces, fixed = _pieces(template, tails)
-        round0 = [len(template.round0_prefix) + len(q) + len(template.round0_suffix) for q in questions]
-        need = max(r + self.budgets[0] for r in round0)
-        if rounds:
-            agg = fixed + bucket(max(len(q) for q in questions)) + tails * self.tail_tokens
-            need = max(need, agg + max(self.budgets[1:]))
+        self._pieces = _pieces(template, tails)
+        what, prompt, new = max((n for q in questions for n in context_needs(
+            template, len(q), tails=tails, rounds=rounds, budget=budget, final_budget=final_budget,
+            tail_tokens=tail_tokens)), key=lambda n: n[1] + n[2])
+        need = prompt + new
         if need > context:
-            which = "round 0's prompts" if not rounds or need == max(r + self.budgets[0] for r in round0) else \
-                "aggregation prompts (question + tails x tail_tokens + template)"
-            raise ValueError(f"budget beyond the context: {which} plus the new tokens need {need} tokens, more than "
+            raise ValueError(f"budget beyond the context: {what} plus the new tokens need {need} tokens, more than "
                              f"the maximum length {context} (budget={budget}, final_budget={final_budget}, "
                              f"tail_tokens={tail_tokens}, tails={tails})")
         self.max_len = min(context, bucket(need, 16))
         self._problems: list[dict] = []
-        self._round_done = [0] * (rounds + 1)
-        self._round_parts: list[list[RSARound | None]] = [[None] * len(questions) for _ in range(rounds + 1)]
+        # Per round, filled as rounds run (never sized by ``rounds`` up front): problems done, their parts.
+        self._round_done: dict[int, int] = {}
+        self._round_parts: dict[int, list[RSARound | None]] = {}
         self._t0 = self._last = 0.0
         self.results: list[RSAResult | None] = [None] * len(questions)
 
@@ -362,7 +362,7 @@ class RSASearch:
         keys = _round_keys(self.seed, t, self.population)
         for i, prompt in enumerate(prompts):
             state["requests"].append(self._engine.submit(
-                prompt, max_new_tokens=self.budgets[t], key=keys[i],
+                prompt, max_new_tokens=self._budget(t), key=keys[i],
                 on_update=lambda r, _, p=p, state=state: r.done and self._member_done(p, state), **self.knobs))
 
     def _member_done(self, p: int, state: dict) -> None:
@@ -371,7 +371,7 @@ class RSASearch:
             return
         t, reqs = state["t"], state["requests"]
         gen = [r.tokens[:-1] if r.stop_reason == "stop_token" else r.tokens for r in reqs]
-        width = bucket(self.budgets[t], 16)
+        width = bucket(self._budget(t), 16)
         tokens = np.zeros((1, self.population, width), np.int32)
         for i, g in enumerate(gen):
             tokens[0, i, : len(g)] = g
@@ -402,13 +402,19 @@ class RSASearch:
         L = rows.shape[1]
         return [rows[i, L - lens[i]:].tolist() for i in range(self.population)], [np.asarray(subsets)[0].tolist()]
 
+    def _budget(self, t: int) -> int:
+        """New tokens per member in round ``t``."""
+        return self.final_budget if t == self.rounds else self.budget
+
     def _round_finished(self, p: int, t: int, rnd: RSARound) -> None:
-        self._round_parts[t][p] = rnd
-        self._round_done[t] += 1
-        if self._round_done[t] == len(self.questions) and self.progress is not None:
-            now = time.perf_counter()
-            self.progress(t, _merge_rounds(self._round_parts[t], now - self._last))
-            self._last = now
+        self._round_parts.setdefault(t, [None] * len(self.questions))[p] = rnd
+        self._round_done[t] = self._round_done.get(t, 0) + 1
+        if self._round_done[t] == len(self.questions):
+            parts = self._round_parts.pop(t)
+            if self.progress is not None:
+                now = time.perf_counter()
+                self.progress(t, _merge_rounds(parts, now - self._last))
+                self._last = now
 
     def _problem_finished(self, p: int) -> None:
         rounds = self._problems[p]["rounds"]
@@ -442,8 +448,25 @@ def _merge_rounds(parts: list[RSARound], seconds: float) -> RSARound:
                     seconds=seconds)
 
 
-def _pieces(template: TokenTemplate, tails: int) -> tuple[dict, int]:
-    """Device arrays of the template pieces, and the prompt width they take without question and tails."""
+def context_needs(template: TokenTemplate, question_len: int, *, tails: int, rounds: int, budget: int,
+                  final_budget: int, tail_tokens: int) -> list[tuple[str, int, int]]:
+    """(what, prompt tokens, new tokens) at most of a question of ``question_len`` tokens: its round-0 prompt
+    and, with rounds, its aggregation prompts as assembled (question and headers padded to their widths;
+    tails of ``min(tail_tokens, budget)`` tokens: a tail is at most a whole candidate)."""
+    needs = [("round 0's prompt", len(template.round0_prefix) + question_len + len(template.round0_suffix),
+              final_budget if rounds == 0 else budget)]
+    if rounds:
+        tau = min(tail_tokens, budget)
+        width = max(1, max(len(h) for h in template.headers))
+        fixed = len(template.agg_prefix) + len(template.agg_middle) + len(template.agg_suffix) \
+            + tails * (width + len(template.separator))
+        needs.append((f"an aggregation prompt (question, template and {tails} tails of up to {tau} tokens)",
+                      fixed + bucket(question_len) + tails * tau, final_budget if rounds == 1 else max(budget, final_budget)))
+    return needs
+
+
+def _pieces(template: TokenTemplate, tails: int) -> dict:
+    """Device arrays of the template pieces."""
     width = max(1, max(len(h) for h in template.headers))
     headers = np.zeros((tails, width), np.int32)
     for c, h in enumerate(template.headers):
@@ -454,12 +477,13 @@ def _pieces(template: TokenTemplate, tails: int) -> tuple[dict, int]:
         "suffix": arr(template.agg_suffix), "headers": jnp.asarray(headers),
         "header_len": jnp.asarray([len(h) for h in template.headers], jnp.int32),
     }
-    fixed = len(template.agg_prefix) + len(template.agg_middle) + len(template.agg_suffix) \
-        + tails * (width + len(template.separator))
-    return pieces, fixed
+    return pieces
 
 
-def _validate(config, questions, population, tails, rounds, budget, final_budget, tail_tokens):
+def check_search(config, questions, *, population, tails, rounds, budget, final_budget, tail_tokens, temperature,
+                 top_p) -> None:
+    """Raises ValueError naming the first bad setting of a search over ``questions`` (token-id lists)."""
+    check_knobs(1, temperature=temperature, top_p=top_p)
     if not questions or any(len(q) == 0 for q in questions):
         raise ValueError("every question needs at least one token")
     bad = sorted({t for q in questions for t in q if not 0 <= t < config.vocab_size})

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,6 +115,16 @@ def test_run_dir_drops_a_line_cut_by_a_kill_and_refuses_other_settings(tmp_path)
         RunDir(str(tmp_path / "mine"), {}, resume=True)
     RunDir(str(tmp_path / "mine"), {"seed": 0}, force=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"  # --force replaces only zaya eval's files
+    # A resumed run reads only records of the shape zaya eval writes, and a run.json it can read.
+    for line, where in (("{}", ":2:"), ("[1, 2]", ":2:"), ('{"index": 1}', ":2:"), ('{"index": "1", "rounds": []}', ":2:")):
+        with open(os.path.join(out, "results.jsonl"), "w") as f:
+            f.write('{"index": 0, "rounds": []}\n' + line + "\n")
+        with pytest.raises(ValueError, match=f"results.jsonl{where} not a problem record of `zaya eval`"):
+            RunDir(out, {"seed": 0, "population": 4}, resume=True)
+    with open(os.path.join(out, "run.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match="run.json is not valid JSON"):
+        RunDir(out, {"seed": 0, "population": 4}, resume=True)
 
 
 def _write_heldout(path, count):
@@ -164,8 +175,24 @@ def test_eval_refuses_a_prompt_beyond_the_context(tmp_path, capsys):
     tokenizer = Tokenizer.from_dir(DEFAULT_MODEL_DIR)
     prompt = len(tokenizer.encode_chat([{"role": "user", "content": "1" * 990}]))
     err = capsys.readouterr().err
-    assert f"long.jsonl:2: the prompt is {prompt} tokens; with 64 new tokens that is {prompt + 64 - 1024} more" in err
+    assert f"long.jsonl:2: round 0's prompt is {prompt} tokens; with 64 new tokens that is {prompt + 64 - 1024} more" in err
     assert not out.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--population", "0"], "population must be a positive integer"),
+    (["--tails", "5"], r"tails \(5\) cannot exceed population \(4\)"),
+    (["--final-budget", "0"], "final_budget must be a positive integer, got 0"),
+    (["--temperature", "nan"], "temperature must be finite"),
+    (["--top-p", "1.5"], r"top_p must be in \(0, 1\]"),
+    (["--slots", "0"], "--slots must be a positive integer"),
+])
+def test_eval_refuses_bad_settings_before_writing(tmp_path, capsys, flags, message):
+    """A refused run leaves no run directory behind (one would block the corrected run without --force)."""
+    data, out = tmp_path / "heldout.jsonl", tmp_path / "run"
+    _write_heldout(data, 1)
+    assert main(["eval", "--data", str(data), "--out", str(out), *TINY, *flags]) == 2
+    assert re.search(message, capsys.readouterr().err) and not out.exists()
 
 
 _KILL_AFTER_ONE = """

@@ -1,10 +1,13 @@
 """Markov RSA on a small random model: structure, reproducibility, accounting, special cases, errors."""
 
+import tracemalloc
+
 import jax
 import pytest
 
 import zaya_jax
 from zaya_jax.infer import rsa
+from zaya_jax.infer.evaluate import Problem, check_context
 
 CONFIG = zaya_jax.ZayaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=4,
@@ -199,3 +202,20 @@ def test_full_chain_tails_and_budget_messages(params):
     assert huge.rounds[1].prompts == whole.rounds[1].prompts and huge.majority == whole.majority
     with pytest.raises(ValueError, match=r"final_budget=1000000000"):
         rsa.markov_rsa(params, CONFIG, QUESTIONS[0], tail_tokens=4, final_budget=10**9, **args)
+    # zaya eval's check (which names the data line) sizes prompts as the search does: it accepts what ran above.
+    problem = Problem(index=0, id="0", question="q", answer="1", line=7)
+    knobs = dict(tails=3, rounds=1, budget=6, final_budget=6, tail_tokens=10**6)
+    check_context([problem], [QUESTIONS[0]], TEMPLATE, knobs, CONFIG.max_position_embeddings, "f.jsonl")
+    with pytest.raises(ValueError, match="f.jsonl:7: an aggregation prompt .* more than the model's context"):
+        check_context([problem], [QUESTIONS[0]], TEMPLATE, dict(knobs, final_budget=10**9),
+                      CONFIG.max_position_embeddings, "f.jsonl")
+
+
+def test_rounds_are_not_allocated_up_front():
+    """Per-round state grows as rounds run: a search of 10**7 rounds starts in the memory of one (it took ~1 GB)."""
+    tracemalloc.start()
+    search = rsa.RSASearch(CONFIG, QUESTIONS[0], population=4, tails=3, rounds=10**7, budget=6, tail_tokens=4,
+                           template=TEMPLATE)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert search.rounds == 10**7 and peak < 10 * 2**20
