@@ -1,6 +1,9 @@
 """GRPO's advantages and objective: tied groups make no update; the objective's gradient is REINFORCE's
 (at ratio 1, nothing clipped) computed by hand from the plain forward; clipping and the k3 KL; the
-objective's temperature must be the rollouts'."""
+objective's temperature must be the rollouts'; settings must be finite; a user's verifier that fails is named."""
+
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +13,8 @@ import pytest
 
 from helpers import CONFIG
 from zaya_jax import model as zmodel
-from zaya_jax.train import balance, grpo, loss, rl_loop, step
+from zaya_jax.cli import main
+from zaya_jax.train import balance, grpo, loss, rewards, rl_loop, step
 
 B, S, P = 4, 12, 5  # rollouts, tokens, prompt tokens
 
@@ -99,3 +103,47 @@ def test_objective_temperature_must_be_the_rollouts():
                          "unused")
     with pytest.raises(ValueError, match="temperature must be > 0"):
         grpo.GRPOObjective(temperature=0.0)
+
+
+def test_settings_must_be_finite():
+    """A NaN passes every `<` and `>` check; it must be refused, not train a NaN model (`zaya rl --lr nan`)."""
+    for make in (lambda: step.TrainConfig(learning_rate=float("nan")), lambda: step.TrainConfig(clip_norm=float("inf")),
+                 lambda: grpo.GRPOObjective(kl_coef=float("inf")), lambda: grpo.GRPOObjective(clip_low=float("nan"))):
+        with pytest.raises(ValueError, match="finite"):
+            make()
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        rl_loop.RLConfig(steps=1, temperature=float("inf"))
+
+
+def _verifier_module(monkeypatch):
+    module = types.ModuleType("user_verifiers")
+    module.one_arg = lambda text: 1.0
+    module.raises = lambda text, answer: 1 / 0
+    module.none = lambda text, answer: None
+    module.word = lambda text, answer: "yes"
+    module.nan = lambda text, answer: float("nan")
+    module.ok = lambda text, answer: text == answer
+    monkeypatch.setitem(sys.modules, "user_verifiers", module)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("one_arg", r"user_verifiers:one_arg raised TypeError"),
+    ("raises", r"user_verifiers:raises raised ZeroDivisionError"),
+    ("none", r"user_verifiers:none returned None, not a number"),
+    ("word", r"user_verifiers:word returned 'yes', not a number"),
+    ("nan", r"user_verifiers:nan returned nan: rewards must be finite"),
+])
+def test_a_broken_verifier_is_named(monkeypatch, name, message):
+    _verifier_module(monkeypatch)
+    verify = rewards.load_verifier(f"user_verifiers:{name}")
+    with pytest.raises(ValueError, match=message):
+        verify("\\boxed{1}", "1")
+
+
+def test_a_broken_verifier_is_refused_before_the_run_directory(monkeypatch, tmp_path, capsys):
+    _verifier_module(monkeypatch)
+    assert rewards.load_verifier("user_verifiers:ok")("1", "1") == 1.0  # a bool is a number
+    data, out = tmp_path / "p.jsonl", tmp_path / "run"
+    data.write_text('{"question": "1+1", "answer": "2"}\n')
+    assert main(["rl", "--data", str(data), "--out", str(out), "--verifier", "user_verifiers:none", "--steps", "1"]) == 2
+    assert "returned None, not a number" in capsys.readouterr().err and not out.exists()

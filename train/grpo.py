@@ -13,6 +13,7 @@ Shapes: B rollouts (G per prompt), S tokens, L layers.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,8 @@ class GRPOObjective:
     temperature: float = 1.0
 
     def __post_init__(self):
+        if not all(math.isfinite(v) for v in dataclasses.astuple(self)):
+            raise ValueError(f"clip_low, clip_high, kl_coef and temperature must be finite, got {self}")
         if self.clip_low < 0 or self.clip_high < 0 or self.kl_coef < 0:
             raise ValueError(f"clip_low, clip_high and kl_coef must be >= 0, got {self}")
         if not self.temperature > 0:

@@ -9,6 +9,7 @@ demo task's check: its answers are integers). ``module:fn``: any importable func
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Callable
 
 from zaya_jax.infer.evaluate import GRADERS, Grader
@@ -30,4 +31,18 @@ def load_verifier(spec: str) -> Verifier:
         raise ValueError(f"--verifier {spec}: cannot load it ({e})") from None
     if not callable(fn):
         raise ValueError(f"--verifier {spec} is not a function")
-    return lambda text, answer: float(fn(text, answer))
+
+    def verify(text: str, answer: str) -> float:
+        try:
+            value = fn(text, answer)
+        except Exception as e:  # the user's function failing is bad input, said as such, not a traceback of ours
+            raise ValueError(f"--verifier {spec} raised {e!r} (called as {name}(text, answer))") from e
+        try:
+            reward = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--verifier {spec} returned {value!r:.80}, not a number") from None
+        if not math.isfinite(reward):
+            raise ValueError(f"--verifier {spec} returned {reward}: rewards must be finite")
+        return reward
+
+    return verify

@@ -23,6 +23,7 @@ def _rl_command(args) -> int:
 
     problems = read_dataset(args.data, args.limit)
     verify = rewards.load_verifier(args.verifier)
+    verify(f"\\boxed{{{problems[0].answer}}}", problems[0].answer)  # a broken verifier fails before --out is made
     mesh = mesh_arg(args.mesh)
     config, params, desc = resolve_model(args.model, args.dtype, args.allow_non_finite)
     model_dir = args.model or DEFAULT_MODEL_DIR

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -92,8 +93,8 @@ class RLConfig:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.agg_select not in AGG_SELECT:
             raise ValueError(f"agg_select must be one of {AGG_SELECT}, got {self.agg_select!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (rollouts are sampled), got {self.temperature}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature must be finite and > 0 (rollouts are sampled), got {self.temperature}")
         if self.mix_solve and self.task != "aggregate":
             raise ValueError("mix_solve adds solve groups to an aggregate run; a solve run has only those")
         if self.task == "aggregate" and not (self.tails <= self.population and self.agg_prompts <= self.population):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax.struct
@@ -52,6 +53,10 @@ class TrainConfig:
     moe_impl: str = "auto"
 
     def __post_init__(self):
+        floats = ("learning_rate", "final_lr_ratio", "weight_decay", "b1", "b2", "eps", "clip_norm", "bias_rate")
+        bad = [f"{k}={getattr(self, k)}" for k in floats if not math.isfinite(getattr(self, k))]
+        if bad:  # a NaN compares False to every bound below, and would train a NaN model
+            raise ValueError(f"{', '.join(bad)}: must be finite")
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
         if not 0 <= self.warmup_steps < self.total_steps:
