@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from zaya_jax.cli import add_non_finite_arg
+from zaya_jax.cli import add_non_finite_arg, bounded_arg
 
 
 def _quiet_orbax() -> None:
@@ -67,6 +67,7 @@ def register(subparsers) -> None:
                     "config.json, loadable with transformers.ZayaForCausalLM.from_pretrained.")
     p.add_argument("src", help="a `zaya convert` directory, or an HF checkpoint (legacy ones become native)")
     p.add_argument("dst", help="output directory")
-    p.add_argument("--max-shard-size", type=float, default=1.0, help="largest shard in GiB (default 1)")
+    p.add_argument("--max-shard-size", type=bounded_arg(0, kind=float, above=True), default=1.0,
+                   help="largest shard in GiB (default 1)")
     _common(p)
     p.set_defaults(func=_export_command)

@@ -21,6 +21,7 @@ import jinja2.ext
 import jinja2.sandbox
 import tokenizers
 
+CHAT_ROLES = ("system", "developer", "user", "assistant")  # the roles a chat's messages may have
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 

@@ -81,6 +81,21 @@ def test_a_seed_beyond_64_bits_is_refused_by_name(capsys, command):
     assert f"argument --seed: must be a signed 64-bit integer, got {2 ** 63}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["forward", "--top", "0"], "argument --top: must be >= 1, got 0"),
+    (["export", "a", "b", "--max-shard-size", "inf"], "argument --max-shard-size: must be finite and > 0, got inf"),
+    (["export", "a", "b", "--max-shard-size", "0"], "argument --max-shard-size: must be finite and > 0, got 0"),
+    (["serve", "--port", "70000"], "argument --port: must be >= 0 and <= 65535, got 70000"),  # bound 70000 - 65536
+    (["serve", "--max-body-bytes", "0"], "argument --max-body-bytes: must be >= 1, got 0"),
+    (["train", "--grad-accum", "0"], "argument --grad-accum: must be >= 1, got 0"),  # was a ZeroDivisionError
+    (["forward", "--top", "x"], "argument --top: must be an integer, got 'x'"),
+])
+def test_numbers_out_of_range_are_refused_by_name(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("model")

@@ -113,6 +113,12 @@ def test_settings_must_be_finite():
             make()
     with pytest.raises(ValueError, match="temperature must be finite and > 0"):
         rl_loop.RLConfig(steps=1, temperature=float("inf"))
+    # Signs that train uphill without a word: a negative clip flips the gradient, a negative final ratio the lr.
+    for kwargs, message in ((dict(clip_norm=-1.0), "clip_norm must be > 0"),
+                            (dict(final_lr_ratio=-2.0), r"final_lr_ratio must be in \[0, 1\]"),
+                            (dict(weight_decay=-0.1), "weight_decay must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            step.TrainConfig(**kwargs)
 
 
 def _verifier_module(monkeypatch):

@@ -107,6 +107,8 @@ def test_bad_records_name_the_line(tmp_path, record, message):
     ([{"role": "user", "content": "x"}], "no assistant message"),
     ([{"role": "assistant", "content": "x"}], "starts with an assistant message"),
     ([{"role": "user"}, {"role": "assistant", "content": "x"}], "message 0 must be an object"),
+    ([{"role": "user", "content": "x"}, {"role": "Assistant", "content": "y"}, {"role": "assistant", "content": "z"}],
+     "message 1 has role 'Assistant'; roles are system, developer, user, assistant"),  # once trained on nothing
 ])
 def test_bad_chats(tokenizer, tmp_path, messages, message):
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])

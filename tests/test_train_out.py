@@ -74,6 +74,25 @@ def test_resume_matches_a_setting_the_saved_run_predates_at_its_default(tmp_path
         loop.prepare_out(out, {"rl": {"steps": 3}, "grpo": {}}, resume=True, defaults=defaults)
 
 
+def test_resume_refuses_a_run_json_or_metrics_it_did_not_write(tmp_path):
+    out = tmp_path / "out"
+    loop.prepare_out(str(out), {"data": {}}, resume=False)
+    for text in ("[1, 2]", '{"data": 5}', "{bad", "\udcff"):
+        (out / "run.json").write_text(text, errors="surrogateescape")
+        with pytest.raises(ValueError, match="run.json is not a run.json this program wrote"):
+            loop.prepare_out(str(out), {"data": {}}, resume=True)
+    log = out / "metrics.jsonl"
+    for line in ("[1]", '{"loss": 1}', '{"step": "1"}', "{bad"):
+        log.write_text('{"step": 1, "loss": NaN}\n' + line + "\n")
+        with pytest.raises(ValueError, match="metrics.jsonl:2 is not a metrics line of this program"):
+            loop.truncate_log(str(log), 1)
+    log.write_text('{"step": 1, "loss": NaN}\n{"step": 2, "loss": 0.5}\n')
+    loop.truncate_log(str(log), 1)  # a diverged (NaN) loss is kept as logged
+    assert log.read_text() == '{"step": 1, "loss": NaN}\n' and loop.last_metrics(str(out))["step"] == 1
+    log.write_text("")
+    assert loop.last_metrics(str(out)) == {}  # a resumed run with no step left: the closing line says "none"
+
+
 def test_train_on_text_uses_the_default_models_tokenizer(tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"text": "1+2=3"}) + "\n" + json.dumps({"text": "1+2=\u00e9"}) + "\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from zaya_jax.cli import add_non_finite_arg, seed_arg
+from zaya_jax.cli import add_non_finite_arg, bounded_arg, seed_arg
 
 
 def mesh_arg(text: str | None):
@@ -15,6 +15,11 @@ def mesh_arg(text: str | None):
     from zaya_jax import sharding
 
     return sharding.make_mesh(**sharding.parse_mesh(text))
+
+
+def closing_figure(value, digits: int = 4) -> str:
+    """A logged figure for the closing line ("none" when the run logged no step)."""
+    return "none" if value is None else f"{value:.{digits}f}"
 
 
 def _train_command(args) -> int:
@@ -53,12 +58,10 @@ def _train_command(args) -> int:
                      "examples": len(examples)}
     state = loop.train(config, params, batches, tcfg, run, args.out, resume=args.resume, force=args.force,
                        mesh=mesh, data_settings=data_settings, progress=not args.no_progress, assets_from=model_dir)
-    with open(os.path.join(args.out, "metrics.jsonl")) as f:
-        last = json.loads(f.readlines()[-1])
-    summary = {"steps": int(state.step), "loss": last["loss"], "model": os.path.join(args.out, "model"),
-               "metrics": os.path.join(args.out, "metrics.jsonl")}
+    summary = {"steps": int(state.step), "loss": loop.last_metrics(args.out).get("loss"),
+               "model": os.path.join(args.out, "model"), "metrics": os.path.join(args.out, "metrics.jsonl")}
     print(json.dumps(summary) if args.json else
-          f"done: {summary['steps']} steps, last loss {summary['loss']:.4f}; model in {summary['model']}")
+          f"done: {summary['steps']} steps, last loss {closing_figure(summary['loss'])}; model in {summary['model']}")
     return 0
 
 
@@ -89,7 +92,7 @@ def register(subparsers) -> None:
 
 def add_step_args(p) -> None:
     """The train-step options `zaya train` and `zaya rl` share."""
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--grad-accum", type=bounded_arg(1), default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none",
                    help="per-layer rematerialisation policy (default none)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",

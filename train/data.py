@@ -22,7 +22,7 @@ from typing import Iterable
 import jinja2
 import numpy as np
 
-from zaya_jax.infer.tokenizer import Tokenizer, TokenizerError
+from zaya_jax.infer.tokenizer import CHAT_ROLES, Tokenizer, TokenizerError
 from zaya_jax.jsonl import read_objects
 
 
@@ -59,6 +59,8 @@ def chat_example(messages: list[dict], tokenizer: Tokenizer) -> Example:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"message {i} must be an object with string 'role' and 'content'")
+        if m["role"] not in CHAT_ROLES:  # a misspelt "Assistant" would silently not be trained on
+            raise DataError(f"message {i} has role {m['role']!r:.40}; roles are {', '.join(CHAT_ROLES)}")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("chat has no assistant message (nothing to train on)")
     if messages[0]["role"] == "assistant":

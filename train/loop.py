@@ -121,8 +121,13 @@ def prepare_out(out: str, settings: dict, resume: bool, force: bool = False, def
     if resume:
         if not os.path.exists(file):
             raise FileNotFoundError(f"cannot resume: {file} does not exist")
-        with open(file) as f:
-            saved = json.load(f)
+        try:
+            with open(file, encoding="utf-8") as f:
+                saved = json.load(f)
+        except ValueError as e:  # invalid JSON or UTF-8
+            raise ValueError(f"cannot resume: {file} is not a run.json this program wrote ({e})") from None
+        if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
+            raise ValueError(f"cannot resume: {file} is not a run.json this program wrote (an object of sections)")
         data_then, data_now = saved.get("data", {}), settings.get("data", {})
         if data_then.get("sha256") != data_now.get("sha256"):
             raise ValueError(f"cannot resume: the data file {data_now.get('data')} changed since the run started "
@@ -147,13 +152,38 @@ def prepare_out(out: str, settings: dict, resume: bool, force: bool = False, def
 
 
 def truncate_log(file: str, last_step: int) -> None:
-    """Keeps the log lines of steps up to ``last_step`` (those a resumed run does not redo)."""
+    """Keeps the log lines of steps up to ``last_step`` (those a resumed run does not redo); a line this
+    program did not write is refused by file:line, before anything is rewritten."""
     if not os.path.exists(file):
         return
-    with open(file) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = [line for line, record in _metrics_lines(file) if record["step"] <= last_step]
     with open(file, "w") as f:
-        f.writelines(lines)
+        f.writelines(kept)
+
+
+def _metrics_lines(file: str) -> list[tuple[str, dict]]:
+    """(line, record) of each metrics line (NaN allowed: a diverged loss is logged as it was)."""
+    lines = []
+    with open(file, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict) or type(record.get("step")) is not int:
+                raise ValueError(f"{file}:{number} is not a metrics line of this program (a JSON object with an "
+                                 "integer \"step\"); not resuming into it")
+            lines.append((line, record))
+    return lines
+
+
+def last_metrics(out: str) -> dict:
+    """The last record of ``out/metrics.jsonl`` ({} when it holds none: a resumed run with nothing left)."""
+    file = os.path.join(out, "metrics.jsonl")
+    lines = _metrics_lines(file) if os.path.exists(file) else []
+    return lines[-1][1] if lines else {}
 
 
 def train(config: ZayaConfig, params: dict, batches: Batches, tcfg: TrainConfig, run: RunConfig, out: str, *,

@@ -7,7 +7,7 @@ import os
 
 from zaya_jax.cli import seed_arg
 
-from .cli import add_run_args, add_step_args
+from .cli import add_run_args, add_step_args, closing_figure
 
 
 def _rl_command(args) -> int:
@@ -18,7 +18,7 @@ def _rl_command(args) -> int:
     from zaya_jax.infer.rsa_cli import template_kind
     from zaya_jax.infer.tokenizer import Tokenizer
 
-    from . import data, grpo, rewards, rl_loop, step
+    from . import data, grpo, loop, rewards, rl_loop, step
     from .cli import mesh_arg
 
     problems = read_dataset(args.data, args.limit)
@@ -62,13 +62,12 @@ def _rl_command(args) -> int:
     state = rl_loop.train_rl(config, params, task, tcfg, rcfg, objective, args.out, resume=args.resume,
                              force=args.force, mesh=mesh, data_settings=data_settings,
                              progress=not args.no_progress, assets_from=model_dir)
-    with open(os.path.join(args.out, "metrics.jsonl")) as f:
-        last = json.loads(f.readlines()[-1])
-    summary = {"steps": rcfg.steps, "updates": int(state.step), "reward_mean": last["reward_mean"],
+    summary = {"steps": rcfg.steps, "updates": int(state.step),
+               "reward_mean": loop.last_metrics(args.out).get("reward_mean"),
                "model": os.path.join(args.out, "model"), "metrics": os.path.join(args.out, "metrics.jsonl")}
     print(json.dumps(summary) if args.json else
           f"done: {summary['steps']} RL steps ({summary['updates']} updates), last reward mean "
-          f"{summary['reward_mean']:.3f}; model in {summary['model']}")
+          f"{closing_figure(summary['reward_mean'], 3)}; model in {summary['model']}")
     return 0
 
 

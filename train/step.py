@@ -67,8 +67,12 @@ class TrainConfig:
             raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         if self.remat_policy not in zmodel.REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {tuple(zmodel.REMAT_POLICIES)}, got {self.remat_policy!r}")
-        if self.learning_rate < 0 or self.bias_rate < 0:
-            raise ValueError("learning_rate and bias_rate must be >= 0")
+        if self.learning_rate < 0 or self.bias_rate < 0 or self.weight_decay < 0:
+            raise ValueError("learning_rate, bias_rate and weight_decay must be >= 0")
+        if not 0 <= self.final_lr_ratio <= 1:  # below 0 the schedule's learning rate turns negative: ascent
+            raise ValueError(f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
+        if not self.clip_norm > 0:  # a negative clip flips every gradient
+            raise ValueError(f"clip_norm must be > 0, got {self.clip_norm}")
         if self.loss_chunk is not None and self.loss_chunk < 1:
             raise ValueError(f"loss_chunk must be >= 1, got {self.loss_chunk}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 
@@ -61,6 +62,23 @@ def seed_arg(text: str) -> int:
     return value
 
 
+def bounded_arg(low, high=None, kind=int, *, above: bool = False):
+    """An argparse type: a ``kind`` number >= ``low`` (> ``low`` when ``above``) and <= ``high``, finite."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        too_low = value <= low if above else value < low
+        if too_low or (high is not None and value > high) or not math.isfinite(value):
+            bound = ("finite and " if kind is float else "") + (f"> {low}" if above else f">= {low}")
+            raise argparse.ArgumentTypeError(f"must be {bound}" + (f" and <= {high}" if high is not None else "")
+                                             + f", got {text}")
+        return value
+
+    return parse
+
+
 def parse_ids(text: str) -> list[int]:
     """``--prompt-ids``: comma-separated integers; an empty item (``2,,3``) is refused, not skipped."""
     items = text.replace(" ", "").split(",")
@@ -98,7 +116,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("forward", help="run one forward pass and print the next-token top-k logits")
     add_model_args(p)
     p.add_argument("--prompt-ids", default="2,10,20,30", help="comma-separated token ids (default: 2,10,20,30)")
-    p.add_argument("--top", type=int, default=5, help="how many next-token candidates to print")
+    p.add_argument("--top", type=bounded_arg(1), default=5, help="how many next-token candidates to print")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_forward_command)
 

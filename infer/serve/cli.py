@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from zaya_jax.cli import add_model_args, is_demo_model, resolve_model
+from zaya_jax.cli import add_model_args, bounded_arg, is_demo_model, resolve_model
 
 log = logging.getLogger("zaya.serve")
 
@@ -15,7 +15,7 @@ def register(subparsers) -> None:
                                             "/v1/chat/completions, /v1/models), Markov RSA as a chat extension")
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=bounded_arg(0, 65535), default=8000)
     p.add_argument("--slots", type=int, default=64, help="sequences decoded together (the engine's slot pool)")
     p.add_argument("--max-len", type=int, default=None, help="tokens per sequence, prompt + output (default: the "
                                                              "model's context)")
@@ -27,7 +27,7 @@ def register(subparsers) -> None:
                    help="require `Authorization: Bearer KEY` on every route but /health (default: $ZAYA_API_KEY)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: zaya-demo for the "
                                                       "shipped demo model, else the directory's name)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 400")
+    p.add_argument("--max-body-bytes", type=bounded_arg(1), default=1 << 20, help="larger request bodies get 400")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,expert=2 (default: one device)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=_serve_command)
@@ -47,9 +47,8 @@ def _serve_command(args) -> int:
     from .driver import Driver
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for name, value in (("--max-queue", args.max_queue), ("--port", args.port)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     config, params, desc = resolve_model(args.model, args.dtype)
     mesh = None
     if args.mesh:

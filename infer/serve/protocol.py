@@ -13,6 +13,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..sampling import SEED_MAX, SEED_MIN
+from ..tokenizer import CHAT_ROLES
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_N = 64
@@ -90,7 +91,7 @@ class ContentPart(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal[CHAT_ROLES]
     content: Union[str, list[ContentPart], None] = None
 
     def text(self) -> str:
