@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from zaya_jax.cli import add_model_args, is_demo_model, parse_ids, resolve_model, seed_arg
+from zaya_jax.cli import add_model_args, is_demo_model, model_setting, parse_ids, resolve_model, seed_arg
 from zaya_jax.jsonl import iter_objects
 
 KNOBS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p")
@@ -206,8 +206,6 @@ class _InOrderWriter:
 def run_id(args, model_desc: str, chat: bool) -> str:
     """What a --prompts-file run's records depend on, hashed: every record carries it, and --resume
     continues only a file of the same run (the prompts file's bytes, model, chat, seed, knobs, max_len)."""
-    from .eval_cli import model_setting
-
     with open(args.prompts_file, "rb") as f:
         prompts = hashlib.file_digest(f, "sha256").hexdigest()
     settings = dict(prompts=prompts, model=model_setting(args.model, model_desc), dtype=args.dtype, chat=chat,

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from zaya_jax.cli import add_model_args, is_demo_model, resolve_model, seed_arg
+from zaya_jax.cli import add_model_args, model_setting, resolve_model, seed_arg
 
 from .rsa_cli import add_search_args, mode_template
 from .rsa_cli import settings as preset_settings
@@ -61,11 +61,6 @@ def run_settings(knobs: dict, *, model: str, data: str, temperature: float, top_
     knobs = dict(knobs, final_budget=knobs["budget"] if final_budget is None else final_budget)
     return dict(knobs, model=model, data=data, temperature=temperature, top_p=top_p, seed=seed, grader=grader,
                 aggregation_template=template, prompt_template=prompt_template, limit=limit)
-
-
-def model_setting(path: str, description: str) -> str:
-    """How run.json names the model: the demo model by its description, others by absolute path."""
-    return description if is_demo_model(path) else os.path.abspath(path)
 
 
 def _eval_command(args) -> int:

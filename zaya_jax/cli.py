@@ -35,6 +35,11 @@ def is_demo_model(path: str | None) -> bool:
     return path is None or os.path.abspath(path) == os.path.abspath(DEFAULT_MODEL_DIR)
 
 
+def model_setting(path: str, description: str) -> str:
+    """How a run's settings (eval's run.json, generate's run hash) name the model: the demo model by its description, others by absolute path."""
+    return description if is_demo_model(path) else os.path.abspath(path)
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     from .demo import DEFAULT_MODEL_DIR
 

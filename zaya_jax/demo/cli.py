@@ -40,8 +40,8 @@ def heldout_problems(count: int) -> list:
 
 
 def _demo_command(args) -> int:
-    from zaya_jax.cli import resolve_model
-    from zaya_jax.infer.eval_cli import model_setting, run, run_settings
+    from zaya_jax.cli import model_setting, resolve_model
+    from zaya_jax.infer.eval_cli import run, run_settings
 
     path = args.model or DEFAULT_MODEL_DIR
     if not os.path.isfile(os.path.join(path, "config.json")):
