@@ -457,17 +457,21 @@ def context_needs(template: TokenTemplate, question_len: int, *, tails: int, rou
               final_budget if rounds == 0 else budget)]
     if rounds:
         tau = min(tail_tokens, budget)
-        width = max(1, max(len(h) for h in template.headers))
         fixed = len(template.agg_prefix) + len(template.agg_middle) + len(template.agg_suffix) \
-            + tails * (width + len(template.separator))
+            + tails * (_header_width(template) + len(template.separator))
         needs.append((f"an aggregation prompt (question, template and {tails} tails of up to {tau} tokens)",
                       fixed + bucket(question_len) + tails * tau, final_budget if rounds == 1 else max(budget, final_budget)))
     return needs
 
 
+def _header_width(template: TokenTemplate) -> int:
+    """The width each candidate header is padded to in an assembled aggregation prompt."""
+    return max(1, max(len(h) for h in template.headers))
+
+
 def _pieces(template: TokenTemplate, tails: int) -> dict:
     """Device arrays of the template pieces."""
-    width = max(1, max(len(h) for h in template.headers))
+    width = _header_width(template)
     headers = np.zeros((tails, width), np.int32)
     for c, h in enumerate(template.headers):
         headers[c, : len(h)] = h
