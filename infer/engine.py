@@ -33,6 +33,7 @@ from zaya_jax import sharding as shd
 from zaya_jax.cache import init_cache
 from zaya_jax.config import ZayaConfig
 from zaya_jax.host import to_host
+from zaya_jax.memory import check_fits
 from zaya_jax.model import compute_dtype
 
 from . import decode
@@ -143,9 +144,15 @@ class Engine:
         # A row takes fewer steps than its cache has slots: more per call would only grow the [slots, steps]
         # token buffer (capped at the cache, not max_len, so nearby max_len values share the decode program).
         self.decode_steps = min(int(decode_steps), self._cache_len)
+        def new_state():
+            return decode.init_slots(init_cache(config, self.slots, self._cache_len, self._dtype), self.max_stop_ids,
+                                     self.record)
+
+        state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(jax.eval_shape(new_state)))
+        check_fits(state_bytes, jax.devices() if mesh is None else mesh.devices.flat,
+                   f"the engine's slot state ({self.slots:,} slots x {self._cache_len:,} cache tokens)")
         with self._mesh_context():
-            state = decode.init_slots(init_cache(config, self.slots, self._cache_len, self._dtype), self.max_stop_ids,
-                                      self.record)
+            state = new_state()
             if self.mesh is not None:
                 state = jax.device_put(state, self._state_shardings(state))
         self._state = state

@@ -191,3 +191,32 @@ def test_export_rejects_config_that_disagrees_with_params(src):
     with pytest.raises(CheckpointError, match=r"param embed has shape \(256, 64\), config.json implies \(256, 32\)"):
         convert.export(dst, src.parent / "hf", progress=False)
     assert not (src.parent / "hf").exists()
+
+
+def test_converted_dir_with_a_lost_chunk_file_is_refused(src):
+    """tensorstore reads an absent zarr chunk as zeros; every chunk is written (zero ones included), so
+    a lost one is refused by load, export and verify, naming the param and the file."""
+    from zaya_jax import checkpoint
+    from zaya_jax.formats import checksums
+    from zaya_jax.formats.orbax_store import missing_chunks
+
+    config, params = zaya_jax.load(src)  # a leaf of zeros keeps its chunk files on disk
+    params["layers"]["router"]["balancing_biases"] = np.zeros_like(params["layers"]["router"]["balancing_biases"])
+    checkpoint.save(src.parent / "zeros", config, params)
+    zero_leaf = src.parent / "zeros" / "params" / "layers.router.balancing_biases"
+    assert missing_chunks(str(zero_leaf)) == []
+    assert len([n for n in os.listdir(zero_leaf) if not n.startswith(".")]) == config.num_hidden_layers
+    assert not np.any(zaya_jax.load(src.parent / "zeros")[1]["layers"]["router"]["balancing_biases"])
+
+    dst = src.parent / "dst"
+    convert.convert(src, dst, progress=False)
+    params = dst / "params"
+    os.remove(params / "embed" / "0.0")
+    match = r"param embed is missing 1 chunk file\(s\) of its zarr array \(first: .*embed/0\.0\)"
+    with pytest.raises(CheckpointError, match=match):
+        zaya_jax.load(dst)
+    with pytest.raises(CheckpointError, match=match):
+        convert.export(dst, src.parent / "hf", progress=False)
+    assert not (src.parent / "hf").exists()
+    with pytest.raises(CheckpointError, match=match):
+        checksums.verify(src, dst)

@@ -135,9 +135,11 @@ def test_repeated_prompts_are_prefilled_once(params):
 def test_bad_engine_settings_are_named(params):
     for kwargs, message in [(dict(slots=0), "slots must be a positive integer"),
                             (dict(max_len=1), "max_len must be an integer >= 2"),
-                            (dict(decode_steps=1.5), "decode_steps must be a positive integer")]:
+                            (dict(decode_steps=1.5), "decode_steps must be a positive integer"),
+                            (dict(slots=10**9), r"the engine's slot state \(1,000,000,000 slots x 64 cache tokens\) "
+                                                r"needs [\d,.]+ GiB, more than the [\d,.]+ GiB free on the host")]:
         with pytest.raises(ValueError, match=message):
-            Engine(params, CONFIG, **kwargs)
+            Engine(params, CONFIG, **{"max_len": 64, **kwargs})
     engine = Engine(params, CONFIG, slots=1, max_len=32)
     with pytest.raises(ValueError, match="prompt has 32 tokens; the maximum length"):
         engine.submit([1] * 32, max_new_tokens=1)

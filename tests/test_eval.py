@@ -73,10 +73,11 @@ def test_math_verify_grades_through_scoring_and_summary():
 def test_dataset_lines(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"question": "1+1", "answer": 2}\n\n{"problem": "x", "answer": "\\\\frac{1}{2}", "id": "p"}\n'
-                    '{"prompt": "y", "answer": "3"}\n')
+                    '{"prompt": "y", "answer": "3"}\n{"question": "z", "answer": 11111111111111111112.0}\n')
     problems = read_dataset(str(path))
     assert [(p.index, p.id, p.question, p.answer, p.line) for p in problems] == [
-        (0, "0", "1+1", "2", 1), (1, "p", "x", "\\frac{1}{2}", 3), (2, "2", "y", "3", 4)]
+        (0, "0", "1+1", "2", 1), (1, "p", "x", "\\frac{1}{2}", 3), (2, "2", "y", "3", 4),
+        (3, "3", "z", "11111111111111111112.0", 5)]  # a number's digits as written, not a float's 17
     assert len(read_dataset(str(path), limit=2)) == 2
     assert apply_prompt_template("{question}\nPut the final answer in \\boxed{}.", "1+1") == \
         "1+1\nPut the final answer in \\boxed{}."

@@ -106,3 +106,11 @@ def test_train_refuses_a_seq_len_beyond_the_context(tmp_path, text_data, capsys)
     assert main(_train_args(tmp_path / "out", text_data, "--seq-len", "4096")) == 2
     assert "--seq-len 4096 exceeds the model's max_position_embeddings=1024" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_train_refuses_a_batch_beyond_memory_before_writing(tmp_path, text_data, capsys):
+    out = tmp_path / "out"
+    assert main(_train_args(out, text_data, "--batch-size", str(10**12))) == 2
+    err = capsys.readouterr().err
+    assert "a train step of 1,000,000,000,000 x 16 tokens needs" in err and "GiB free on the host" in err
+    assert not out.exists()

@@ -37,11 +37,16 @@ def restore(mngr: ocp.CheckpointManager, like: TrainState, step: int | None = No
     """(state, data state, step) of ``step`` (default: the latest complete checkpoint).
 
     ``like`` is a state (or ``jax.eval_shape`` of one) with the shapes, dtypes and shardings to restore into.
+    On failure ``mngr`` is closed before the error propagates.
     """
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no complete checkpoint in {mngr.directory}")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                     data=ocp.args.JsonRestore()))
+    try:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {mngr.directory}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                         data=ocp.args.JsonRestore()))
+    except BaseException:
+        mngr.close()  # else its background threads outlive the error and print a traceback at exit
+        raise
     return out.state, out.data, step

@@ -24,8 +24,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from zaya_jax import checkpoint
+from zaya_jax import checkpoint, dtypes
 from zaya_jax.config import ZayaConfig
+from zaya_jax.memory import check_fits
 from zaya_jax.model import cast_params
 
 from . import checkpoints
@@ -186,6 +187,14 @@ def last_metrics(out: str) -> dict:
     return lines[-1][1] if lines else {}
 
 
+def step_memory_floor(config: ZayaConfig, tcfg: TrainConfig, run: RunConfig) -> int:
+    """Bytes a train step needs at the least, beside the state: the batch's three int32 arrays and, per
+    micro-batch, the hidden states the backward keeps at every layer boundary (even under full remat)."""
+    tokens = run.batch_size * run.seq_len
+    hidden = tokens // tcfg.grad_accum * config.hidden_size * np.dtype(dtypes.resolve(tcfg.compute_dtype)).itemsize
+    return 3 * 4 * tokens + hidden * (config.num_hidden_layers + 1)
+
+
 def train(config: ZayaConfig, params: dict, batches: Batches, tcfg: TrainConfig, run: RunConfig, out: str, *,
           resume: bool = False, force: bool = False, mesh=None, data_settings: dict | None = None,
           progress: bool = True, save_model: bool = True, assets_from: str | None = None) -> TrainState:
@@ -199,6 +208,8 @@ def train(config: ZayaConfig, params: dict, batches: Batches, tcfg: TrainConfig,
     settings = {"train": dataclasses.asdict(tcfg), "run": {k: v for k, v in dataclasses.asdict(run).items()
                                                            if k not in ("save_every", "keep")},
                 "data": data_settings or {}}
+    check_fits(step_memory_floor(config, tcfg, run), jax.devices() if mesh is None else mesh.devices.flat,
+               f"a train step of {run.batch_size:,} x {run.seq_len:,} tokens")
     prepare_out(out, settings, resume, force, setting_defaults(train=TrainConfig, run=RunConfig))
     model_dtype = params["embed"].dtype
     state = init_state(params, tcfg)

@@ -8,8 +8,21 @@ import os
 from typing import Iterator
 
 
+class WrittenFloat(float):
+    """A JSON number with a fraction or an exponent: a float whose ``str`` is the number as the line wrote
+    it, so a gold answer such as ``11111111111111111112.0`` keeps digits a float cannot hold."""
+
+    def __new__(cls, text: str):
+        value = super().__new__(cls, text)
+        value.text = text
+        return value
+
+    def __str__(self) -> str:
+        return self.text
+
+
 def _finite_float(text: str) -> float:
-    value = float(text)
+    value = WrittenFloat(text)
     if not math.isfinite(value):
         raise ValueError(f"the number {text[:40]} is beyond float range")
     return value

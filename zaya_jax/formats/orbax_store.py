@@ -9,6 +9,8 @@ layers, and filled slice by slice through tensorstore. Only the slice being writ
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import os
 
@@ -62,6 +64,7 @@ def create(directory: str, leaves: dict[layout.ParamPath, tuple[tuple[int, ...],
         spec = _open_leaf(directory, path).spec().to_json()
         spec["metadata"].update(shape=list(shape), chunks=list(chunk_shape(shape, np.dtype(dtype).itemsize,
                                                                            path[0] == "layers")))
+        spec["store_data_equal_to_fill_value"] = True  # every chunk on disk, so a lost one can be told
         arrays[path] = ts.open(spec, create=True, delete_existing=True).result()
     return arrays
 
@@ -110,6 +113,22 @@ def write_blocks(target: ts.TensorStore, value: np.ndarray) -> None:
         target[index].write(value[index].astype(dtype, copy=False)).result()
 
 
+def missing_chunks(leaf_dir: str) -> list[str]:
+    """The chunk files a zarr v2 array lacks, sorted. This module (and orbax) write every chunk, zero
+    ones included (``fill_value`` null), so a missing one is damage that tensorstore would read as
+    zeros. An array with a real ``fill_value`` may leave fill-valued chunks out: not checked."""
+    with open(os.path.join(leaf_dir, ".zarray")) as f:
+        meta = json.load(f)
+    if meta.get("fill_value") is not None:
+        return []
+    grid = [range(-(-n // c)) for n, c in zip(meta["shape"], meta["chunks"])]
+    sep = meta.get("dimension_separator", ".")
+    expected = {sep.join(map(str, index)) for index in itertools.product(*grid)} if grid else {"0"}
+    present = {os.path.relpath(os.path.join(root, name), leaf_dir).replace(os.sep, "/")
+               for root, _, names in os.walk(leaf_dir) for name in names}
+    return sorted(expected - present)
+
+
 class OrbaxReader:
     """Reads layer slices of the param leaves of a checkpoint written here."""
 
@@ -120,6 +139,12 @@ class OrbaxReader:
             found = tuple(self.arrays[entry.path].shape)
             if found != shape:
                 raise CheckpointError(f"param {'/'.join(entry.path)} has shape {found}, config.json implies {shape}")
+            missing = missing_chunks(_leaf_dir(directory, entry.path))
+            if missing:
+                raise CheckpointError(
+                    f"param {'/'.join(entry.path)} is missing {len(missing)} chunk file(s) of its zarr array "
+                    f"(first: {os.path.join(_leaf_dir(directory, entry.path), missing[0])}): the checkpoint "
+                    "is damaged or incomplete; convert it again")
 
     def read(self, entry: layout.Entry, layer: int | None) -> np.ndarray:
         store = self.arrays[entry.path]
