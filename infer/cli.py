@@ -322,7 +322,7 @@ def _parse_line(obj: dict, where: str, tokenizer, chat: bool, template_kwargs: d
         if type(knobs[k]) is not int:
             raise ValueError(f"{where}: {k} must be an integer, got {knobs[k]!r}")
     for k in ("temperature", "top_p", "min_p"):
-        if type(knobs[k]) not in (int, float):
+        if isinstance(knobs[k], bool) or not isinstance(knobs[k], (int, float)):
             raise ValueError(f"{where}: {k} must be a number, got {knobs[k]!r}")
     from .sampling import check_knobs
 
