@@ -144,15 +144,18 @@ class Engine:
         # A row takes fewer steps than its cache has slots: more per call would only grow the [slots, steps]
         # token buffer (capped at the cache, not max_len, so nearby max_len values share the decode program).
         self.decode_steps = min(int(decode_steps), self._cache_len)
-        def new_state():
-            return decode.init_slots(init_cache(config, self.slots, self._cache_len, self._dtype), self.max_stop_ids,
+
+        def new_state(slots: int):
+            return decode.init_slots(init_cache(config, slots, self._cache_len, self._dtype), self.max_stop_ids,
                                      self.record)
 
-        state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(jax.eval_shape(new_state)))
-        check_fits(state_bytes, jax.devices() if mesh is None else mesh.devices.flat,
+        # Every leaf of the state has a slot axis: its bytes are a + b * slots, read off two small shapes.
+        one, two = (sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(jax.eval_shape(lambda: new_state(n))))
+                    for n in (1, 2))
+        check_fits(one + (two - one) * (self.slots - 1), jax.devices() if mesh is None else mesh.devices.flat,
                    f"the engine's slot state ({self.slots:,} slots x {self._cache_len:,} cache tokens)")
         with self._mesh_context():
-            state = new_state()
+            state = new_state(self.slots)
             if self.mesh is not None:
                 state = jax.device_put(state, self._state_shardings(state))
         self._state = state
