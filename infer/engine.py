@@ -37,7 +37,7 @@ from zaya_jax.memory import check_fits
 from zaya_jax.model import compute_dtype
 
 from . import decode
-from .sampling import SamplingParams, check_knobs
+from .sampling import SEED_MAX, SEED_MIN, SamplingParams, check_knobs
 
 MIN_PROMPT_BUCKET = 16
 
@@ -162,7 +162,7 @@ class Engine:
         self._free = list(range(self.slots))  # a heap: requests take the lowest free slots (see _decode)
         self._running: dict[int, Request] = {}
         self._waiting: dict[int, collections.deque] = collections.defaultdict(collections.deque)  # bucket -> FIFO
-        self._cancel: set[int] = set()
+        self._cancel: list[Request] = []  # running requests to stop at the next decode
         self._ids = itertools.count()
         self.stats = collections.Counter()  # tokens, slot_steps, decode_calls, prefill_calls, prefill_rows
 
@@ -181,10 +181,12 @@ class Engine:
         knobs = {k: v[0] for k, v in check_knobs(1, temperature=temperature, top_k=top_k, top_p=top_p,
                                                  min_p=min_p).items()}
         if key is None:
+            for name, value, low, high in (("seed", seed, SEED_MIN, SEED_MAX), ("index", index, 0, 2**32 - 1)):
+                if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not low <= value <= high:
+                    raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
             key = request_keys(seed, [index])[0]
         request = Request(id=next(self._ids), prompt=prompt, max_new_tokens=max_new, knobs=knobs,
-                          stop_ids=self.stop_id_row(stop_token_ids), key=np.asarray(key, np.uint32),
-                          on_update=on_update)
+                          stop_ids=self.stop_id_row(stop_token_ids), key=check_key_data(key), on_update=on_update)
         self._waiting[self._prompt_bucket(len(prompt))].append(request)
         return request
 
@@ -197,8 +199,8 @@ class Engine:
                 queue.remove(request)
                 self._finish(request, decode.CANCELLED, [])
                 return
-        if request.slot is not None:
-            self._cancel.add(request.slot)
+        if request.slot is not None and self._running.get(request.slot) is request:  # not another engine's
+            self._cancel.append(request)
 
     @property
     def busy(self) -> bool:
@@ -292,8 +294,18 @@ class Engine:
         return ids.tolist()
 
     def stop_id_row(self, stop_token_ids=None) -> np.ndarray:
-        """Stop ids ``[max_stop_ids]`` int32 padded with -1; None means the config's EOS ids."""
-        stops = list(self.config.eos_token_id) if stop_token_ids is None else [int(t) for t in stop_token_ids]
+        """Stop ids ``[max_stop_ids]`` int32 padded with -1; None means the config's EOS ids. Each given id
+        must be an integer inside the vocabulary."""
+        if stop_token_ids is None:
+            stops = list(self.config.eos_token_id)
+        elif isinstance(stop_token_ids, (str, bytes)) or not isinstance(stop_token_ids, (Sequence, np.ndarray, jax.Array)):
+            raise ValueError(f"stop_token_ids must be a sequence of token ids, got {stop_token_ids!r}")
+        else:
+            stops = stop_token_ids.tolist() if hasattr(stop_token_ids, "tolist") else list(stop_token_ids)
+            V = self.config.vocab_size
+            for t in stops:
+                if not isinstance(t, (int, np.integer)) or isinstance(t, (bool, np.bool_)) or not 0 <= t < V:
+                    raise ValueError(f"stop token id {t!r} is not a token id in the vocabulary [0, {V})")
         if len(stops) > self.max_stop_ids:
             raise ValueError(f"{len(stops)} stop token ids; at most {self.max_stop_ids} (Engine max_stop_ids)")
         out = np.full((self.max_stop_ids,), -1, np.int32)
@@ -374,14 +386,27 @@ class Engine:
                 SamplingParams(**{k: jnp.asarray(v) for k, v in knobs.items()}), jnp.asarray(max_new),
                 jnp.asarray(limit), jnp.asarray(stop_ids), None if routes is None else jnp.asarray(routes))
         first, reason = to_host(first), to_host(reason)
-        for i, r in enumerate(group):
+        for r in group:
             self._running[r.slot] = r
-            new = [] if reason[i] == decode.NON_FINITE else [int(first[i])]
-            self._advance(r, new, int(reason[i]))
+        self._advance_all([(r, [] if reason[i] == decode.NON_FINITE else [int(first[i])], int(reason[i]))
+                           for i, r in enumerate(group)])
+
+    def _advance_all(self, updates: list[tuple[Request, list[int], int]]) -> None:
+        """``_advance`` of every (request, new tokens, reason). An ``on_update`` that raises is re-raised only
+        once all are advanced: the device has moved every slot on, so no other request may miss its tokens."""
+        error = None
+        for update in updates:
+            try:
+                self._advance(*update)
+            except Exception as e:  # noqa: BLE001 (re-raised below)
+                error = error or e
+        if error is not None:
+            raise error
 
     def _decode(self) -> None:
+        # By request, not slot: one cancelled here may have finished since, and its slot gone to another.
         cancel = np.zeros((self.slots,), bool)
-        cancel[list(self._cancel)] = True
+        cancel[[slot for slot, r in self._running.items() if any(r is c for c in self._cancel)]] = True
         self._cancel.clear()
         # Requests sit in the lowest slots: decode only the smallest power-of-two window holding them all.
         active = min(bucket(max(self._running) + 1), self.slots)
@@ -393,8 +418,8 @@ class Engine:
         self.stats["decode_calls"] += 1
         self.stats["slot_steps"] += self.slots * int(emitted.any(axis=0).sum())
         self.stats["tokens"] += int(emitted.sum())
-        for slot, r in list(self._running.items()):
-            self._advance(r, out[slot][emitted[slot]].tolist(), int(reason[slot]))
+        self._advance_all([(r, out[slot][emitted[slot]].tolist(), int(reason[slot]))
+                           for slot, r in list(self._running.items())])
 
     def _advance(self, request: Request, new: list[int], reason: int) -> None:
         request.tokens += new
@@ -428,9 +453,18 @@ class Engine:
                                           "stop_ids", "routes", "logprobs")})
 
 
+def check_key_data(key) -> np.ndarray:
+    """``key`` as key data ``[2]`` uint32 (``jax.random.key_data`` of one threefry key); ValueError otherwise."""
+    data = np.asarray(key)
+    if data.shape != (2,) or not np.issubdtype(data.dtype, np.integer) or (data < 0).any() or (data > 2**32 - 1).any():
+        raise ValueError(f"key must be key data [2] of uint32 (jax.random.key_data of one key), got {data.dtype} "
+                         f"{list(data.shape)}")
+    return data.astype(np.uint32)
+
+
 def check_prompt_list(prompts) -> list:
     """``prompts`` as a non-empty list of prompts; raises ValueError otherwise."""
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)):
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray, jax.Array)):
         raise ValueError("prompts must be a sequence of token-id sequences (use a tokenizer for text)")
     if len(prompts) == 0:
         raise ValueError("prompts is empty: give at least one prompt")

@@ -125,6 +125,66 @@ def test_stream_yields_as_requests_finish_and_cancels_the_rest(params):
     assert request.stop_reason == "cancelled" and not engine.busy
 
 
+def test_cancel_and_callbacks_touch_only_their_own_request(params):
+    """Cancelling another engine's request, or one that finishes in the same decode call, stops nothing
+    else; a raising on_update reaches the caller only after every other request got its tokens."""
+    engine, other = (Engine(params, CONFIG, slots=2, max_len=MAX_LEN, decode_steps=4) for _ in range(2))
+    alone = engine.generate([[4, 5], [6]], max_new_tokens=[3, 12], stop_token_ids=[]).tokens
+
+    # a's callback cancels b during the call that finishes b; the next requests in b's slot must run on.
+    def cancel_b(request, new):
+        if request.done:
+            engine.cancel(b)
+    engine.submit([6], max_new_tokens=4, stop_token_ids=[], on_update=cancel_b)
+    b = engine.submit([4, 5], max_new_tokens=3, stop_token_ids=[])
+    while engine.busy:
+        engine.step()
+    c = [engine.submit([6], max_new_tokens=12, stop_token_ids=[]) for _ in range(2)]  # both slots
+    while engine.busy:
+        engine.step()
+    assert b.stop_reason == "max_new_tokens" and [r.tokens for r in c] == [alone[1]] * 2
+
+    foreign = other.submit([1, 2, 3], max_new_tokens=8, stop_token_ids=[])
+    other.step()  # foreign runs in slot 0 of the other engine
+    mine = engine.submit([6], max_new_tokens=12, stop_token_ids=[])
+    engine.step()  # mine runs in slot 0 here
+    engine.cancel(foreign)
+    while engine.busy:
+        engine.step()
+    assert mine.stop_reason == "max_new_tokens" and mine.tokens == alone[1]
+
+    def boom(request, new, raised=[]):
+        if request.done and not raised:  # in the decode call that also moves the bystander on
+            raised.append(1)
+            raise RuntimeError("callback failed")
+    failing = engine.submit([4, 5], max_new_tokens=3, stop_token_ids=[], on_update=boom)
+    bystander = engine.submit([6], max_new_tokens=12, stop_token_ids=[])
+    with pytest.raises(RuntimeError, match="callback failed"):
+        while engine.busy:
+            engine.step()
+    while engine.busy:
+        engine.step()
+    assert bystander.tokens == alone[1] and failing.done
+
+
+def test_bad_request_arguments_are_refused_at_submit(params):
+    engine = Engine(params, CONFIG, slots=2, max_len=MAX_LEN, decode_steps=4)
+    for kwargs, message in [(dict(key=np.zeros(3)), r"key must be key data \[2\] of uint32"),
+                            (dict(key=np.array([-1, 0])), "key must be key data"),
+                            (dict(stop_token_ids="85"), "stop_token_ids must be a sequence of token ids"),
+                            (dict(stop_token_ids=[85.9]), r"stop token id 85.9 is not a token id in the vocabulary \[0, 256\)"),
+                            (dict(stop_token_ids=[999]), "stop token id 999 is not a token id"),
+                            (dict(stop_token_ids=[True]), "stop token id True"),
+                            (dict(seed=2**64), r"seed must be an integer in \[-9223372036854775808"),
+                            (dict(seed=1.5), "seed must be an integer"),
+                            (dict(index=-1), r"index must be an integer in \[0, 4294967295\]")]:
+        with pytest.raises(ValueError, match=message):
+            engine.submit([1, 2], max_new_tokens=2, **kwargs)
+    assert not engine.busy  # nothing refused was queued
+    out = engine.generate(np.array([[1, 2]]), max_new_tokens=2, stop_token_ids=np.array([300 - 299]))
+    assert engine.generate(jax.numpy.asarray([[1, 2]]), max_new_tokens=2, stop_token_ids=[1]).tokens == out.tokens
+
+
 def test_repeated_prompts_are_prefilled_once(params):
     engine = Engine(params, CONFIG, slots=8, max_len=MAX_LEN)
     out = engine.generate([[3, 4, 5]] * 6 + [[9, 9]] * 2, max_new_tokens=6, temperature=1.0, stop_token_ids=[])

@@ -173,3 +173,6 @@ def test_rsa_request_returns_the_majority_of_markov_rsa(client, model):
     assert [e["rsa_progress"]["round"] for e in events if "rsa_progress" in e] == [0, 1]
     assert events[-1]["rsa"]["texts"] == want.texts[0]
     assert events[-1]["choices"][0]["delta"]["content"] == out.choices[0].message.content
+    assert out.choices[0].finish_reason == "stop"
+    cut = ask(client, "47+85+26", seed=3, extra_body={"rsa": dict(knobs, budget=4, rounds=0)})
+    assert cut.choices[0].finish_reason == "length"  # the budget cut the chosen text

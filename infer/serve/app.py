@@ -27,6 +27,7 @@ from ..tokenizer import Tokenizer
 from .driver import Driver
 from .jobs import ClientGone, generate_choices, run_rsa
 from .protocol import APIError, ChatRequest, CompletionRequest, Message, RSAOptions, parse
+from .text import FINISH
 
 
 @dataclasses.dataclass
@@ -183,13 +184,13 @@ def _knobs(server: Server, body, prompts: list[list[int]]) -> dict:
     if not body.ignore_eos:
         stop_ids += [t for t in server.engine.config.eos_token_id if t not in stop_ids]
     _check_sampling(body)
-    try:
-        server.engine.stop_id_row(stop_ids)
-    except ValueError as e:
-        raise APIError(400, str(e)) from None
     bad = [t for t in stop_ids if not 0 <= t < server.engine.config.vocab_size]
     if bad:
         raise APIError(400, f"stop_token_ids {bad} outside the vocabulary", param="stop_token_ids")
+    if len(stop_ids) > server.engine.max_stop_ids:
+        eos = "" if body.ignore_eos else f" with the EOS ids {list(server.engine.config.eos_token_id)}"
+        raise APIError(400, f"{len(stop_ids)} stop token ids{eos}; at most {server.engine.max_stop_ids}",
+                       param="stop_token_ids")
     return dict(max_new_tokens=max_tokens or room, temperature=body.temperature, top_k=max(body.top_k, 0),
                 top_p=body.top_p, min_p=body.min_p, stop_token_ids=stop_ids)
 
@@ -353,11 +354,13 @@ def _rsa_extension(result, settings: dict) -> dict:
                        for t, r in enumerate(result.rounds)]}
 
 
-def _rsa_content(result) -> str:
-    """The final text of the first member whose answer is the majority's (the first text if none)."""
+def _rsa_content(result) -> tuple[str, str]:
+    """The final text of the first member whose answer is the majority's (the first text if none), and its
+    finish reason ("length" when the budget cut it)."""
     answer = result.majority[0][0]
     texts, answers = result.texts[0], result.answers[0]
-    return next((t for t, a in zip(texts, answers) if answer is not None and a == answer), texts[0])
+    i = next((i for i, a in enumerate(answers) if answer is not None and a == answer), 0)
+    return texts[i], FINISH[result.rounds[-1].stop_reasons[0][i]]
 
 
 async def _rsa(server: Server, request: Request, body: ChatRequest):
@@ -365,9 +368,9 @@ async def _rsa(server: Server, request: Request, body: ChatRequest):
     server.reserve(search.population)
     meta = _meta(server, "chat.completion")
 
-    def final(result) -> tuple[str, dict]:
+    def final(result) -> tuple[str, str, dict]:
         usage = _usage({"prompt_tokens": prompt_tokens, "completion_tokens": result.generated_tokens})
-        return _rsa_content(result), usage
+        return *_rsa_content(result), usage
 
     if body.stream:
         async def chunks():
@@ -379,9 +382,9 @@ async def _rsa(server: Server, request: Request, body: ChatRequest):
                         "round": t, "rounds": settings["rounds"], "generated_tokens": rnd.generated_tokens,
                         "seconds": round(rnd.seconds, 3)})
                     continue
-                content, usage = final(value)
+                content, finish, usage = final(value)
                 yield dict(chunk, choices=[{"index": 0, "delta": {"role": "assistant", "content": content},
-                                            "logprobs": None, "finish_reason": "stop"}],
+                                            "logprobs": None, "finish_reason": finish}],
                            rsa=_rsa_extension(value, settings))
                 if body.include_usage():
                     yield dict(chunk, choices=[], usage=usage)
@@ -396,6 +399,6 @@ async def _rsa(server: Server, request: Request, body: ChatRequest):
     finally:
         gone.close()
         server.release(search.population)
-    content, usage = final(result)
+    content, finish, usage = final(result)
     return {**meta, "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
-                                 "finish_reason": "stop"}], "usage": usage, "rsa": _rsa_extension(result, settings)}
+                                 "finish_reason": finish}], "usage": usage, "rsa": _rsa_extension(result, settings)}
