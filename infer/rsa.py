@@ -291,6 +291,16 @@ def markov_rsa(params, config: ZayaConfig, prompt_ids, *, population: int, tails
     return search.result
 
 
+def _token_ids(question) -> list[int]:
+    """One question's token ids as ints; ValueError for text, floats or bools (which ``int`` would coerce)."""
+    ids = np.asarray(question)
+    if isinstance(question, (str, bytes)) or ids.ndim != 1 or (
+            ids.size and (ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer))):
+        raise ValueError(f"a question must be a sequence of integer token ids (encode text with a tokenizer), got "
+                         f"{str(question)[:60]!r}")
+    return ids.tolist()
+
+
 class RSASearch:
     """Markov RSA over several problems as a graph of engine requests, driven by the engine's callbacks.
 
@@ -303,8 +313,10 @@ class RSASearch:
     def __init__(self, config: ZayaConfig, prompt_ids, *, population, tails, rounds, budget, tail_tokens,
                  final_budget=None, temperature=1.0, top_p=1.0, seed=0, template=None, tokenizer=None,
                  extract=extract_boxed, stop_token_ids=None, max_cache_len=None, progress=None, on_problem=None):
-        single = len(prompt_ids) > 0 and np.isscalar(prompt_ids[0])
-        questions = [list(map(int, prompt_ids))] if single else [list(map(int, q)) for q in prompt_ids]
+        if isinstance(prompt_ids, (str, bytes)):
+            raise ValueError("prompt_ids must be token ids, not text: encode the question with a tokenizer")
+        single = len(prompt_ids) > 0 and np.ndim(prompt_ids[0]) == 0
+        questions = [_token_ids(prompt_ids)] if single else [_token_ids(q) for q in prompt_ids]
         final_budget = budget if final_budget is None else final_budget
         check_search(config, questions, population=population, tails=tails, rounds=rounds, budget=budget,
                      final_budget=final_budget, tail_tokens=tail_tokens, temperature=temperature, top_p=top_p)
@@ -336,6 +348,7 @@ class RSASearch:
                              f"the maximum length {context} (budget={budget}, final_budget={final_budget}, "
                              f"tail_tokens={tail_tokens}, tails={tails})")
         self.max_len = min(context, bucket(need, 16))
+        self.need = need  # tokens the longest prompt and its new tokens take
         self._problems: list[dict] = []
         # Per round, filled as rounds run (never sized by ``rounds`` up front): problems done, their parts.
         self._round_done: dict[int, int] = {}
@@ -348,6 +361,9 @@ class RSASearch:
         return all(r is not None for r in self.results)
 
     def start(self, engine: Engine) -> None:
+        if engine.max_len < self.need:  # refused now, not by a submit inside a later round's callback
+            raise ValueError(f"the search needs a context of {self.need} tokens (round prompts plus budget); the "
+                             f"engine's max_len is {engine.max_len}")
         self._engine, self._t0 = engine, time.perf_counter()
         self._last = self._t0
         for p, q in enumerate(self.questions):

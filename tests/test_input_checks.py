@@ -50,6 +50,7 @@ CONFIG = ZayaConfig(vocab_size=48, hidden_size=32, num_hidden_layers=2, num_atte
     ([[1] * 13], None, "13 tokens per row, more than the model's max_position_embeddings=12"),
     ([[1, 2], [3]], None, "rectangular array of integers"),
     ([[1, 2]], [[0, 2]], r"attention_mask\[0, 1\] = 2 is not 0 or 1"),
+    ([[1, 2, 3], [4, 5, 6]], [[0, 1, 1], [1, 0, 1]], r"attention_mask\[1, 1\] = 0 lies between real tokens"),
     ([[1, 2]], [[1, 1, 1]], r"attention_mask shape \(1, 3\) != input_ids shape \(1, 2\)"),
 ])
 def test_forward_refuses_bad_ids_before_running(ids, mask, message):

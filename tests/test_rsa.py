@@ -6,7 +6,7 @@ import jax
 import pytest
 
 import zaya_jax
-from zaya_jax.infer import rsa
+from zaya_jax.infer import Engine, rsa
 from zaya_jax.infer.evaluate import Problem, check_context
 
 CONFIG = zaya_jax.ZayaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -114,6 +114,18 @@ def test_impossible_settings(params, kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         rsa.markov_rsa(params, CONFIG, QUESTIONS[0], **args)
+
+
+def test_questions_and_engine_checked_before_any_round(params):
+    args = dict(population=5, tails=3, rounds=1, budget=8, tail_tokens=4, template=TEMPLATE)
+    for question, match in [("4785", "token ids, not text"), ([4.5, 7.0], "integer token ids"),
+                            ([[1, 2], ["a"]], "integer token ids"), ([True, False], "integer token ids")]:
+        with pytest.raises(ValueError, match=match):
+            rsa.markov_rsa(params, CONFIG, question, **args)
+    small = Engine(params, CONFIG, slots=2, max_len=16)
+    with pytest.raises(ValueError, match=r"the search needs a context of \d+ tokens .*the engine's max_len is 16"):
+        rsa.markov_rsa(params, CONFIG, QUESTIONS[0], engine=small, **args)
+    assert not small.busy  # refused before round 0 was submitted
 
 
 def test_stable_interface():

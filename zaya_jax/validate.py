@@ -35,7 +35,7 @@ def _integer_array(value, name: str):
 def validate_ids(input_ids, config: ZayaConfig, attention_mask=None):
     """``(input_ids, attention_mask)`` checked for ``config``: ``[batch, seq]`` integers, both axes non-empty,
     ``seq <= config.max_position_embeddings``, ids in ``[0, vocab_size)``, the mask (None is kept) of the
-    same shape and of 1/0. Raises :class:`InputError` naming the first bad value.
+    same shape and of 1/0, with no 0 between real tokens. Raises :class:`InputError` naming the first bad value.
 
     Inputs come back as numpy integer arrays, except tracers (a caller's jit) and arrays spanning other
     processes, which are checked for shape and dtype only and kept."""
@@ -54,6 +54,13 @@ def validate_ids(input_ids, config: ZayaConfig, attention_mask=None):
     if tuple(mask.shape) != tuple(ids.shape):
         raise InputError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}")
     _check_range(mask, "attention_mask", 0, 2, "is not 0 or 1")
+    if not _unreadable(mask):  # a 0 between real tokens would give logits of neither sequence
+        real = mask.astype(bool)
+        seen = np.logical_or.accumulate(real, axis=1) & np.logical_or.accumulate(real[:, ::-1], axis=1)[:, ::-1]
+        hole = np.argwhere(seen & ~real)
+        if hole.size:
+            raise InputError(f"attention_mask{[int(i) for i in hole[0]]} = 0 lies between real tokens of its row; "
+                             "padding goes before them (left) or after them (right)")
     return ids, mask
 
 
