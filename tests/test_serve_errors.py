@@ -93,6 +93,10 @@ def test_unreadable_bodies_get_400(http):
     assert_error(http.post("/v1/chat/completions", json=[CHAT]), 400, match="JSON object")
     big = {**CHAT, "messages": [{"role": "user", "content": "1" * BODY_LIMIT}]}
     assert_error(http.post("/v1/chat/completions", json=big), 400, code="body_too_large", match="over the limit")
+    # Chunked (no Content-Length): refused as the limit is passed, not after reading the whole body.
+    chunks = (b"x" * 1024 for _ in range(4096))
+    assert_error(http.post("/v1/chat/completions", content=chunks, headers={"Content-Type": "application/json"}),
+                 400, code="body_too_large", match=f"request body is over the limit of {BODY_LIMIT} bytes")
     assert_serving(http)
 
 

@@ -131,11 +131,23 @@ async def _read(server: Server, request: Request, model):
     if declared is not None and declared.isdigit() and int(declared) > server.max_body_bytes:
         raise APIError(400, f"request body of {declared} bytes is over the limit of {server.max_body_bytes} bytes",
                        code="body_too_large")
-    body = parse(model, await request.body(), server.max_body_bytes)
+    body = parse(model, await _body(request, server.max_body_bytes), server.max_body_bytes)
     if body.model != server.model_id:
         raise APIError(400, f"model {body.model!r} does not exist; this server serves {server.model_id!r}",
                        param="model", code="model_not_found")
     return body
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, read as it streams in and refused once past ``limit`` bytes: a chunked body (no
+    Content-Length) never sits whole in memory first."""
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise APIError(400, f"request body is over the limit of {limit} bytes", code="body_too_large")
+        parts.append(part)
+    return b"".join(parts)
 
 
 def _prompt_ids(server: Server, ids, what: str) -> list[int]:
