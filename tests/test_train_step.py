@@ -10,6 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import hf_ref
 import zaya_jax
@@ -130,3 +131,28 @@ def test_biases_balance_a_skewed_router(tmp_path):
     np.testing.assert_array_equal(state.biases[:, -1], router["balancing_biases"][:, -1])
     for a, b in zip(jax.tree.leaves(balance.split_biases(params)[0]), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_bad_batches_and_settings_are_refused_before_the_step():
+    """What the compiled step would train on wrongly without a word (clamped ids, doubled targets, rows past
+    the context) is refused by name before it runs; so are settings Adam or the loop cannot use."""
+    train = compiled(BASE)
+    good = random_batch(LENGTHS, 32, seed=5)
+    V, context = CONFIG.vocab_size, CONFIG.max_position_embeddings
+    long = np.ones((1, context + 1), np.int32)
+    for change, message in [
+        ({"tokens": good["tokens"].at[1, 3].set(V)}, rf"input_ids\[1, 3\] = {V} outside the vocabulary"),
+        ({"tokens": good["tokens"].at[0, 0].set(-1)}, r"input_ids\[0, 0\] = -1 outside"),
+        ({"loss_mask": good["loss_mask"].at[2, 1].set(2)}, r"loss_mask\[2, 1\] = 2 is not 0 or 1"),
+        ({"mask": good["mask"] * 2}, r"attention_mask\[0, 0\] = 2 is not 0 or 1"),
+        ({"tokens": long, "mask": long, "loss_mask": long}, f"{context + 1} tokens per row, more than"),
+    ]:
+        with pytest.raises(zaya_jax.InputError, match=message):
+            train(None, {**good, **change})  # refused before the state is looked at
+    with pytest.raises(zaya_jax.InputError, match="4 rows does not split into grad_accum=3"):
+        step.make_train_step(CONFIG, dataclasses.replace(BASE, grad_accum=3))(None, good)
+    for change, message in [(dict(grad_accum=1.5), "grad_accum=1.5: must be integers"),
+                            (dict(total_steps=True), "total_steps=True"), (dict(b1=2.0), "b1 and b2 must be in"),
+                            (dict(eps=0.0), "eps > 0"), (dict(moe_impl="bogus"), "moe_impl must be one of")]:
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(BASE, **change)

@@ -21,11 +21,13 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from zaya_jax import dtypes
+from zaya_jax import dtypes, moe
 from zaya_jax import model as zmodel
 from zaya_jax.config import ZayaConfig
+from zaya_jax.validate import InputError, check_range, validate_ids
 
 from . import balance, loss
 
@@ -57,6 +59,15 @@ class TrainConfig:
         bad = [f"{k}={getattr(self, k)}" for k in floats if not math.isfinite(getattr(self, k))]
         if bad:  # a NaN compares False to every bound below, and would train a NaN model
             raise ValueError(f"{', '.join(bad)}: must be finite")
+        ints = ("warmup_steps", "total_steps", "grad_accum") + (("loss_chunk",) if self.loss_chunk is not None else ())
+        bad = [f"{k}={getattr(self, k)!r}" for k in ints
+               if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), (int, np.integer))]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be integers")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1 and self.eps > 0):  # Adam's moments and its divisor
+            raise ValueError(f"b1 and b2 must be in [0, 1) and eps > 0, got b1={self.b1}, b2={self.b2}, eps={self.eps}")
+        if self.moe_impl not in moe.MOE_IMPLS:
+            raise ValueError(f"moe_impl must be one of {moe.MOE_IMPLS}, got {self.moe_impl!r}")
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
         if not 0 <= self.warmup_steps < self.total_steps:
@@ -203,9 +214,30 @@ def make_train_step(config: ZayaConfig, tcfg: TrainConfig, *, state_sharding=Non
     """
     fn = functools.partial(train_step, config=config, tcfg=tcfg, objective=objective)
     if state_sharding is None:
-        return jax.jit(fn, donate_argnums=0)
-    return jax.jit(fn, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, metrics_sharding))
+        jitted = jax.jit(fn, donate_argnums=0)
+    else:
+        jitted = jax.jit(fn, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
+                         out_shardings=(state_sharding, metrics_sharding))
+
+    def checked_step(state: TrainState, batch: dict):
+        check_batch(batch, config, tcfg.grad_accum)
+        return jitted(state, batch)
+
+    return checked_step
+
+
+def check_batch(batch: dict, config: ZayaConfig, grad_accum: int = 1) -> None:
+    """Refuses (``InputError`` naming the value) a batch the step would train on wrongly without a word: token
+    ids outside the vocabulary (the embedding gather clamps them), rows beyond the context, ``mask`` /
+    ``loss_mask`` not of 0/1 (a 2 counts a target twice), rows not divisible into ``grad_accum`` micro-batches.
+    Tracers and arrays spanning other processes are checked for shape only (``validate``)."""
+    tokens = batch["tokens"]
+    validate_ids(tokens, config, batch["mask"])
+    if tuple(batch["loss_mask"].shape) != tuple(tokens.shape):
+        raise InputError(f"loss_mask shape {tuple(batch['loss_mask'].shape)} != tokens shape {tuple(tokens.shape)}")
+    check_range(batch["loss_mask"], "loss_mask", 0, 2, "is not 0 or 1")
+    if tokens.shape[0] % grad_accum:
+        raise InputError(f"a batch of {tokens.shape[0]} rows does not split into grad_accum={grad_accum} micro-batches")
 
 
 def state_shardings(state: TrainState, param_sharding: dict, replicated, tcfg: TrainConfig) -> TrainState:

@@ -47,13 +47,13 @@ def validate_ids(input_ids, config: ZayaConfig, attention_mask=None):
     if ids.shape[1] > config.max_position_embeddings:
         raise InputError(f"input_ids has {ids.shape[1]} tokens per row, more than the model's "
                          f"max_position_embeddings={config.max_position_embeddings}")
-    _check_range(ids, "input_ids", 0, config.vocab_size, f"outside the vocabulary [0, {config.vocab_size})")
+    check_range(ids, "input_ids", 0, config.vocab_size, f"outside the vocabulary [0, {config.vocab_size})")
     if attention_mask is None:
         return ids, None
     mask = _integer_array(attention_mask, "attention_mask")
     if tuple(mask.shape) != tuple(ids.shape):
         raise InputError(f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(ids.shape)}")
-    _check_range(mask, "attention_mask", 0, 2, "is not 0 or 1")
+    check_range(mask, "attention_mask", 0, 2, "is not 0 or 1")
     if not _unreadable(mask):  # a 0 between real tokens would give logits of neither sequence
         real = mask.astype(bool)
         seen = np.logical_or.accumulate(real, axis=1) & np.logical_or.accumulate(real[:, ::-1], axis=1)[:, ::-1]
@@ -64,7 +64,8 @@ def validate_ids(input_ids, config: ZayaConfig, attention_mask=None):
     return ids, mask
 
 
-def _check_range(array, name: str, low: int, high: int, problem: str) -> None:
+def check_range(array, name: str, low: int, high: int, problem: str) -> None:
+    """Refuses the first value of ``array`` outside ``[low, high)``, by index; tracers are not checked."""
     if _unreadable(array):
         return
     bad = np.argwhere((array < low) | (array >= high))
