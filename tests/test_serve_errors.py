@@ -74,6 +74,9 @@ def test_api_key_on_every_route_but_health(url, http):
     ("chat", {"rsa": {"population": 2, "tails": 1}, "temperature": 1e39}, None, "temperature"),
     ("chat", {"rsa": {"population": 2, "tails": 1}, "top_p": 1e-50}, None, "top_p"),
     ("chat", {"rsa": {"rounds": 33}}, "rsa.rounds", "less than or equal to 32"),
+    ("chat", {"max_tokens": True}, "max_tokens", "valid integer"),  # JSON types as sent: true was 1
+    ("chat", {"max_tokens": "5"}, "max_tokens", "valid integer"),
+    ("chat", {"stream": "yes"}, "stream", "valid boolean"),
     ("chat", {"stop_token_ids": [2 ** 31]}, "stop_token_ids", "[2147483648] outside the vocabulary"),  # was a 500
     ("chat", {"stop_token_ids": list(range(20, 36))}, "stop_token_ids", "17 stop token ids with the EOS ids [4]; at most 16"),
 ])

@@ -107,6 +107,10 @@ class _Tracked:
     def __init__(self, engine, driver: Driver):
         self.engine, self.driver, self.requests, self.cancelled = engine, driver, [], False
 
+    @property
+    def max_len(self) -> int:
+        return self.engine.max_len
+
     def submit(self, prompt, *, on_update, **kwargs):
         def update(request, new):
             if request.done:

@@ -1,6 +1,7 @@
 """The OpenAI request bodies the server accepts (pydantic) and its error object.
 
-Unknown fields are ignored, as OpenAI-compatible servers do; fields we know but cannot honour
+Values must have the JSON type of their field (strict: no "5" for 5, no true for 1). Unknown fields are
+ignored, as OpenAI-compatible servers do; fields we know but cannot honour
 (penalties, logit bias, logprobs, echo, ...) get a 400 naming them unless they hold their neutral value.
 """
 
@@ -135,7 +136,7 @@ def parse(model: type[BaseModel], body: bytes, limit: int):
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
     try:
-        request = model.model_validate(data)
+        request = model.model_validate(data, strict=True)  # JSON types as sent: no "5" -> 5, true -> 1
     except pydantic.ValidationError as e:
         first = e.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
