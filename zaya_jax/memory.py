@@ -1,4 +1,5 @@
-"""The process's peak resident memory, as the converter, the loaders' tests and the benchmarks report it."""
+"""Memory: the process's peak resident memory (as the converter, the loaders' tests and the benchmarks report
+it) and the memory free for new buffers, which allocations sized by a user's number are checked against."""
 
 from __future__ import annotations
 
@@ -6,30 +7,31 @@ import resource
 import sys
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory in bytes. Linux: VmHWM, which (unlike ru_maxrss) does not
-    inherit the high-water mark of the parent a subprocess was forked from."""
+def _proc_kib(path: str, field: str) -> int | None:
+    """A ``field: N kB`` line of a /proc file, in bytes; None off Linux or without it."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory in bytes. Linux: VmHWM, which (unlike ru_maxrss) does not
+    inherit the high-water mark of the parent a subprocess was forked from."""
+    peak = _proc_kib("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def host_available_bytes() -> int | None:
     """The host's MemAvailable (what new allocations can take without swapping); None off Linux."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_kib("/proc/meminfo", "MemAvailable")
 
 
 def available_bytes(devices) -> int | None:
