@@ -74,6 +74,9 @@ def test_api_key_on_every_route_but_health(url, http):
     ("chat", {"rsa": {"population": 2, "tails": 1}, "temperature": 1e39}, None, "temperature"),
     ("chat", {"rsa": {"population": 2, "tails": 1}, "top_p": 1e-50}, None, "top_p"),
     ("chat", {"rsa": {"rounds": 33}}, "rsa.rounds", "less than or equal to 32"),
+    ("chat", {"n": SLOTS + QUEUE + 1}, "n", f"needs {SLOTS + QUEUE + 1} sequences; this server holds 4 at most"),
+    ("chat", {"rsa": {"population": 8, "tails": 2, "rounds": 1, "budget": 8, "tail_tokens": 4}}, "rsa.population",
+     "needs 8 sequences; this server holds 4 at most"),
     ("chat", {"max_tokens": True}, "max_tokens", "valid integer"),  # JSON types as sent: true was 1
     ("chat", {"max_tokens": "5"}, "max_tokens", "valid integer"),
     ("chat", {"stream": "yes"}, "stream", "valid boolean"),

@@ -48,13 +48,14 @@ class Server:
     def engine(self):
         return self.driver.engine
 
-    def reserve(self, rows: int) -> None:
-        """Counts ``rows`` engine sequences against the queue bound until ``release``; 429 when full."""
+    def reserve(self, rows: int, param: str = "n") -> None:
+        """Counts ``rows`` engine sequences against the queue bound until ``release``; 429 when full, 400 naming
+        ``param`` (the field that asked for them) when they can never fit."""
         if self.driver.failure is not None:
             raise APIError(503, f"the engine failed: {self.driver.failure!r}", type="server_error")
         if rows > self.capacity:
             raise APIError(400, f"the request needs {rows} sequences; this server holds {self.capacity} at most",
-                           param="n")
+                           param=param)
         if self.in_flight + rows > self.capacity:
             raise APIError(429, f"the server is at capacity ({self.in_flight} of {self.capacity} sequences running "
                                 "or queued); retry later", type="rate_limit_error", code="queue_full")
@@ -377,7 +378,7 @@ def _rsa_content(result) -> tuple[str, str]:
 
 async def _rsa(server: Server, request: Request, body: ChatRequest):
     search, settings, prompt_tokens = _rsa_search(server, body)
-    server.reserve(search.population)
+    server.reserve(search.population, param="rsa.population")
     meta = _meta(server, "chat.completion")
 
     def final(result) -> tuple[str, str, dict]:
