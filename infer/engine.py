@@ -35,6 +35,7 @@ from zaya_jax.config import ZayaConfig
 from zaya_jax.host import to_host
 from zaya_jax.memory import check_fits
 from zaya_jax.model import compute_dtype
+from zaya_jax.validate import is_integer
 
 from . import decode
 from .sampling import SEED_MAX, SEED_MIN, SamplingParams, check_knobs
@@ -122,7 +123,7 @@ class Engine:
                  prefill_tokens: int = 4096, max_stop_ids: int = 16, record: bool = False):
         for name, value in (("slots", slots), ("decode_steps", decode_steps), ("prefill_chunk", prefill_chunk),
                             ("prefill_tokens", prefill_tokens), ("max_stop_ids", max_stop_ids)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         context = config.max_position_embeddings
         if max_len is None:
@@ -182,7 +183,7 @@ class Engine:
                                                  min_p=min_p).items()}
         if key is None:
             for name, value, low, high in (("seed", seed, SEED_MIN, SEED_MAX), ("index", index, 0, 2**32 - 1)):
-                if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not low <= value <= high:
+                if not is_integer(value) or not low <= value <= high:
                     raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
             key = request_keys(seed, [index])[0]
         request = Request(id=next(self._ids), prompt=prompt, max_new_tokens=max_new, knobs=knobs,
@@ -279,9 +280,7 @@ class Engine:
     # ------------------------------------------------------------------------------------------ checks
     def check_prompt(self, prompt, what: str = "prompt") -> list[int]:
         """``prompt`` as a list of ints; raises ValueError naming ``what`` and the problem."""
-        ids = np.asarray(prompt)
-        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-            raise ValueError(f"{what} must be a flat sequence of integer token ids")
+        ids = np.asarray(token_id_list(prompt, what))
         if ids.size == 0:
             raise ValueError(f"{what} is empty: a prompt needs at least one token")
         bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
@@ -304,7 +303,7 @@ class Engine:
             stops = stop_token_ids.tolist() if hasattr(stop_token_ids, "tolist") else list(stop_token_ids)
             V = self.config.vocab_size
             for t in stops:
-                if not isinstance(t, (int, np.integer)) or isinstance(t, (bool, np.bool_)) or not 0 <= t < V:
+                if not is_integer(t) or not 0 <= t < V:
                     raise ValueError(f"stop token id {t!r} is not a token id in the vocabulary [0, {V})")
         if len(stops) > self.max_stop_ids:
             raise ValueError(f"{len(stops)} stop token ids; at most {self.max_stop_ids} (Engine max_stop_ids)")
@@ -453,6 +452,15 @@ class Engine:
                                           "stop_ids", "routes", "logprobs")})
 
 
+def token_id_list(prompt, what: str = "prompt") -> list[int]:
+    """``prompt`` as a list of ints: a flat sequence of integer ids (not text, floats or bools, which ``int``
+    would coerce); ValueError naming ``what``."""
+    ids = np.asarray(prompt)
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise ValueError(f"{what} must be a flat sequence of integer token ids (encode text with a tokenizer)")
+    return ids.tolist()
+
+
 def check_key_data(key) -> np.ndarray:
     """``key`` as key data ``[2]`` uint32 (``jax.random.key_data`` of one threefry key); ValueError otherwise."""
     data = np.asarray(key)
@@ -473,6 +481,6 @@ def check_prompt_list(prompts) -> list:
 
 def check_max_new_tokens(value) -> int:
     """``max_new_tokens`` as a positive int (any size: the engine clamps it to the context)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not is_integer(value) or value < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {value!r}")
     return int(value)

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from zaya_jax.config import ZayaConfig
+from zaya_jax.validate import is_integer
 
 from .engine import MIN_PROMPT_BUCKET, Engine, GenerationResult, bucket, check_prompt_list
 
@@ -39,7 +40,7 @@ def generate(params, config: ZayaConfig, prompts, *, max_new_tokens, temperature
     # Sizing only (the engine validates): the longest prompt plus the most new tokens asked for.
     longest = max(len(p) if hasattr(p, "__len__") else 1 for p in prompts)
     asked = np.ravel(np.asarray(max_new_tokens, object))  # object: ints past 64 bits stay ints
-    most_new = max((int(m) for m in asked if isinstance(m, (int, np.integer)) and not isinstance(m, bool)), default=1)
+    most_new = max((int(m) for m in asked if is_integer(m)), default=1)
     engine = Engine(params, config, slots=min(bucket(len(prompts)), GENERATE_SLOTS),
                     max_len=min(context, bucket(longest + max(most_new, 1), MIN_PROMPT_BUCKET)),
                     decode_steps=stream_interval if stream is not None else 16, moe_impl=moe_impl)

@@ -30,7 +30,7 @@ import numpy as np
 from zaya_jax.config import ZayaConfig
 
 from .decode import inference_jit
-from .engine import Engine, bucket, request_keys
+from .engine import Engine, bucket, request_keys, token_id_list
 from .sampling import check_knobs
 
 _ROUND_SALT, _SUBSET_SALT = 0x52534147, 0x53554253  # "RSAG", "SUBS": key streams disjoint from row keys
@@ -291,16 +291,6 @@ def markov_rsa(params, config: ZayaConfig, prompt_ids, *, population: int, tails
     return search.result
 
 
-def _token_ids(question) -> list[int]:
-    """One question's token ids as ints; ValueError for text, floats or bools (which ``int`` would coerce)."""
-    ids = np.asarray(question)
-    if isinstance(question, (str, bytes)) or ids.ndim != 1 or (
-            ids.size and (ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer))):
-        raise ValueError(f"a question must be a sequence of integer token ids (encode text with a tokenizer), got "
-                         f"{str(question)[:60]!r}")
-    return ids.tolist()
-
-
 class RSASearch:
     """Markov RSA over several problems as a graph of engine requests, driven by the engine's callbacks.
 
@@ -316,7 +306,8 @@ class RSASearch:
         if isinstance(prompt_ids, (str, bytes)):
             raise ValueError("prompt_ids must be token ids, not text: encode the question with a tokenizer")
         single = len(prompt_ids) > 0 and np.ndim(prompt_ids[0]) == 0
-        questions = [_token_ids(prompt_ids)] if single else [_token_ids(q) for q in prompt_ids]
+        questions = [token_id_list(prompt_ids, "a question")] if single else [
+            token_id_list(q, "a question") for q in prompt_ids]
         final_budget = budget if final_budget is None else final_budget
         check_search(config, questions, population=population, tails=tails, rounds=rounds, budget=budget,
                      final_budget=final_budget, tail_tokens=tail_tokens, temperature=temperature, top_p=top_p)

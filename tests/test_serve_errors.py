@@ -80,8 +80,8 @@ def test_api_key_on_every_route_but_health(url, http):
     ("chat", {"max_tokens": True}, "max_tokens", "valid integer"),  # JSON types as sent: true was 1
     ("chat", {"max_tokens": "5"}, "max_tokens", "valid integer"),
     ("chat", {"stream": "yes"}, "stream", "valid boolean"),
-    ("chat", {"stop_token_ids": [2 ** 31]}, "stop_token_ids", "[2147483648] outside the vocabulary"),  # was a 500
-    ("chat", {"stop_token_ids": list(range(20, 36))}, "stop_token_ids", "17 stop token ids with the EOS ids [4]; at most 16"),
+    ("chat", {"stop_token_ids": [2 ** 31]}, "stop_token_ids", "id 2147483648 is not a token id in the vocabulary"),  # was a 500
+    ("chat", {"stop_token_ids": list(range(20, 36))}, "stop_token_ids", "17 stop token ids; at most 16 (Engine max_stop_ids) (the EOS ids [4] included)"),
 ])
 def test_bad_request_gets_400_and_the_next_one_succeeds(http, route, change, param, match):
     body = {**CHAT, **change}

@@ -24,6 +24,7 @@ import numpy as np
 
 from zaya_jax.infer.tokenizer import CHAT_ROLES, Tokenizer, TokenizerError
 from zaya_jax.jsonl import read_objects
+from zaya_jax.validate import is_integer
 
 
 class DataError(ValueError):
@@ -148,7 +149,7 @@ class LoadReport:
 def load_examples(path: str, seq_len: int, vocab_size: int, tokenizer: Tokenizer | None = None,
                   eos: int | None = None) -> tuple[list[Example], LoadReport]:
     """Reads, tokenizes and truncates every record of a JSONL file; errors name the line."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
+    if not is_integer(seq_len) or seq_len < 2:
         raise DataError(f"{path}: seq_len must be an integer >= 2 (a token and its target), got {seq_len!r}")
     examples, report = [], LoadReport()
     for number, record in read_jsonl(path):

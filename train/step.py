@@ -21,13 +21,12 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from zaya_jax import dtypes, moe
 from zaya_jax import model as zmodel
 from zaya_jax.config import ZayaConfig
-from zaya_jax.validate import InputError, check_range, validate_ids
+from zaya_jax.validate import InputError, check_range, is_integer, validate_ids
 
 from . import balance, loss
 
@@ -60,8 +59,7 @@ class TrainConfig:
         if bad:  # a NaN compares False to every bound below, and would train a NaN model
             raise ValueError(f"{', '.join(bad)}: must be finite")
         ints = ("warmup_steps", "total_steps", "grad_accum") + (("loss_chunk",) if self.loss_chunk is not None else ())
-        bad = [f"{k}={getattr(self, k)!r}" for k in ints
-               if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), (int, np.integer))]
+        bad = [f"{k}={getattr(self, k)!r}" for k in ints if not is_integer(getattr(self, k))]
         if bad:
             raise ValueError(f"{', '.join(bad)}: must be integers")
         if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1 and self.eps > 0):  # Adam's moments and its divisor

@@ -10,6 +10,11 @@ import numpy as np
 from .config import ZayaConfig
 
 
+def is_integer(value) -> bool:
+    """A Python or numpy integer, not a bool (``True`` would pass as 1)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 class InputError(ValueError):
     """Model inputs (token ids, attention mask, lengths) the model cannot run on; the message names the value."""
 

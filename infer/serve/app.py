@@ -197,13 +197,11 @@ def _knobs(server: Server, body, prompts: list[list[int]]) -> dict:
     if not body.ignore_eos:
         stop_ids += [t for t in server.engine.config.eos_token_id if t not in stop_ids]
     _check_sampling(body)
-    bad = [t for t in stop_ids if not 0 <= t < server.engine.config.vocab_size]
-    if bad:
-        raise APIError(400, f"stop_token_ids {bad} outside the vocabulary", param="stop_token_ids")
-    if len(stop_ids) > server.engine.max_stop_ids:
-        eos = "" if body.ignore_eos else f" with the EOS ids {list(server.engine.config.eos_token_id)}"
-        raise APIError(400, f"{len(stop_ids)} stop token ids{eos}; at most {server.engine.max_stop_ids}",
-                       param="stop_token_ids")
+    try:  # the engine's own check (vocabulary, count), before any work is queued
+        server.engine.stop_id_row(stop_ids)
+    except ValueError as e:
+        eos = "" if body.ignore_eos else f" (the EOS ids {list(server.engine.config.eos_token_id)} included)"
+        raise APIError(400, f"stop_token_ids: {e}{eos}", param="stop_token_ids") from None
     return dict(max_new_tokens=max_tokens or room, temperature=body.temperature, top_k=max(body.top_k, 0),
                 top_p=body.top_p, min_p=body.min_p, stop_token_ids=stop_ids)
 
