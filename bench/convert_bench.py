@@ -6,7 +6,7 @@ each command in a fresh process (so its peak RSS is its own) several times and r
 
     python bench/convert_bench.py [--layers 2] [--repeats 3] [--workdir /tmp/zaya-convert-bench]
 
-Target (issue 3): peak RSS <= 1.25 x the converted parameter bytes + 1 GiB.
+Target: peak RSS <= 1.25 x the converted parameter bytes + 1 GiB.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The engine's slots are the prompts (up to ``GENERATE_SLOTS``; more prompts strea
 its ``max_len`` the longest prompt plus the most new tokens asked for, rounded up to a power of two
 and capped by the context: memory follows what the model can use, never a large ``max_new_tokens``.
 Sampling knobs, limits, seeds and stop ids are arrays in the compiled programs, so changing them
-never recompiles; shapes are powers of two, so a session of varied calls compiles a handful.
+never recompiles; shapes are powers of two, so a process making varied calls compiles a handful.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from zaya_jax.infer.serve.launch import running_server
 
 
 def demo_server(tmp_path_factory, *args: str):
-    """`zaya serve` on the demo model (CPU), with a JAX compilation cache shared by the session's servers."""
+    """`zaya serve` on the demo model (CPU), with a JAX compilation cache shared by every server of the test run."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     return running_server(*args, cache_dir=str(tmp_path_factory.getbasetemp() / "jax-cache"), env=env)
 

@@ -1,4 +1,4 @@
-"""Inputs refused with a message naming them (issue 17): ids out of the vocabulary, negative, float, empty or
+"""Inputs refused with a message naming them: ids out of the vocabulary, negative, float, empty or
 longer than the context at ``zaya_jax.forward`` and ``zaya forward``; empty --prompt-ids items; characters
 the demo tokenizer cannot spell."""
 

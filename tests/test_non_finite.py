@@ -1,4 +1,4 @@
-"""Weights holding NaN or Inf (issue 17): convert and load refuse them naming the tensor, unless allowed."""
+"""Weights holding NaN or Inf: convert and load refuse them naming the tensor, unless allowed."""
 
 import os
 

@@ -1,4 +1,4 @@
-"""Staged outputs (issue 17): a killed run's temporaries are removed by the next run, and only those;
+"""Staged outputs: a killed run's temporaries are removed by the next run, and only those;
 outputs get the permissions the umask allows; an unwritable destination is a message, not a traceback."""
 
 import os

@@ -1,4 +1,4 @@
-"""`zaya train` and what it finds (issue 17): an --out holding other outputs, a changed data file on
+"""`zaya train` and what it finds: an --out holding other outputs, a changed data file on
 --resume, text data with the default model, a --seq-len beyond the context."""
 
 import dataclasses
