@@ -225,15 +225,15 @@ def decode(params, config: ZayaConfig, state: SlotState, cancel: Array, *, steps
     return state, out
 
 
-# Row axis 0 (routes and logprobs are None in a pool that does not record: nothing to map).
-_PER_SLOT = ("token", "num_new", "reason", "keys", "sampling", "max_new", "limit", "stop_ids", "routes", "logprobs")
+# The per-slot fields of SlotState, row axis 0 (routes and logprobs are None in a pool that does not record).
+PER_SLOT = ("token", "num_new", "reason", "keys", "sampling", "max_new", "limit", "stop_ids", "routes", "logprobs")
 
 
 def _rows(state: SlotState, n: int) -> SlotState:
     """Slots ``[0, n)`` of the pool (cache rows are axis 1 of the layer-stacked arrays)."""
     c = state.cache
     cache = c.replace(k=c.k[:, :n], v=c.v[:, :n], conv=c.conv[:, :n], v_prev=c.v_prev[:, :n], lengths=c.lengths[:n])
-    return state.replace(cache=cache, **{f: jax.tree.map(lambda a: a[:n], getattr(state, f)) for f in _PER_SLOT})
+    return state.replace(cache=cache, **{f: jax.tree.map(lambda a: a[:n], getattr(state, f)) for f in PER_SLOT})
 
 
 def _put_rows(state: SlotState, window: SlotState) -> SlotState:
@@ -243,7 +243,7 @@ def _put_rows(state: SlotState, window: SlotState) -> SlotState:
     cache = c.replace(k=c.k.at[:, :n].set(w.k), v=c.v.at[:, :n].set(w.v), conv=c.conv.at[:, :n].set(w.conv),
                       v_prev=c.v_prev.at[:, :n].set(w.v_prev), lengths=c.lengths.at[:n].set(w.lengths))
     put = lambda a, b: a.at[:n].set(b)  # noqa: E731
-    return state.replace(cache=cache, **{f: jax.tree.map(put, getattr(state, f), getattr(window, f)) for f in _PER_SLOT})
+    return state.replace(cache=cache, **{f: jax.tree.map(put, getattr(state, f), getattr(window, f)) for f in PER_SLOT})
 
 
 prefill_chunk_compiled = inference_jit(prefill_chunk, static_argnames=("config", "moe_impl", "record"),

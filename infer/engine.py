@@ -106,6 +106,86 @@ class Request:
         return self.stop_reason is not None
 
 
+@dataclasses.dataclass(frozen=True)
+class PoolShape:
+    """The static sizes of a slot pool: they fix its memory and every program an ``Engine`` compiles.
+
+    ``cache_len`` is ``max_len`` rounded up to a multiple of the smallest prompt bucket, so nearby
+    ``max_len`` values share programs (rows still stop at ``max_len``); ``decode_steps`` is capped at it.
+    """
+
+    slots: int
+    max_len: int
+    cache_len: int
+    decode_steps: int
+    prefill_chunk: int
+    prefill_tokens: int
+    max_stop_ids: int
+    record: bool
+
+    @classmethod
+    def of(cls, config: ZayaConfig, *, slots: int = 64, max_len: int | None = None, decode_steps: int = 16,
+           prefill_chunk: int = 512, prefill_tokens: int = 4096, max_stop_ids: int = 16,
+           record: bool = False) -> PoolShape:
+        """The pool ``Engine(params, config, **these)`` builds; ValueError naming a bad setting."""
+        for name, value in (("slots", slots), ("decode_steps", decode_steps), ("prefill_chunk", prefill_chunk),
+                            ("prefill_tokens", prefill_tokens), ("max_stop_ids", max_stop_ids)):
+            if not is_integer(value) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        context = config.max_position_embeddings
+        if max_len is None:
+            max_len = context
+        if not is_integer(max_len) or max_len < 2:
+            raise ValueError(f"max_len must be an integer >= 2 (a prompt token and a new one), got {max_len!r}")
+        max_len = min(int(max_len), context)
+        cache_len = -(-max_len // MIN_PROMPT_BUCKET) * MIN_PROMPT_BUCKET
+        chunk = bucket(prefill_chunk)
+        # A row takes fewer steps than its cache has slots: more per call would only grow the [slots, steps]
+        # token buffer (capped at the cache, not max_len, so nearby max_len values share the decode program).
+        return cls(slots=int(slots), max_len=max_len, cache_len=cache_len,
+                   decode_steps=min(int(decode_steps), cache_len), prefill_chunk=chunk,
+                   prefill_tokens=max(int(prefill_tokens), chunk), max_stop_ids=int(max_stop_ids),
+                   record=bool(record))
+
+    def prompt_bucket(self, n: int) -> int:
+        """The prefill cache length of an ``n``-token prompt."""
+        return min(bucket(n, MIN_PROMPT_BUCKET), self.cache_len)
+
+    def rows(self, distinct: int) -> int:
+        """Prefill rows for ``distinct`` prompts."""
+        return row_bucket(distinct, bucket(self.slots))
+
+    def chunk(self, prompt_bucket: int) -> int:
+        """Tokens per prefill call and row for prompts of ``prompt_bucket``."""
+        return min(prompt_bucket, self.prefill_chunk)
+
+    def admits(self, distinct: int, prompt_bucket: int) -> bool:
+        """Whether a group may grow to ``distinct`` prompts: rows x chunk within ``prefill_tokens`` (one
+        prompt always fits)."""
+        return distinct == 1 or self.rows(distinct) * self.chunk(prompt_bucket) <= self.prefill_tokens
+
+    def prefill_programs(self) -> list[tuple[int, int]]:
+        """Every (rows G, prompt bucket S) the engine may prefill with (each a prefill and an insert program)."""
+        out, S = [], MIN_PROMPT_BUCKET
+        while True:
+            S = min(S, self.cache_len)
+            rows = {self.rows(n) for n in range(1, self.slots + 1) if self.admits(n, S)}
+            out += [(G, S) for G in sorted(rows)]
+            if S == self.cache_len:
+                return out
+            S *= 2
+
+    def new_state(self, config: ZayaConfig, dtype) -> decode.SlotState:
+        """An idle pool of ``dtype`` cache values (call under ``jax.eval_shape`` for its shapes alone)."""
+        return decode.init_slots(init_cache(config, self.slots, self.cache_len, dtype), self.max_stop_ids, self.record)
+
+    def state_bytes(self, config: ZayaConfig, dtype) -> int:
+        """Bytes of the pool, from two one- and two-slot shapes (every leaf has a slot axis: a + b x slots)."""
+        one, two = (sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(jax.eval_shape(
+            lambda: dataclasses.replace(self, slots=n).new_state(config, dtype)))) for n in (1, 2))
+        return one + (two - one) * (self.slots - 1)
+
+
 class Engine:
     """Continuous batching over a fixed slot pool (see the module docstring).
 
@@ -121,44 +201,22 @@ class Engine:
     def __init__(self, params, config: ZayaConfig, *, slots: int = 64, max_len: int | None = None,
                  decode_steps: int = 16, moe_impl: str = "auto", mesh=None, prefill_chunk: int = 512,
                  prefill_tokens: int = 4096, max_stop_ids: int = 16, record: bool = False):
-        for name, value in (("slots", slots), ("decode_steps", decode_steps), ("prefill_chunk", prefill_chunk),
-                            ("prefill_tokens", prefill_tokens), ("max_stop_ids", max_stop_ids)):
-            if not is_integer(value) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        context = config.max_position_embeddings
-        if max_len is None:
-            max_len = context
-        if not isinstance(max_len, (int, np.integer)) or max_len < 2:
-            raise ValueError(f"max_len must be an integer >= 2 (a prompt token and a new one), got {max_len!r}")
-        self.params, self.config = params, config
-        self.slots, self.max_len = int(slots), min(int(max_len), context)
+        pool = PoolShape.of(config, slots=slots, max_len=max_len, decode_steps=decode_steps,
+                            prefill_chunk=prefill_chunk, prefill_tokens=prefill_tokens, max_stop_ids=max_stop_ids,
+                            record=record)
+        self.pool, self.params, self.config = pool, params, config
+        self.slots, self.max_len, self.decode_steps = pool.slots, pool.max_len, pool.decode_steps
+        self.prefill_chunk, self.prefill_tokens = pool.prefill_chunk, pool.prefill_tokens
+        self.max_stop_ids, self.record, self._cache_len = pool.max_stop_ids, pool.record, pool.cache_len
         self.moe_impl = moe_impl
-        self.prefill_chunk = bucket(prefill_chunk)
-        self.prefill_tokens = max(int(prefill_tokens), self.prefill_chunk)
-        self.max_stop_ids = int(max_stop_ids)
-        self.record = bool(record)
         self.mesh = mesh  # None: whatever mesh the caller set with jax.set_mesh applies, as to any jit
         self._dtype = compute_dtype(params)
-        # Cache slots: max_len rounded up to a multiple of the prompt bucket, so nearby max_len values
-        # share compiled programs (rows still stop at max_len: it is a per-slot limit, not a shape).
-        self._cache_len = -(-self.max_len // MIN_PROMPT_BUCKET) * MIN_PROMPT_BUCKET
-        # A row takes fewer steps than its cache has slots: more per call would only grow the [slots, steps]
-        # token buffer (capped at the cache, not max_len, so nearby max_len values share the decode program).
-        self.decode_steps = min(int(decode_steps), self._cache_len)
-
-        def new_state(slots: int):
-            return decode.init_slots(init_cache(config, slots, self._cache_len, self._dtype), self.max_stop_ids,
-                                     self.record)
-
-        # Every leaf of the state has a slot axis: its bytes are a + b * slots, read off two small shapes.
-        one, two = (sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(jax.eval_shape(lambda: new_state(n))))
-                    for n in (1, 2))
-        check_fits(one + (two - one) * (self.slots - 1), jax.devices() if mesh is None else mesh.devices.flat,
+        check_fits(pool.state_bytes(config, self._dtype), jax.devices() if mesh is None else mesh.devices.flat,
                    f"the engine's slot state ({self.slots:,} slots x {self._cache_len:,} cache tokens)")
         with self._mesh_context():
-            state = new_state(self.slots)
+            state = pool.new_state(config, self._dtype)
             if self.mesh is not None:
-                state = jax.device_put(state, self._state_shardings(state))
+                state = jax.device_put(state, state_shardings(state, config, mesh))
         self._state = state
         self._free = list(range(self.slots))  # a heap: requests take the lowest free slots (see _decode)
         self._running: dict[int, Request] = {}
@@ -313,20 +371,20 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ scheduler
     def _prompt_bucket(self, n: int) -> int:
-        return min(bucket(n, MIN_PROMPT_BUCKET), self._cache_len)
+        return self.pool.prompt_bucket(n)
 
     def _rows(self, distinct: int) -> int:
-        return row_bucket(distinct, bucket(self.slots))
+        return self.pool.rows(distinct)
 
     def _take_group(self) -> list[Request]:
         """The oldest waiting request and others of its bucket, as many as free slots and
         ``prefill_tokens`` allow (a repeated prompt costs a slot, not a prefill row)."""
         S = min(self._waiting, key=lambda b: self._waiting[b][0].id if self._waiting[b] else float("inf"))
-        queue, chunk = self._waiting[S], min(S, self.prefill_chunk)
+        queue = self._waiting[S]
         group, distinct = [], set()
         while queue and len(group) < len(self._free):
             fresh = queue[0].prompt not in distinct
-            if fresh and group and self._rows(len(distinct) + 1) * chunk > self.prefill_tokens:
+            if fresh and not self.pool.admits(len(distinct) + 1, S):
                 break
             distinct.add(queue[0].prompt)
             group.append(queue.popleft())
@@ -345,7 +403,7 @@ class Engine:
         for r in group:
             rows.setdefault(r.prompt, len(rows))
         S = self._prompt_bucket(len(group[0].prompt))
-        C, G = min(S, self.prefill_chunk), self._rows(len(rows))
+        C, G = self.pool.chunk(S), self._rows(len(rows))
         V = self.config.vocab_size
         with self._mesh_context():
             cache = init_cache(self.config, G, S, self._dtype)
@@ -444,12 +502,13 @@ class Engine:
 
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
-    def _state_shardings(self, state: decode.SlotState):
-        rows = lambda a: shd.batch_sharding(self.mesh, a.ndim, batch=a.shape[0])  # noqa: E731
-        return state.replace(cache=shd.cache_shardings(state.cache, self.config, self.mesh),
-                             **{f: jax.tree.map(rows, getattr(state, f))
-                                for f in ("token", "num_new", "reason", "keys", "sampling", "max_new", "limit",
-                                          "stop_ids", "routes", "logprobs")})
+
+def state_shardings(state: decode.SlotState, config: ZayaConfig, mesh) -> decode.SlotState:
+    """Shardings of a slot pool on ``mesh``: the cache as ``sharding.cache_shardings``, every per-slot field
+    split over the batch rule's axes. ``state`` may be abstract."""
+    rows = lambda a: shd.batch_sharding(mesh, a.ndim, batch=a.shape[0])  # noqa: E731
+    return state.replace(cache=shd.cache_shardings(state.cache, config, mesh),
+                         **{f: jax.tree.map(rows, getattr(state, f)) for f in decode.PER_SLOT})
 
 
 def token_id_list(prompt, what: str = "prompt") -> list[int]:

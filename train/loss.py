@@ -10,8 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from zaya_jax import backend, moe
 from zaya_jax import model as zmodel
-from zaya_jax import moe
 from zaya_jax.config import ZayaConfig
 
 # Logits materialised per chunk: about 64 Mi float32 values (256 MiB), whatever the vocabulary.
@@ -45,7 +45,8 @@ def chunked_token_logprobs(hidden, head, targets, chunk: int):
         entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
         return None, (jnp.take_along_axis(logp, t[:, None], axis=-1)[:, 0], jax.lax.stop_gradient(entropy))
 
-    _, (logprobs, entropy) = jax.lax.scan(one_chunk, None, (hidden.reshape(-1, chunk, d), targets.reshape(-1, chunk)))
+    _, (logprobs, entropy) = jax.lax.scan(one_chunk, None, (hidden.reshape(-1, chunk, d), targets.reshape(-1, chunk)),
+                                         unroll=backend.scan_unroll())
     return logprobs.reshape(-1)[:n], entropy.reshape(-1)[:n]
 
 

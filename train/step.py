@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from zaya_jax import dtypes, moe
+from zaya_jax import backend, dtypes, moe
 from zaya_jax import model as zmodel
 from zaya_jax.config import ZayaConfig
 from zaya_jax.validate import InputError, check_range, is_integer, validate_ids
@@ -178,7 +178,7 @@ def train_step(state: TrainState, batch: dict, *, config: ZayaConfig, tcfg: Trai
     extras = {k: jnp.full((), -jnp.inf if k.startswith("max_") else 0.0, jnp.float32) for k in shapes}
     init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
             jnp.zeros((L, C), jnp.int32), extras)
-    (grads, total, count, counts, extras), _ = jax.lax.scan(accumulate, init, micro)
+    (grads, total, count, counts, extras), _ = jax.lax.scan(accumulate, init, micro, unroll=backend.scan_unroll())
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import dtypes, expert_parallel, moe, narrow
+from . import backend, dtypes, expert_parallel, moe, narrow
 from .cache import KVCache, from_bits, to_bits
 from .config import ZayaConfig
 from .mesh import active_mesh
@@ -452,6 +452,7 @@ class ZayaModel(nn.Module):
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast),
             length=c.num_hidden_layers,
+            unroll=backend.scan_unroll(),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, dt, self.moe_impl, self.cache_dtype, name="layers")
         thetas, windows = layer_constants(c)

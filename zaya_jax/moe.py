@@ -31,7 +31,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import narrow
+from . import backend, narrow
 
 MOE_IMPLS = ("auto", "oracle", "gather", "loop", "grouped", "tiled", "sorted")
 # XLA:CPU thresholds in tokens per call (bench/moe_bench.py, see above).
@@ -333,10 +333,9 @@ def _expert_groups_bwd(act, buckets, residuals, d_ys):
 _expert_groups.defvjp(_expert_groups_fwd, _expert_groups_bwd)
 
 
-def auto_impl(tokens: int, backend: str | None = None, training: bool = False) -> str:
+def auto_impl(tokens: int, platform: str | None = None, training: bool = False) -> str:
     """The measured-best implementation for ``tokens`` tokens per call (``training``: differentiated)."""
-    backend = backend or jax.default_backend()
-    if backend != "cpu":
+    if (platform or backend.platform()) != "cpu":
         return "gather" if tokens <= GATHER_MAX_TOKENS else "grouped"
     if training:
         return "loop" if tokens <= TRAIN_LOOP_MAX_TOKENS_CPU else "sorted"

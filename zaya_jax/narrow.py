@@ -12,13 +12,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from . import backend
+
 CONVERT_BLOCK_BYTES = 8 << 20
 MAX_ROWS = 64  # rows of ``x`` up to which the blocked form is used (decode steps, not prefill)
 
 
 def use_blocks(weights, rows: int) -> bool:
     """Whether ``blocked_matmul`` pays off: a weight narrower than float32, on CPU, for at most ``MAX_ROWS`` rows."""
-    return weights.dtype.itemsize < 4 and rows <= MAX_ROWS and jax.default_backend() == "cpu"
+    return weights.dtype.itemsize < 4 and rows <= MAX_ROWS and backend.platform() == "cpu"
 
 
 def row_block(rows: int, cols: int) -> int:
