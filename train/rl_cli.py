@@ -7,7 +7,7 @@ import os
 
 from zaya_jax.cli import seed_arg
 
-from .cli import add_model_dtype_args, add_run_args, add_step_args, closing_figure, from_args
+from .cli import add_model_dtype_args, add_run_args, add_step_args, closing_figure, from_args, mesh_arg
 from .grpo import GRPOObjective
 from .rl_loop import AGG_SELECT, TASKS, RLConfig
 from .step import TrainConfig
@@ -25,7 +25,6 @@ def _rl_command(args) -> int:
     from zaya_jax.infer.tokenizer import Tokenizer
 
     from . import data, loop, rewards, rl_loop
-    from .cli import mesh_arg
 
     problems = read_dataset(args.data, args.limit)
     verify = rewards.load_verifier(args.verifier)
