@@ -153,7 +153,7 @@ def _run(args) -> dict:
     from zaya_jax.model import forward
 
     t = time.perf_counter()
-    config, params, _ = resolve_model(args.model, "bfloat16")  # what `zaya generate --dtype bfloat16` runs
+    config, params, _ = resolve_model(args.model, "bfloat16")  # what `zaya generate --compute-dtype bfloat16` runs
     out = {"load_seconds": time.perf_counter() - t, "load_peak_rss_bytes": peak_rss_bytes(),
            "param_bytes": sum(x.nbytes for x in jax.tree_util.tree_leaves(params)),
            "huge_page_bytes": anon_huge_page_bytes()}
@@ -347,7 +347,7 @@ def run_all(args) -> dict:
             record(f"run_{big}", child("run", conv[big], "--logits", jax_logits, "--repeats", str(args.repeats)))
         elif step == "generate":
             ids = ",".join(map(str, prompt_ids(PROMPT_LEN, full_config(big).vocab_size)))
-            record(f"zaya_generate_{big}", child("cli", "generate", conv[big], "--dtype", "bfloat16", "--prompt-ids", ids,
+            record(f"zaya_generate_{big}", child("cli", "generate", conv[big], "--compute-dtype", "bfloat16", "--prompt-ids", ids,
                                                  "--max-new-tokens", str(NEW_TOKENS), "--json"))
         elif step == "hf":
             record(f"hf_{big}", child("hf", hf[big], "--logits", hf_logits))
@@ -453,7 +453,7 @@ def report(r: dict, big: int, small: int) -> str:
                      yes(run["peak_rss_bytes"] < 24 * GIB)))
     g = r.get(f"zaya_generate_{big}")
     if g:
-        rows.append(("`zaya generate --dtype bfloat16 --max-new-tokens 16`", f"{g['seconds']:.0f} s wall (load + compile + run); "
+        rows.append(("`zaya generate --compute-dtype bfloat16 --max-new-tokens 16`", f"{g['seconds']:.0f} s wall (load + compile + run); "
                      f"peak RSS {gib(g['peak_rss_bytes'])}", "< 24 GiB host", yes(g["peak_rss_bytes"] < 24 * GIB)))
     c = r.get(f"compare_{big}")
     if c:

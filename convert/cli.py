@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from zaya_jax.cli import add_non_finite_arg, bounded_arg
+from zaya_jax.cli import DTYPES, add_non_finite_arg, bounded_arg
 
 
 def _quiet_orbax() -> None:
@@ -55,7 +55,7 @@ def register(subparsers) -> None:
                     "params; copies config.json (native schema), tokenizer files and chat template.")
     p.add_argument("src", help="HF checkpoint directory (sharded safetensors + index, or model.safetensors)")
     p.add_argument("dst", help="output directory (written to a temporary directory, renamed at the end)")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+    p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="stored dtype of the params (default: the checkpoint's; balancing biases stay float32)")
     add_non_finite_arg(p)
     _common(p)

@@ -65,7 +65,7 @@ def _generate_command(args) -> int:
         return _file_command(args)
     if args.out or args.resume:
         raise ValueError("--out and --resume go with --prompts-file")
-    config, params, desc = resolve_model(args.model, args.dtype, args.allow_non_finite)
+    config, params, desc = resolve_model(args.model, args.compute_dtype, args.allow_non_finite)
     template_kwargs = {"enable_thinking": False} if args.no_thinking else {}
     line = single_line(args)
     tokenizer = load_tokenizer(args.model, config) if "prompt" in line else _optional_tokenizer(args.model, config)
@@ -97,7 +97,7 @@ def _file_command(args) -> int:
     if not sum(1 for _ in iter_objects(path)):  # the file and --out are checked before the model loads
         raise ValueError(f"{path} holds no prompts")
     _check_out(args)
-    config, params, desc = resolve_model(args.model, args.dtype, args.allow_non_finite)
+    config, params, desc = resolve_model(args.model, args.compute_dtype, args.allow_non_finite)
     tokenizer = _optional_tokenizer(args.model, config)
     chat = is_demo_model(args.model) if args.chat is None else args.chat
     template_kwargs = {"enable_thinking": False} if args.no_thinking else {}
@@ -208,8 +208,8 @@ def run_id(args, model_desc: str, chat: bool) -> str:
     continues only a file of the same run (the prompts file's bytes, model, chat, seed, knobs, max_len)."""
     with open(args.prompts_file, "rb") as f:
         prompts = hashlib.file_digest(f, "sha256").hexdigest()
-    settings = dict(prompts=prompts, model=model_setting(args.model, model_desc), dtype=args.dtype, chat=chat,
-                    no_thinking=args.no_thinking, seed=args.seed, max_len=args.max_len,
+    settings = dict(prompts=prompts, model=model_setting(args.model, model_desc), dtype=args.compute_dtype,
+                    chat=chat, no_thinking=args.no_thinking, seed=args.seed, max_len=args.max_len,
                     **{k: getattr(args, k) for k in KNOBS})
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 

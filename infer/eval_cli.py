@@ -67,7 +67,7 @@ def _eval_command(args) -> int:
     from .evaluate import read_dataset
 
     problems = read_dataset(args.data, args.limit)
-    config, params, desc = resolve_model(args.model, args.dtype, args.allow_non_finite)
+    config, params, desc = resolve_model(args.model, args.compute_dtype, args.allow_non_finite)
     knobs = dict(preset_settings(args), final_budget=args.final_budget)
     with open(args.data, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()

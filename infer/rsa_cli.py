@@ -86,7 +86,7 @@ def _rsa_command(args) -> int:
     from .cli import check_line, load_tokenizer, single_line
     from .rsa import TokenTemplate, markov_rsa
 
-    config, params, desc = resolve_model(args.model, args.dtype, args.allow_non_finite)
+    config, params, desc = resolve_model(args.model, args.compute_dtype, args.allow_non_finite)
     tokenizer = load_tokenizer(args.model, config)
     lines = read_objects(args.prompts_file, what="prompts") if args.prompts_file else [(0, single_line(args))]
     questions = []

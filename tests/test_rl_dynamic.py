@@ -79,7 +79,7 @@ def model_dir(tmp_path_factory):
 
 
 def _run(root, out, verifier, *extra):
-    argv = ["rl", "--model", str(root / "model"), "--data", str(root / "data.jsonl"), "--out", str(out),
+    argv = ["rl", str(root / "model"), "--data", str(root / "data.jsonl"), "--out", str(out),
             "--steps", "1", "--prompts", "2", "--group", "4", "--max-new-tokens", "5", "--minibatches", "2",
             "--lr", "1e-2", "--verifier", verifier, "--slots", "8", "--no-progress", "--skip-tied", *extra]
     assert cli.main(argv) == 0

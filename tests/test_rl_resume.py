@@ -34,7 +34,7 @@ def setup(tmp_path_factory):
 
 
 def args(root, out, *extra):
-    return ["rl", "--model", str(root / "model"), "--data", str(root / "data.jsonl"), "--out", str(out),
+    return ["rl", str(root / "model"), "--data", str(root / "data.jsonl"), "--out", str(out),
             "--steps", str(STEPS), "--prompts", "2", "--group", "3", "--max-new-tokens", "6", "--minibatches", "2",
             "--lr", "1e-2", "--kl-coef", "0.1", "--verifier", "helpers:digit_reward", "--save-every", "1",
             "--slots", "8", "--no-progress", *extra]

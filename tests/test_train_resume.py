@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
 
 
 def args(root, out, *extra):
-    return ["train", "--model", str(root / "model"), "--data", str(root / "data.jsonl"), "--out", str(out),
+    return ["train", str(root / "model"), "--data", str(root / "data.jsonl"), "--out", str(out),
             "--steps", str(STEPS), "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3", "--warmup", "2",
             "--save-every", str(SAVE_EVERY), "--keep", "2", "--bias-rate", "1e-2", "--no-progress", *extra]
 

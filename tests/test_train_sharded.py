@@ -46,7 +46,7 @@ def test_sharded_step_equals_unsharded():
 def test_bad_mesh_is_a_clear_error(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text('{"input_ids": [1, 2, 3]}\n')
-    argv = ["train", "--data", str(data), "--out", str(tmp_path / "out"), "--mesh", "data=3", "--model", str(tmp_path)]
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "out"), "--mesh", "data=3", str(tmp_path)]
     assert cli.main(argv) == 2
     assert "has 3 devices but 8 are available" in capsys.readouterr().err
 
@@ -64,7 +64,7 @@ def test_cli_mesh_run_equals_one_device(tmp_path):
             f.write(json.dumps({"input_ids": rng.integers(1, 256, int(rng.integers(6, 40))).tolist()}) + "\n")
 
     def run(name, *extra):
-        argv = ["train", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "d.jsonl"),
+        argv = ["train", str(tmp_path / "model"), "--data", str(tmp_path / "d.jsonl"),
                 "--out", str(tmp_path / name), "--steps", "3", "--batch-size", "4", "--seq-len", "32",
                 "--lr", "3e-3", "--warmup", "1", "--no-progress", *extra]
         assert cli.main(argv) == 0

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
-from zaya_jax.cli import add_non_finite_arg, bounded_arg, seed_arg
+from zaya_jax.cli import DTYPES, add_deprecated_alias, add_model_arg, add_non_finite_arg, bounded_arg, seed_arg
+from zaya_jax.model import REMAT_POLICIES
+
+from .loop import RunConfig
+from .step import COMPUTE_DTYPES, TrainConfig
 
 
 def mesh_arg(text: str | None):
@@ -15,6 +20,13 @@ def mesh_arg(text: str | None):
     from zaya_jax import sharding
 
     return sharding.make_mesh(**sharding.parse_mesh(text))
+
+
+def from_args(cls, args, **given):
+    """A ``cls`` dataclass of the options named as its fields (each option's ``dest`` is the field's name),
+    ``given`` taking precedence; a field neither holds keeps its default."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **given})
 
 
 def closing_figure(value, digits: int = 4) -> str:
@@ -28,7 +40,7 @@ def _train_command(args) -> int:
     from zaya_jax.infer.tokenizer import Tokenizer
     from zaya_jax.validate import InputError
 
-    from . import data, loop, step
+    from . import data, loop
 
     if args.batch_size % args.grad_accum:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
@@ -45,13 +57,9 @@ def _train_command(args) -> int:
     print(f"model: {desc}\ndata: {report.examples} examples from {args.data} "
           f"({report.truncated} truncated to {args.seq_len} tokens, {report.dropped} without targets dropped)")
 
-    warmup = args.warmup if args.warmup is not None else min(100, args.steps // 10)
-    tcfg = step.TrainConfig(
-        learning_rate=args.lr, warmup_steps=warmup, total_steps=args.steps, final_lr_ratio=args.final_lr_ratio,
-        weight_decay=args.weight_decay, clip_norm=args.clip, grad_accum=args.grad_accum, remat_policy=args.remat,
-        compute_dtype=args.compute_dtype, bias_rate=args.bias_rate, loss_chunk=args.loss_chunk)
-    run = loop.RunConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
-                         save_every=args.save_every, keep=args.keep)
+    warmup = args.warmup_steps if args.warmup_steps is not None else min(TrainConfig.warmup_steps, args.steps // 10)
+    tcfg = from_args(TrainConfig, args, warmup_steps=warmup, total_steps=args.steps)
+    run = from_args(RunConfig, args)
     batches = data.Batches(examples, args.batch_size, args.seq_len, args.seed, pad_id=config.pad_token_id or 0)
     data_settings = {"model": os.path.abspath(args.model) if args.model else None,
                      "data": os.path.abspath(args.data), "sha256": data.file_sha256(args.data),
@@ -68,38 +76,54 @@ def _train_command(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="fine-tune a model on a JSONL file (text, chat or token ids)")
     p.set_defaults(func=_train_command)
-    p.add_argument("--model", default=None, help="model directory: HF checkpoint or `zaya convert` output "
-                   "(default: the embedded model)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="dtype the trained model is saved in (default: as stored); training keeps float32 masters")
+    add_model_dtype_args(p)
     p.add_argument("--data", required=True, help="JSONL: {\"text\"}, {\"messages\"} (loss on assistant turns) "
                    "or {\"input_ids\", \"loss_mask\"} per line")
     p.add_argument("--out", required=True, help="output directory: checkpoints/, metrics.jsonl, model/")
-    p.add_argument("--steps", type=int, default=1000, help="total optimizer steps (default 1000)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence; longer records are cut (default 512)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    p.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default min(100, steps/10))")
-    p.add_argument("--final-lr-ratio", type=float, default=0.1, help="cosine decays to lr x this (default 0.1)")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of matrices (default 0.1)")
-    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (default 1.0)")
-    add_step_args(p)
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint interval in steps (default 100)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
-    p.add_argument("--seed", type=seed_arg, default=0, help="data order seed (default 0)")
+    p.add_argument("--steps", type=int, default=TrainConfig.total_steps,
+                   help="total optimizer steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default %(default)s)")
+    p.add_argument("--seq-len", type=int, default=512,
+                   help="tokens per sequence; longer records are cut (default %(default)s)")
+    add_step_args(p, f"linear warmup steps (default min({TrainConfig.warmup_steps}, steps/10))")
+    add_deprecated_alias(p, "--clip", "use --grad-clip", dest="clip_norm", type=float)
+    p.add_argument("--save-every", type=int, default=RunConfig.save_every,
+                   help="checkpoint interval in steps (default %(default)s)")
+    p.add_argument("--keep", type=int, default=RunConfig.keep, help="checkpoints kept (default %(default)s)")
+    p.add_argument("--seed", type=seed_arg, default=RunConfig.seed, help="data order seed (default %(default)s)")
     add_run_args(p)
 
 
-def add_step_args(p) -> None:
-    """The train-step options `zaya train` and `zaya rl` share."""
-    p.add_argument("--grad-accum", type=bounded_arg(1), default=1, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--remat", choices=("none", "full", "dots"), default="none",
-                   help="per-layer rematerialisation policy (default none)")
-    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="forward/backward dtype; master weights stay float32 (default float32)")
-    p.add_argument("--bias-rate", type=float, default=1e-3, help="sign-rule step of the expert balancing biases "
-                   "per optimizer step; 0 freezes them (default 1e-3)")
-    p.add_argument("--loss-chunk", type=int, default=None, help="tokens per loss chunk (default: ~64M logits)")
+def add_model_dtype_args(p) -> None:
+    """MODEL (``--model`` before) and --dtype of `zaya train` and `zaya rl`."""
+    add_model_arg(p, None, former_option=True)
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="dtype the weights are stored in: the model loads in it and the trained one is saved in it "
+                        "(default: as stored); training keeps float32 masters and runs in --compute-dtype")
+
+
+def add_step_args(p, warmup_help: str) -> None:
+    """The optimizer and train-step options `zaya train` and `zaya rl` share; their defaults are
+    ``TrainConfig``'s (rl sets its own learning-rate schedule's with ``set_defaults``)."""
+    p.add_argument("--lr", dest="learning_rate", metavar="LR", type=float, default=TrainConfig.learning_rate,
+                   help="peak learning rate (default %(default)s)")
+    p.add_argument("--warmup", dest="warmup_steps", metavar="WARMUP", type=int, default=None, help=warmup_help)
+    p.add_argument("--final-lr-ratio", type=float, default=TrainConfig.final_lr_ratio,
+                   help="cosine decays to lr x this (default %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay,
+                   help="AdamW decay of matrices (default %(default)s)")
+    p.add_argument("--grad-clip", dest="clip_norm", metavar="GRAD_CLIP", type=float, default=TrainConfig.clip_norm,
+                   help="global gradient-norm clip (default %(default)s)")
+    p.add_argument("--grad-accum", type=bounded_arg(1), default=TrainConfig.grad_accum,
+                   help="micro-batches per optimizer step (default %(default)s)")
+    p.add_argument("--remat", dest="remat_policy", choices=tuple(REMAT_POLICIES), default=TrainConfig.remat_policy,
+                   help="per-layer rematerialisation policy (default %(default)s)")
+    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default=TrainConfig.compute_dtype,
+                   help="forward/backward dtype; master weights stay float32 (default %(default)s)")
+    p.add_argument("--bias-rate", type=float, default=TrainConfig.bias_rate, help="sign-rule step of the expert "
+                   "balancing biases per optimizer step; 0 freezes them (default %(default)s)")
+    p.add_argument("--loss-chunk", type=int, default=TrainConfig.loss_chunk,
+                   help="tokens per loss chunk (default: ~64M logits)")
 
 
 def add_run_args(p) -> None:

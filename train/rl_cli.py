@@ -7,7 +7,13 @@ import os
 
 from zaya_jax.cli import seed_arg
 
-from .cli import add_run_args, add_step_args, closing_figure
+from .cli import add_model_dtype_args, add_run_args, add_step_args, closing_figure, from_args, mesh_arg
+from .grpo import GRPOObjective
+from .rl_loop import AGG_SELECT, TASKS, RLConfig
+from .step import TrainConfig
+
+# GRPO's learning-rate schedule where it differs from fine-tuning's (TrainConfig): small, flat, no decay.
+RL_OPTIMIZER = {"learning_rate": 1e-6, "warmup_steps": 0, "final_lr_ratio": 1.0, "weight_decay": 0.0}
 
 
 def _rl_command(args) -> int:
@@ -18,8 +24,7 @@ def _rl_command(args) -> int:
     from zaya_jax.infer.rsa_cli import template_kind
     from zaya_jax.infer.tokenizer import Tokenizer
 
-    from . import data, grpo, loop, rewards, rl_loop, step
-    from .cli import mesh_arg
+    from . import data, loop, rewards, rl_loop
 
     problems = read_dataset(args.data, args.limit)
     verify = rewards.load_verifier(args.verifier)
@@ -34,25 +39,13 @@ def _rl_command(args) -> int:
                    for p in problems],
         answers=[p.answer for p in problems], template=token_template(kind, args.tails, tokenizer),
         decode=tokenizer.decode, verify=verify)
-    rcfg = rl_loop.RLConfig(
-        steps=args.steps, prompts=args.prompts, group=args.group, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, minibatches=args.minibatches, epochs=args.epochs, replay=not args.no_replay,
-        task=args.task, population=args.population, tails=args.tails, tail_tokens=args.tail_tokens,
-        agg_prompts=args.agg_prompts, agg_select=args.agg_select, mix_solve=args.mix_solve, skip_tied=args.skip_tied,
-        seed=args.seed, slots=args.slots, save_every=args.save_every, keep=args.keep)
+    rcfg = from_args(RLConfig, args)
     width = rl_loop.seq_len(task, rcfg)
     if width > config.max_position_embeddings:
         raise ValueError(f"the longest prompt plus --max-new-tokens needs {width} tokens, more than the model's "
                          f"context of {config.max_position_embeddings}")
-    total = rcfg.steps * rcfg.updates
-    warmup = args.warmup if args.warmup is not None else 0
-    tcfg = step.TrainConfig(
-        learning_rate=args.lr, warmup_steps=warmup, total_steps=total, final_lr_ratio=args.final_lr_ratio,
-        weight_decay=args.weight_decay, clip_norm=args.grad_clip, grad_accum=args.grad_accum,
-        remat_policy=args.remat, compute_dtype=args.compute_dtype, bias_rate=args.bias_rate,
-        loss_chunk=args.loss_chunk)
-    objective = grpo.GRPOObjective(clip_low=args.clip_low, clip_high=args.clip_high, kl_coef=args.kl_coef,
-                                   temperature=args.temperature)
+    tcfg = from_args(TrainConfig, args, total_steps=rcfg.steps * rcfg.updates)
+    objective = from_args(GRPOObjective, args)
     print(f"model: {desc}\ndata: {len(problems)} problems from {args.data}; {rcfg.batch_size} rollouts of up to "
           f"{width} tokens per step, {rcfg.updates} update(s) each")
     data_settings = {"model": os.path.abspath(args.model) if args.model else None,
@@ -80,9 +73,7 @@ def register(subparsers) -> None:
                     "--task aggregate trains on Markov RSA aggregation prompts built from the policy's own "
                     "samples instead. Writes --out/metrics.jsonl, checkpoints/ and model/.")
     p.set_defaults(func=_rl_command)
-    p.add_argument("--model", default=None, help="model directory (default: the shipped demo model)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="dtype the trained model is saved in (default: as stored); training keeps float32 masters")
+    add_model_dtype_args(p)
     p.add_argument("--data", required=True, help='JSONL of {"question" | "problem" | "prompt", "answer", "id"?} '
                    "lines (python -m zaya_jax.demo.problems writes the demo task's)")
     p.add_argument("--limit", type=int, default=None, help="only the first LIMIT problems")
@@ -92,45 +83,54 @@ def register(subparsers) -> None:
     p.add_argument("--prompt-template", default=None, help="text around each question, with {question} "
                    "(default: the question alone), inside the model's chat template as zaya eval does")
     g = p.add_argument_group("rollouts")
-    g.add_argument("--steps", type=int, default=100, help="RL steps: rollout batches (default 100)")
-    g.add_argument("--prompts", type=int, default=8, help="problems per step (default 8)")
-    g.add_argument("--group", type=int, default=8, help="rollouts per prompt, G (default 8)")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="tokens per rollout at most (default 256)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    g.add_argument("--slots", type=int, default=64, help="engine slots (default 64)")
-    g.add_argument("--task", choices=("solve", "aggregate"), default="solve",
+    g.add_argument("--steps", type=int, default=100, help="RL steps: rollout batches (default %(default)s)")
+    g.add_argument("--prompts", type=int, default=RLConfig.prompts, help="problems per step (default %(default)s)")
+    g.add_argument("--group", type=int, default=RLConfig.group, help="rollouts per prompt, G (default %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=RLConfig.max_new_tokens,
+                   help="tokens per rollout at most (default %(default)s)")
+    g.add_argument("--temperature", type=float, default=RLConfig.temperature,
+                   help="sampling temperature (default %(default)s)")
+    g.add_argument("--slots", type=int, default=RLConfig.slots, help="engine slots (default %(default)s)")
+    g.add_argument("--task", choices=TASKS, default=RLConfig.task,
                    help="solve: roll out the problems; aggregate: roll out Markov RSA aggregation prompts built "
-                        "from the policy's own round-0 samples (default solve)")
-    g.add_argument("--population", type=int, default=16, help="aggregate: round-0 samples per problem, N (default 16)")
-    g.add_argument("--tails", type=int, default=4, help="aggregate: candidates per prompt, C (default 4)")
-    g.add_argument("--tail-tokens", type=int, default=24, help="aggregate: tokens per candidate tail (default 24)")
-    g.add_argument("--agg-prompts", type=int, default=2, help="aggregate: aggregation prompts per problem, each "
-                   "rolled out --group times (default 2)")
-    g.add_argument("--agg-select", choices=("first", "mixed"), default="first",
+                        "from the policy's own round-0 samples (default %(default)s)")
+    g.add_argument("--population", type=int, default=RLConfig.population,
+                   help="aggregate: round-0 samples per problem, N (default %(default)s)")
+    g.add_argument("--tails", type=int, default=RLConfig.tails,
+                   help="aggregate: candidates per prompt, C (default %(default)s)")
+    g.add_argument("--tail-tokens", type=int, default=RLConfig.tail_tokens,
+                   help="aggregate: tokens per candidate tail (default %(default)s)")
+    g.add_argument("--agg-prompts", type=int, default=RLConfig.agg_prompts, help="aggregate: aggregation prompts "
+                   "per problem, each rolled out --group times (default %(default)s)")
+    g.add_argument("--agg-select", choices=AGG_SELECT, default=RLConfig.agg_select,
                    help="aggregate: which --agg-prompts of each problem's round-1 prompts to roll out: the first, or "
-                        "those whose candidates are partly right and partly wrong first (default first)")
-    g.add_argument("--mix-solve", action="store_true", help="aggregate: also roll out each problem's own prompt as "
-                   "one more group, so solving keeps being trained beside aggregating")
+                        "those whose candidates are partly right and partly wrong first (default %(default)s)")
+    g.add_argument("--mix-solve", action="store_true", default=RLConfig.mix_solve, help="aggregate: also roll out "
+                   "each problem's own prompt as one more group, so solving keeps being trained beside aggregating")
     g.add_argument("--aggregation-template", choices=("demo", "default"), default=None,
                    help="aggregate: the demo model's template or the RSA default (default: demo for the demo model)")
     o = p.add_argument_group("objective and optimizer")
-    o.add_argument("--clip-low", type=float, default=0.2, help="ratio clip below 1 (default 0.2)")
-    o.add_argument("--clip-high", type=float, default=0.2, help="ratio clip above 1 (default 0.2)")
-    o.add_argument("--kl-coef", type=float, default=0.0, help="k3 KL penalty to the starting model (default 0: off)")
-    o.add_argument("--no-replay", action="store_true", help="let the training forward route afresh instead of "
-                   "replaying the rollouts' routing")
-    o.add_argument("--skip-tied", action="store_true", help="leave the rollouts of groups whose rewards all tie "
-                   "out of the updates (dynamic sampling; a step with no untied group makes no update)")
-    o.add_argument("--minibatches", type=int, default=1, help="updates per pass over a step's rollouts (default 1)")
-    o.add_argument("--epochs", type=int, default=1, help="passes over a step's rollouts (default 1)")
-    o.add_argument("--lr", type=float, default=1e-6, help="peak learning rate (default 1e-6)")
-    o.add_argument("--warmup", type=int, default=None, help="linear warmup updates (default 0)")
-    o.add_argument("--final-lr-ratio", type=float, default=1.0, help="cosine decays to lr x this (default 1: flat)")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay of matrices (default 0)")
-    o.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (default 1.0)")
-    add_step_args(o)  # the rollouts run in --compute-dtype too
+    o.add_argument("--clip-low", type=float, default=GRPOObjective.clip_low,
+                   help="ratio clip below 1 (default %(default)s)")
+    o.add_argument("--clip-high", type=float, default=GRPOObjective.clip_high,
+                   help="ratio clip above 1 (default %(default)s)")
+    o.add_argument("--kl-coef", type=float, default=GRPOObjective.kl_coef,
+                   help="k3 KL penalty to the starting model (default %(default)s: off)")
+    o.add_argument("--no-replay", dest="replay", action="store_false", default=RLConfig.replay,
+                   help="let the training forward route afresh instead of replaying the rollouts' routing")
+    o.add_argument("--skip-tied", action="store_true", default=RLConfig.skip_tied, help="leave the rollouts of "
+                   "groups whose rewards all tie out of the updates (dynamic sampling; a step with no untied group "
+                   "makes no update)")
+    o.add_argument("--minibatches", type=int, default=RLConfig.minibatches,
+                   help="updates per pass over a step's rollouts (default %(default)s)")
+    o.add_argument("--epochs", type=int, default=RLConfig.epochs,
+                   help="passes over a step's rollouts (default %(default)s)")
+    add_step_args(o, "linear warmup updates (default %(default)s)")  # the rollouts run in --compute-dtype too
+    p.set_defaults(**RL_OPTIMIZER)
     r = p.add_argument_group("run")
-    r.add_argument("--save-every", type=int, default=10, help="checkpoint interval in RL steps (default 10)")
-    r.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
-    r.add_argument("--seed", type=seed_arg, default=0, help="problem order and rollout seed (default 0)")
+    r.add_argument("--save-every", type=int, default=RLConfig.save_every,
+                   help="checkpoint interval in RL steps (default %(default)s)")
+    r.add_argument("--keep", type=int, default=RLConfig.keep, help="checkpoints kept (default %(default)s)")
+    r.add_argument("--seed", type=seed_arg, default=RLConfig.seed,
+                   help="problem order and rollout seed (default %(default)s)")
     add_run_args(r)

@@ -40,12 +40,52 @@ def model_setting(path: str, description: str) -> str:
     return description if is_demo_model(path) else os.path.abspath(path)
 
 
+DTYPES = ("float32", "bfloat16")  # what --dtype (weights as stored) and --compute-dtype offer
+
+
+class DeprecatedAlias(argparse.Action):
+    """A former spelling of an option: stores its value as the current spelling does, with a one-line
+    note on stderr. Hidden from --help."""
+
+    def __init__(self, option_strings, dest, use: str, **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.use = use
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {option_string} is deprecated; {self.use}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(parser, option: str, use: str, *, dest: str, **kwargs) -> None:
+    """Keeps ``option`` working as a hidden alias of ``dest``; ``use`` says what to write instead. The
+    alias has no default of its own (the current spelling's stands) unless ``kwargs`` gives one."""
+    kwargs.setdefault("default", argparse.SUPPRESS)
+    parser.add_argument(option, dest=dest, action=DeprecatedAlias, use=use, **kwargs)
+
+
+def add_model_arg(parser: argparse.ArgumentParser, default: str | None, *, former_option: bool = False) -> None:
+    """MODEL, the positional argument of every command that runs a model; ``former_option`` keeps the
+    ``--model`` spelling of the commands that took it as an option."""
+    kwargs = dict(nargs="?", metavar="MODEL", help="model directory (HF checkpoint or `zaya convert` output); "
+                                                   "default: the shipped demo model")
+    if not former_option:
+        parser.add_argument("model", default=default, **kwargs)
+        return
+    # Absent, the positional sets nothing: the default lives on --model, which it would otherwise overwrite.
+    parser.add_argument("model", default=argparse.SUPPRESS, **kwargs)
+    add_deprecated_alias(parser, "--model", "give the model directory as the positional MODEL", dest="model",
+                         default=default)
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """MODEL, --compute-dtype and --allow-non-finite of the commands that run a model to infer."""
     from .demo import DEFAULT_MODEL_DIR
 
-    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL_DIR,
-                        help="model directory (HF checkpoint or `zaya convert` output); default: the shipped demo model")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype (default: stored)")
+    add_model_arg(parser, DEFAULT_MODEL_DIR)
+    parser.add_argument("--compute-dtype", choices=DTYPES, default=None,
+                        help="dtype the forward runs in: the weights are cast to it as they load (default: as stored)")
+    add_deprecated_alias(parser, "--dtype", "use --compute-dtype (--dtype is the stored dtype: convert, train, rl)",
+                         dest="compute_dtype", choices=DTYPES)
     add_non_finite_arg(parser)
 
 
@@ -102,7 +142,7 @@ def _forward_command(args) -> int:
 
     from .model import forward
 
-    config, params, desc = resolve_model(args.model, args.dtype, args.allow_non_finite)
+    config, params, desc = resolve_model(args.model, args.compute_dtype, args.allow_non_finite)
     ids = parse_ids(args.prompt_ids)
     logits = np.asarray(forward(params, config, np.array([ids])))[0, -1]  # forward validates the ids
     top = np.argsort(-logits)[: args.top]

@@ -49,7 +49,7 @@ def _serve_command(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
-    config, params, desc = resolve_model(args.model, args.dtype)
+    config, params, desc = resolve_model(args.model, args.compute_dtype, args.allow_non_finite)
     mesh = None
     if args.mesh:
         mesh = sharding.make_mesh(**sharding.parse_mesh(args.mesh))

@@ -72,8 +72,8 @@ def main(argv=None) -> None:
     model_dir, data_file, stage2_file = build(args.out, args.examples, args.seed)
     print(f"wrote {model_dir}, {data_file} and {stage2_file}; the shipped model came from:")
     run1, run2 = os.path.join(args.out, "run"), os.path.join(args.out, "run2")
-    print(f"  zaya train --model {model_dir} --data {data_file} --out {run1} {TRAIN_ARGS[1]}")
-    print(f"  zaya train --model {os.path.join(run1, 'model')} --data {stage2_file} --out {run2} {TRAIN_ARGS[2]}")
+    print(f"  zaya train {model_dir} --data {data_file} --out {run1} {TRAIN_ARGS[1]}")
+    print(f"  zaya train {os.path.join(run1, 'model')} --data {stage2_file} --out {run2} {TRAIN_ARGS[2]}")
     print(f"  zaya export {os.path.join(run2, 'model')} zaya_jax/demo/model --force")
 
 

@@ -11,12 +11,12 @@ SOURCE = "held-out arithmetic problem"  # what errors call a problem's position 
 
 
 def register(subparsers) -> None:
-    from zaya_jax.cli import seed_arg
+    from zaya_jax.cli import add_model_arg, seed_arg
     from zaya_jax.infer.eval_cli import add_output_args
 
     p = subparsers.add_parser("demo", help="the trained demo model: single samples vs majority vote vs Markov RSA "
                                            "(zaya eval on held-out arithmetic problems)")
-    p.add_argument("--model", default=None, help="model directory (default: the demo model shipped in the package)")
+    add_model_arg(p, DEFAULT_MODEL_DIR, former_option=True)
     p.add_argument("--problems", type=int, default=64, help="held-out problems to solve (default 64)")
     p.add_argument("--population", type=int, default=DEMO_POPULATION, help=f"N (default {DEMO_POPULATION})")
     p.add_argument("--tails", type=int, default=data.TAILS, help=f"C (default {data.TAILS})")
@@ -43,7 +43,7 @@ def _demo_command(args) -> int:
     from zaya_jax.cli import model_setting, resolve_model
     from zaya_jax.infer.eval_cli import run, run_settings
 
-    path = args.model or DEFAULT_MODEL_DIR
+    path = args.model
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no demo model at {path}; build one as docs/demo_model.md says")
     if args.problems < 1:
