@@ -504,10 +504,13 @@ class Engine:
 
 
 def state_shardings(state: decode.SlotState, config: ZayaConfig, mesh) -> decode.SlotState:
-    """Shardings of a slot pool on ``mesh``: the cache as ``sharding.cache_shardings``, every per-slot field
-    split over the batch rule's axes. ``state`` may be abstract."""
-    rows = lambda a: shd.batch_sharding(mesh, a.ndim, batch=a.shape[0])  # noqa: E731
-    return state.replace(cache=shd.cache_shardings(state.cache, config, mesh),
+    """Shardings of a slot pool on ``mesh``: rows over ``data`` and ``expert`` (``sharding.SLOT_POOL``), or over
+    ``data`` alone when the slots do not divide over both; K/V heads as ``sharding.cache_shardings``.
+    ``state`` may be abstract."""
+    slots = state.token.shape[0]
+    rules = shd.SLOT_POOL if slots % (mesh.shape["data"] * mesh.shape["expert"]) == 0 else shd.INFERENCE
+    rows = lambda a: shd.batch_sharding(mesh, a.ndim, rules, batch=a.shape[0])  # noqa: E731
+    return state.replace(cache=shd.cache_shardings(state.cache, config, mesh, rules),
                          **{f: jax.tree.map(rows, getattr(state, f)) for f in decode.PER_SLOT})
 
 

@@ -35,7 +35,7 @@ def target(name: str):
 
 
 def scan_unroll() -> int | bool:
-    """The ``unroll`` of the project's own scans (layers, loss chunks, gradient accumulation): 1 but under
+    """The ``unroll`` of the project's own scans (layers, loss chunks, gradient accumulation, MoE tiles): 1 but under
     ``unrolled``."""
     return True if _UNROLL.get() else 1
 

@@ -13,6 +13,7 @@ import sys
 COMMAND_MODULES = (
     "zaya_jax.cli", "zaya_jax.demo.cli", "zaya_jax.convert.cli", "zaya_jax.infer.cli", "zaya_jax.infer.rsa_cli",
     "zaya_jax.infer.eval_cli", "zaya_jax.infer.serve.cli", "zaya_jax.train.cli", "zaya_jax.train.rl_cli",
+    "zaya_jax.plan_cli",
 )
 
 

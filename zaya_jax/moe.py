@@ -194,7 +194,7 @@ def _tile_scan(act, tiles, tile_expert, tile_used, gate_up, down):
         x_tile, e, used = xs
         return None, jax.lax.cond(used, lambda x: act(x @ gate_up[e]) @ down[e], jnp.zeros_like, x_tile)
 
-    return jax.lax.scan(step, None, (tiles, tile_expert, tile_used))[1]
+    return jax.lax.scan(step, None, (tiles, tile_expert, tile_used), unroll=backend.scan_unroll())[1]
 
 
 def _tile_scan_fwd(act, tiles, tile_expert, tile_used, gate_up, down):
@@ -218,7 +218,8 @@ def _tile_scan_bwd(act, residuals, d_out):
         return jax.lax.cond(used, run, lambda g: (g, jnp.zeros_like(x_tile)), grads)
 
     init = (jnp.zeros_like(gate_up), jnp.zeros_like(down))
-    (d_gate_up, d_down), d_tiles = jax.lax.scan(step, init, (tiles, tile_expert, tile_used, d_out))
+    (d_gate_up, d_down), d_tiles = jax.lax.scan(step, init, (tiles, tile_expert, tile_used, d_out),
+                                                unroll=backend.scan_unroll())
     return d_tiles, None, None, d_gate_up, d_down
 
 

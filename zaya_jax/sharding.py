@@ -29,7 +29,7 @@ from .model import init, logical_axes
 # AXES, ShardingError, make_mesh, parse_mesh, token_axes (mesh.py) and to_host (host.py) are re-exported
 # here for existing callers.
 __all__ = [
-    "AXES", "INFERENCE", "LOGICAL_AXES", "PRESETS", "TRAINING", "Rules", "ShardingError", "batch_sharding",
+    "AXES", "INFERENCE", "LOGICAL_AXES", "PRESETS", "SLOT_POOL", "TRAINING", "Rules", "ShardingError", "batch_sharding",
     "cache_shardings", "make_mesh", "param_shardings", "param_specs", "parse_mesh", "shard_params", "to_host",
     "token_axes",
 ]
@@ -125,6 +125,11 @@ INFERENCE = Rules.of({
     "moe_ffw": "tensor",
 })
 TRAINING = INFERENCE.replace(batch=("data", "fsdp"), embed="fsdp")
+# An engine's slot pool (the KV cache of every slot, the largest thing a server holds): rows over the expert
+# axis too. Attention is per row, so nothing but the MoE sees other rows, and it gathers its few tokens per
+# decode step over ``expert`` (ZAYA1-8B, 64 slots x 8192 tokens: a 21.5 GB cache, whole on every chip of
+# an expert=8 mesh without this).
+SLOT_POOL = INFERENCE.replace(batch=("data", "expert"))
 PRESETS = {"inference": INFERENCE, "training": TRAINING}
 
 
