@@ -44,7 +44,7 @@ def throughput(repeats: int) -> None:
     def engine_run():
         engine = Engine(params, config, slots=slots, max_len=384)
         out = engine.generate(prompts, max_new_tokens=max_new)
-        return out, engine.stats["tokens"] / engine.stats["slot_steps"]
+        return out, engine.stats()["slot_utilisation"]
 
     def static_run():
         tokens, steps = [], 0

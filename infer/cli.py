@@ -150,7 +150,7 @@ def _file_command(args) -> int:
                 continue
             engine.step()
             seconds = time.perf_counter() - start
-            bar.set_postfix_str(f"{engine.stats['tokens'] / seconds:.0f} tok/s, {engine.running}/{engine.slots} slots")
+            bar.set_postfix_str(f"{engine.stats()['decode_tokens'] / seconds:.0f} tok/s, {engine.running}/{engine.slots} slots")
     finally:
         bar.close()
         if args.out:

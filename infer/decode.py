@@ -34,12 +34,10 @@ from zaya_jax.config import ZayaConfig
 from zaya_jax.model import INFERENCE_COMPILER_OPTIONS, apply, cached_context, head_kernel
 
 from .sampling import SamplingParams, sample, step_keys, token_logprobs
+from .scheduler import StopReason
 
 Array = jax.Array
-
-# Why a slot stopped, as stored in SlotState.reason. IDLE: no request has used the slot yet.
-RUNNING, STOP_TOKEN, MAX_NEW_TOKENS, CACHE_FULL, NON_FINITE, CANCELLED, IDLE = range(7)
-STOP_REASONS = ("running", "stop_token", "max_new_tokens", "cache_full", "non_finite", "cancelled", "idle")
+RUNNING, STOP_TOKEN, MAX_NEW_TOKENS, CACHE_FULL, NON_FINITE, CANCELLED, IDLE = StopReason  # SlotState.reason
 
 
 # Traces of each inference program by name: a trace precedes every compile, so tests bound recompiles with it.
