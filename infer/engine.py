@@ -41,6 +41,7 @@ from . import decode
 from .sampling import SEED_MAX, SEED_MIN, SamplingParams, check_knobs
 from .scheduler import (
     MIN_PROMPT_BUCKET,
+    PREFIX_BLOCK,
     DecodeBatch,
     Group,
     PoolSizes,
@@ -124,12 +125,17 @@ class Engine:
     as the params are sharded); without one, a mesh set with ``jax.set_mesh`` applies as to any jit; prefill_chunk: prompt tokens per
     prefill call and row; prefill_tokens: tokens (rows x chunk) per prefill call at most; max_stop_ids:
     stop tokens a request may have; record: keep every request's routing and sampled tokens'
-    log-probs (``Request.routes`` / ``.logprobs``; RL rollouts replay and score them).
+    log-probs (``Request.routes`` / ``.logprobs``; RL rollouts replay and score them); prefix_cache: keep
+    prompts' keys, values and CCA states in blocks of ``PREFIX_BLOCK`` tokens, so a prompt that starts
+    like an earlier one prefills only the rest (``scheduler.PrefixCache``; off on a recording engine or
+    a mesh); prefix_cache_tokens: its size in tokens, evicted least recently used (default: a quarter of
+    the pool's ``slots x max_len``; ``prefix_cache_bytes`` says what it takes).
     """
 
     def __init__(self, params, config: ZayaConfig, *, slots: int = 64, max_len: int | None = None,
                  decode_steps: int = 16, moe_impl: str = "auto", mesh=None, prefill_chunk: int = 512,
-                 prefill_tokens: int = 4096, max_stop_ids: int = 16, record: bool = False):
+                 prefill_tokens: int = 4096, max_stop_ids: int = 16, record: bool = False, prefix_cache: bool = True,
+                 prefix_cache_tokens: int | None = None):
         pool = PoolShape.of(config, slots=slots, max_len=max_len, decode_steps=decode_steps,
                             prefill_chunk=prefill_chunk, prefill_tokens=prefill_tokens, max_stop_ids=max_stop_ids,
                             record=record)
@@ -140,14 +146,24 @@ class Engine:
         self.moe_impl = moe_impl
         self.mesh = mesh  # None: whatever mesh the caller set with jax.set_mesh applies, as to any jit
         self._dtype = compute_dtype(params)
-        check_fits(pool.state_bytes(config, self._dtype), jax.devices() if mesh is None else mesh.devices.flat,
-                   f"the engine's slot state ({self.slots:,} slots x {self._cache_len:,} cache tokens)")
+        if prefix_cache_tokens is None:
+            prefix_cache_tokens = pool.slots * pool.cache_len // 4
+        elif not is_integer(prefix_cache_tokens) or prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens must be an integer >= 0, got {prefix_cache_tokens!r}")
+        blocks = prefix_cache_tokens // PREFIX_BLOCK if prefix_cache and not record and mesh is None else 0
+        store = lambda: init_cache(config, blocks, PREFIX_BLOCK, self._dtype)  # noqa: E731
+        self.prefix_cache_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(jax.eval_shape(store)))
+        check_fits(pool.state_bytes(config, self._dtype) + self.prefix_cache_bytes,
+                   jax.devices() if mesh is None else mesh.devices.flat,
+                   f"the engine's slot state ({self.slots:,} slots x {self._cache_len:,} cache tokens) and prefix "
+                   f"cache ({blocks * PREFIX_BLOCK:,} tokens)")
         with self._mesh_context():
             state = pool.new_state(config, self._dtype)
             if self.mesh is not None:
                 state = jax.device_put(state, state_shardings(state, config, mesh))
         self._state = state
-        self._scheduler = Scheduler(pool)
+        self._store = store() if blocks else None
+        self._scheduler = Scheduler(pool, blocks)
         self._ids = itertools.count()
         self._counts: collections.Counter = collections.Counter()  # see stats()
 
@@ -313,24 +329,41 @@ class Engine:
         """Runs ``group``'s prefill and starts its requests in their slots; returns an ``on_update`` error."""
         S, C, G = group.bucket, group.chunk, group.rows
         V = self.config.vocab_size
+        every = PREFIX_BLOCK if self._store is not None else 0
         with self._mesh_context():
             cache = init_cache(self.config, G, S, self._dtype)
+            if any(p.cached for p in group.prefills):
+                table, count = np.zeros((G, S // PREFIX_BLOCK), np.int32), np.zeros((G,), np.int32)
+                for g, p in enumerate(group.prefills):
+                    table[g, : len(p.cached)], count[g] = p.cached, len(p.cached)
+                cache = decode.load_prefix_compiled(cache, self._store, jnp.asarray(table), jnp.asarray(count))
             last = jnp.zeros((G, V), jnp.float32)
             routes = np.zeros((G, S, self.config.num_hidden_layers), np.int32) if self.record else None
-            longest = max(len(p.prompt) for p in group.prefills)
-            for start in range(0, longest, C):
+            rest = [p.prompt[p.start:] for p in group.prefills]
+            states = []
+            for start in range(0, max(len(r) for r in rest), C):
                 tokens, new_len = np.zeros((G, C), np.int32), np.zeros((G,), np.int32)
-                for g, p in enumerate(group.prefills):
-                    piece = p.prompt[start:start + C]
+                for g, r in enumerate(rest):
+                    piece = r[start:start + C]
                     tokens[g, : len(piece)], new_len[g] = piece, len(piece)
                 out = decode.prefill_chunk_compiled(self.params, self.config, cache, jnp.asarray(tokens),
                                                     jnp.asarray(new_len), last, moe_impl=self.moe_impl,
-                                                    record=self.record)
+                                                    record=self.record, state_every=every)
                 last, cache = out[:2]
                 if self.record:
                     # The last chunk may run past a bucket capped at the cache length (S % C != 0).
                     routes[:, start:start + C] = to_host(out[2])[:, :S - start]
+                if every:
+                    states.append(out[-1])
                 self._counts["prefill_calls"] += 1
+            saves = [(g, j, p.start // PREFIX_BLOCK, b) for g, p in enumerate(group.prefills) for j, b in p.save]
+            if saves:
+                n = G * (S // PREFIX_BLOCK)  # one save program per prefill shape
+                index = np.zeros((4, n), np.int32)
+                index[3] = self._store.k.shape[1]  # padding: dropped
+                index[:, : len(saves)] = np.asarray(saves, np.int32).T
+                joined = tuple(jnp.concatenate(parts, axis=2) for parts in zip(*states))
+                self._store = decode.save_prefix_compiled(self._store, cache, joined, *map(jnp.asarray, index))
             self._count_prefill(group)
             self._scheduler.prefilled(group)
 
@@ -379,7 +412,7 @@ class Engine:
         with self._mesh_context():
             self._state, out = decode.decode_compiled(self.params, self.config, self._state, jnp.asarray(cancel),
                                                       steps=self.decode_steps, active=batch.active,
-                                                      moe_impl=self.moe_impl)
+                                                      span=batch.span, moe_impl=self.moe_impl)
         out, reason = to_host(out), to_host(self._state.reason)
         emitted = out >= 0
         self._counts.update(decode_calls=1, decode_steps=int(emitted.any(axis=0).sum()),

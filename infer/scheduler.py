@@ -365,14 +365,13 @@ class Scheduler:
             requests.append(queue.popleft())
         if not queue:
             del self.waiting[S]
-        prefills, pinned = [], []
-        for prompt in rows:
-            cached, save = [], []
-            if self.prefix is not None:
-                path = self.prefix.lookup(prompt)
-                nodes, save = self.prefix.reserve(prompt, path)
-                cached, pinned = [n.block for n in path], pinned + path + nodes
-            prefills.append(Prefill(prompt=prompt, cached=cached, save=save))
+        prefills, pinned = [Prefill(prompt=prompt, cached=[], save=[]) for prompt in rows], []
+        if self.prefix is not None:
+            # Every lookup before any reservation: a block this group saves is not there for its own prefill.
+            paths = [self.prefix.lookup(p.prompt) for p in prefills]
+            for p, path in zip(prefills, paths):
+                nodes, p.save = self.prefix.reserve(p.prompt, path)
+                p.cached, pinned = [n.block for n in path], pinned + path + nodes
         rest = max(len(p.prompt) - p.start for p in prefills)
         return Group(bucket=S, rows=self.pool.rows(len(rows)), chunk=self.pool.chunk(S, rest), prefills=prefills,
                      requests=requests, row_of=[rows[r.prompt] for r in requests], _pinned=pinned)

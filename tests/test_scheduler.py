@@ -143,3 +143,19 @@ def test_stop_reasons_have_one_label_and_one_finish_reason_each():
         "stop_token": "stop", "max_new_tokens": "length", "cache_full": "length", "non_finite": "error",
         "cancelled": "abort"}
     assert StopReason.of("cache_full") is StopReason.CACHE_FULL and int(StopReason.CANCELLED) == 5
+
+
+def test_prompts_of_one_group_never_load_blocks_that_group_saves():
+    s = Scheduler(pool(slots=4, cache_len=256, prefill_chunk=256, prefill_tokens=1024), prefix_blocks=16)
+    shared = list(range(1, 2 * PREFIX_BLOCK + 1))
+    a, b = request(0, shared + [5] * 3), request(1, shared + [6] * 3)
+    s.add(a)
+    s.add(b)
+    (group,) = s.schedule().groups
+    pa, pb = group.prefills
+    assert pa.cached == pb.cached == [] and [j for j, _ in pa.save] == [0, 1] and pb.save == []
+    s.prefilled(group)
+    c = request(2, shared + [7])
+    s.add(c)
+    (pc,) = s.schedule().groups[0].prefills
+    assert pc.cached == [blk for _, blk in pa.save]
