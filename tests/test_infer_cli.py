@@ -241,5 +241,6 @@ def test_prompts_file_of_shared_prefixes_reports_its_prefix_hits(capsys, model_d
     code, out, err = run(capsys, str(model_dir), "--prompts-file", str(file), "--max-new-tokens", "2", "--slots", "1",
                          "--no-progress")
     assert code == 0 and len(out.splitlines()) == 3
-    # One slot: the first prompt prefills whole, the other two start from its two cached blocks.
-    assert "prefix cache: 2 hit(s), 64 of 123 prompt tokens served from it; 59 prefilled" in err
+    # One slot: the first prompt prefills whole, the other two start from its cached block (the default prefix
+    # cache, a quarter of 1 slot x 64 tokens, holds one 16-token block).
+    assert "prefix cache: 2 hit(s), 32 of 123 prompt tokens served from it; 91 prefilled" in err
