@@ -1,17 +1,25 @@
-"""The engine at dataset scale: throughput and slot utilisation against static batches, memory against
-workload size, and Markov RSA over many problems.
+"""The engine at dataset scale: throughput and slot utilisation against static batches, cost against
+max_len, the prefix cache's time to first token, memory against workload size, and Markov RSA over
+many problems.
 
-    python bench/engine_bench.py throughput [--repeats 3]   # bench-124M float32, 256 prompts, 16 slots
+    python bench/engine_bench.py throughput [--repeats 3] [--prompts 256]  # bench-124M float32, 16 slots
+    python bench/engine_bench.py sweep [--repeats 3]        # the same engine at max_len 512 .. 8192
+    python bench/engine_bench.py ttft [--repeats 3]         # a 1,024-token prefix cached vs not
     python bench/engine_bench.py rss                         # peak RSS, 1,000 vs 10,000 prompts (demo model)
     python bench/engine_bench.py rsa [--slots 128]           # Markov RSA, 64 demo problems, N=16, T=2
 
-throughput: 256 prompts of 16-128 tokens, max_new_tokens uniform in 8..256 (no stop tokens), on the
-engine with 16 slots against ``generate`` over consecutive chunks of 16 (static batches: a chunk runs
-until its longest request ends). New tokens/s as medians over repeats after a warm-up, and slot
-utilisation = real new tokens / (slots x decode steps run). rss: ``zaya generate --prompts-file`` in a
-fresh process per size, peak RSS (VmHWM). rsa: generated tokens/s and accuracy; ``--slots`` is passed
-only when given, so the same script measures a checkout whose markov_rsa has no engine (the lockstep
-baseline).
+throughput: prompts of 16-128 tokens, max_new_tokens uniform in 8..256 (no stop tokens), on the engine
+with 16 slots and the default max_len (the context, 8,192) against ``generate`` over consecutive chunks
+of 16 (static batches: a chunk runs until its longest request ends; ``generate`` fits max_len to the
+chunk). New tokens/s as medians over repeats after a warm-up, and slot utilisation = real new tokens /
+(slots x decode steps run). sweep: 32 prompts of 16-128 tokens, 8-128 new tokens, 16 slots, the same
+workload at each max_len, runs alternating; tokens/s relative to max_len 512. ttft: one request of a
+1,024-token prefix and 32 tokens of its own, max_new_tokens 1, on an engine whose prefix cache holds
+the prefix (an earlier request's) against one without a prefix cache; runs alternate. rss: ``zaya
+generate --prompts-file`` in a fresh process per size, peak RSS (VmHWM). rsa: generated tokens/s and
+accuracy with the prefix cache on and off, and the share of prompt tokens (round 0's questions and
+the aggregation prompts) served from it; ``--slots`` is passed only when given, so the same script
+measures a checkout whose markov_rsa has no engine (the lockstep baseline).
 """
 
 from __future__ import annotations
@@ -29,22 +37,27 @@ import jax
 import numpy as np
 
 
-def throughput(repeats: int) -> None:
+def bench_model(context: int = 8192):
     import zaya_jax
     from zaya_jax.bench_configs import CONFIGS
+
+    config = zaya_jax.ZayaConfig(**CONFIGS["bench-124M"], eos_token_id=(), max_position_embeddings=context)
+    return config, zaya_jax.init(config, jax.random.key(0))
+
+
+def throughput(repeats: int, count: int) -> None:
     from zaya_jax.infer import Engine, generate
 
-    config = zaya_jax.ZayaConfig(**CONFIGS["bench-124M"], eos_token_id=(), max_position_embeddings=512)
-    params = zaya_jax.init(config, jax.random.key(0))
+    config, params = bench_model()
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(10, config.vocab_size, rng.integers(16, 129)).tolist() for _ in range(256)]
-    max_new = rng.integers(8, 257, 256).tolist()
+    prompts = [rng.integers(10, config.vocab_size, rng.integers(16, 129)).tolist() for _ in range(count)]
+    max_new = rng.integers(8, 257, count).tolist()
     slots = 16
 
     def engine_run():
-        engine = Engine(params, config, slots=slots, max_len=384)
+        engine = Engine(params, config, slots=slots)
         out = engine.generate(prompts, max_new_tokens=max_new)
-        return out, engine.stats["tokens"] / engine.stats["slot_steps"]
+        return out, engine.stats()["slot_utilisation"]
 
     def static_run():
         tokens, steps = [], 0
@@ -66,14 +79,73 @@ def throughput(repeats: int) -> None:
             fn()
             rates[name].append(total / (time.perf_counter() - t))
     engine_rate, static_rate = statistics.median(rates["engine"]), statistics.median(rates["static"])
-    print(f"bench-124M float32, 256 prompts (16-128 tokens), max_new_tokens 8..256, {slots} slots, "
-          f"{jax.device_count()} device(s), median of {repeats}")
+    print(f"bench-124M float32, {count} prompts (16-128 tokens), max_new_tokens 8..256, {slots} slots, engine "
+          f"max_len {config.max_position_embeddings}, {jax.device_count()} device(s), median of {repeats}")
     print("| | new tokens/s | slot utilisation |")
     print("| --- | ---: | ---: |")
     print(f"| generate, static chunks of {slots} | {static_rate:,.0f} | {static_util:.0%} |")
-    print(f"| Engine, {slots} slots | {engine_rate:,.0f} | {engine_util:.0%} |")
+    print(f"| Engine, {slots} slots, default max_len | {engine_rate:,.0f} | {engine_util:.0%} |")
     print(f"| ratio | {engine_rate / static_rate:.2f}x | |")
     print(f"requests whose greedy tokens are identical in both: {agree:.0%}")
+
+
+def sweep(repeats: int) -> None:
+    from zaya_jax.infer import Engine
+
+    config, params = bench_model()
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(10, config.vocab_size, rng.integers(16, 129)).tolist() for _ in range(32)]
+    max_new = rng.integers(8, 129, 32).tolist()
+    lengths = (512, 1024, 2048, 4096, 8192)
+
+    def run(max_len):  # a fresh engine each time: the same work every run
+        engine = Engine(params, config, slots=16, max_len=max_len)
+        t = time.perf_counter()
+        out = engine.generate(prompts, max_new_tokens=max_new)
+        return sum(len(t) for t in out.tokens) / (time.perf_counter() - t)
+
+    for n in lengths:
+        run(n)  # warm-up: compiles
+    rates = {n: [] for n in lengths}
+    for _ in range(repeats):  # alternate, so every max_len sees the same machine state
+        for n in lengths:
+            rates[n].append(run(n))
+    print(f"bench-124M float32, 32 prompts (16-128 tokens), 8-128 new tokens, 16 slots, median of {repeats}")
+    print("| max_len | new tokens/s | vs 512 |")
+    print("| ---: | ---: | ---: |")
+    base = statistics.median(rates[512])
+    for n in lengths:
+        rate = statistics.median(rates[n])
+        print(f"| {n:,} | {rate:,.0f} | {rate / base:.2f}x |")
+
+
+def ttft(repeats: int) -> None:
+    from zaya_jax.infer import Engine
+
+    config, params = bench_model()
+    rng = np.random.default_rng(0)
+    prefix = rng.integers(10, config.vocab_size, 1024).tolist()
+    tail = lambda: rng.integers(10, config.vocab_size, 32).tolist()  # noqa: E731
+    cached = Engine(params, config, slots=16, max_len=2048)
+    plain = Engine(params, config, slots=16, max_len=2048, prefix_cache=False)
+    for engine in (cached, plain):  # warm-up: compiles; the cached engine now holds the prefix
+        engine.generate([prefix + tail()], max_new_tokens=1)
+        engine.generate([prefix + tail()], max_new_tokens=1)
+    times = {"cached": [], "plain": []}
+    for _ in range(repeats):
+        for name, engine in (("cached", cached), ("plain", plain)):
+            prompt = prefix + tail()
+            t = time.perf_counter()
+            engine.generate([prompt], max_new_tokens=1)
+            times[name].append(time.perf_counter() - t)
+    assert cached.stats()["prefix_hits"] >= repeats
+    c, p = statistics.median(times["cached"]), statistics.median(times["plain"])
+    print(f"bench-124M float32, a 1,024-token prefix + 32 tokens, first token, median of {repeats}")
+    print("| | time to first token |")
+    print("| --- | ---: |")
+    print(f"| prefix not cached | {p * 1e3:,.0f} ms |")
+    print(f"| prefix cached | {c * 1e3:,.0f} ms |")
+    print(f"| ratio | {c / p:.2f}x |")
 
 
 def rss() -> None:
@@ -106,6 +178,7 @@ def rss() -> None:
 def rsa(slots: int | None, problems: int) -> None:
     from zaya_jax import load
     from zaya_jax.demo import DEFAULT_MODEL_DIR, DEMO_POPULATION, DEMO_ROUNDS, DEMO_TEMPERATURE, arith, data
+    from zaya_jax.infer import Engine
     from zaya_jax.infer.rsa import TokenTemplate, extract_boxed, markov_rsa
     from zaya_jax.infer.tokenizer import Tokenizer
 
@@ -115,16 +188,35 @@ def rsa(slots: int | None, problems: int) -> None:
     questions = [tokenizer.encode(p.question, add_special_tokens=False) for p in held]
     template = TokenTemplate.from_tokenizer(data.TEMPLATE, data.TAILS, tokenizer)
     extra = {} if slots is None else {"slots": slots}
+    rows = min(1 << (problems * DEMO_POPULATION - 1).bit_length(), 64) if slots is None else slots
 
-    def run(seed):
-        return markov_rsa(params, config, questions, population=DEMO_POPULATION, tails=data.TAILS,
-                          rounds=DEMO_ROUNDS, budget=data.BUDGET, tail_tokens=data.TAIL_TOKENS,
-                          temperature=DEMO_TEMPERATURE, seed=seed, template=template, tokenizer=tokenizer, **extra)
+    def run(seed, **engine):
+        if engine:  # an engine of markov_rsa's default size, with the prefix cache on or off
+            extra["engine"] = Engine(params, config, slots=rows, **engine)
+        result = markov_rsa(params, config, questions, population=DEMO_POPULATION, tails=data.TAILS,
+                            rounds=DEMO_ROUNDS, budget=data.BUDGET, tail_tokens=data.TAIL_TOKENS,
+                            temperature=DEMO_TEMPERATURE, seed=seed, template=template, tokenizer=tokenizer, **extra)
+        return result, extra.get("engine")
 
-    run(0)  # warm-up: compiles
-    t = time.perf_counter()
-    result = run(1)
-    seconds = time.perf_counter() - t
+    if hasattr(Engine, "stats"):  # a checkout with the prefix cache: on against off, one run each
+        # Warm-up without it: the run with it then also compiles its prefill programs (counted against it).
+        run(0, prefix_cache=False)
+        rates = {}
+        for on in (False, True):
+            t = time.perf_counter()
+            result, engine = run(1, prefix_cache=on)
+            seconds = time.perf_counter() - t
+            rates[on] = result.generated_tokens / seconds
+        stats = engine.stats()
+        print(f"prefix cache on: {rates[True]:,.0f} generated tokens/s, off: {rates[False]:,.0f} "
+              f"({rates[True] / rates[False]:.2f}x); {stats['prefix_tokens'] / stats['prompt_tokens']:.1%} of "
+              f"{stats['prompt_tokens']:,} prompt tokens served from it ({stats['prefix_hits']:,} of "
+              f"{stats['prefill_rows']:,} prefills started there)")
+    else:
+        run(0)  # warm-up: compiles
+        t = time.perf_counter()
+        result, _ = run(1)
+        seconds = time.perf_counter() - t
     first = np.mean([extract_boxed(tokenizer.decode(c)) == p.answer for p, row in zip(held, result.rounds[0].candidates)
                      for c in row])
     last = np.mean([a == p.answer for p, row in zip(held, result.answers) for a in row])
@@ -136,13 +228,18 @@ def rsa(slots: int | None, problems: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("throughput", "rss", "rsa"))
+    parser.add_argument("part", choices=("throughput", "sweep", "ttft", "rss", "rsa"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--slots", type=int, default=None, help="rsa: engine slots (default: not passed)")
     parser.add_argument("--problems", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=256, help="throughput: prompts")
     args = parser.parse_args()
     if args.part == "throughput":
-        throughput(args.repeats)
+        throughput(args.repeats, args.prompts)
+    elif args.part == "sweep":
+        sweep(args.repeats)
+    elif args.part == "ttft":
+        ttft(args.repeats)
     elif args.part == "rss":
         rss()
     else:

@@ -150,11 +150,14 @@ def _file_command(args) -> int:
                 continue
             engine.step()
             seconds = time.perf_counter() - start
-            bar.set_postfix_str(f"{engine.stats['tokens'] / seconds:.0f} tok/s, {engine.running}/{engine.slots} slots")
+            bar.set_postfix_str(f"{engine.stats()['decode_tokens'] / seconds:.0f} tok/s, {engine.running}/{engine.slots} slots")
     finally:
         bar.close()
         if args.out:
             sink.close()
+    stats = engine.stats()
+    print(f"prefix cache: {stats['prefix_hits']} hit(s), {stats['prefix_tokens']:,} of {stats['prompt_tokens']:,} "
+          f"prompt tokens served from it; {stats['prefill_tokens']:,} prefilled", file=sys.stderr)
     if counts["error"] or counts["non_finite"]:
         print(f"{counts['error']} line(s) with errors, {counts['non_finite']} with non-finite logits (see their "
               "records)", file=sys.stderr)

@@ -34,12 +34,10 @@ from zaya_jax.config import ZayaConfig
 from zaya_jax.model import INFERENCE_COMPILER_OPTIONS, apply, cached_context, head_kernel
 
 from .sampling import SamplingParams, sample, step_keys, token_logprobs
+from .scheduler import StopReason
 
 Array = jax.Array
-
-# Why a slot stopped, as stored in SlotState.reason. IDLE: no request has used the slot yet.
-RUNNING, STOP_TOKEN, MAX_NEW_TOKENS, CACHE_FULL, NON_FINITE, CANCELLED, IDLE = range(7)
-STOP_REASONS = ("running", "stop_token", "max_new_tokens", "cache_full", "non_finite", "cancelled", "idle")
+RUNNING, STOP_TOKEN, MAX_NEW_TOKENS, CACHE_FULL, NON_FINITE, CANCELLED, IDLE = StopReason  # SlotState.reason
 
 
 # Traces of each inference program by name: a trace precedes every compile, so tests bound recompiles with it.
@@ -105,15 +103,17 @@ def init_slots(cache: KVCache, stop_width: int, record: bool = False) -> SlotSta
 
 
 def prefill_chunk(params, config: ZayaConfig, cache: KVCache, tokens: Array, new_len: Array, last: Array, *,
-                  moe_impl: str = "auto", record: bool = False):
+                  moe_impl: str = "auto", record: bool = False, state_every: int = 0):
     """Appends one chunk of right-padded prompts to ``cache`` (a small [layers, G, S] prefill cache).
 
     tokens: [G, C] int32, row g's next ``new_len[g]`` tokens first; last: [G, V] float32 logits after
     each row's tokens so far. Returns (last logits [G, V] — updated for rows with new tokens —, cache),
-    and with ``record`` the chunk's routes [G, C, L] int32 as a third item. The LM head runs on each
-    row's last new token only.
+    then with ``record`` the chunk's routes [G, C, L] int32, then with ``state_every`` the CCA states
+    after every ``state_every`` tokens of the chunk (``CCAProjection``: conv [L, G, C // e, Kc, C'] and
+    v_prev [L, G, C // e, kv_dim / 2], in the cache's storage). The LM head runs on each row's last
+    new token only.
     """
-    ctx = cached_context(cache, tokens.shape[1], new_len)
+    ctx = cached_context(cache, tokens.shape[1], new_len, state_every=state_every)
     hidden, cache, aux = apply(params, config, tokens, ctx, cache, moe_impl=moe_impl, return_hidden=True)
     end = jnp.maximum(new_len - 1, 0)[:, None, None]
     h = jnp.take_along_axis(hidden, end, axis=1)[:, 0]  # [G, D]
@@ -121,9 +121,47 @@ def prefill_chunk(params, config: ZayaConfig, cache: KVCache, tokens: Array, new
         logits = jnp.einsum("gd,dv->gv", h, head_kernel(params, config).astype(h.dtype),
                             preferred_element_type=jnp.float32)
     last = jnp.where(new_len[:, None] > 0, logits, last)
+    out = (last, cache)
     if record:
-        return last, cache, aux["routes"].transpose(1, 2, 0)
-    return last, cache
+        out += (aux["routes"].transpose(1, 2, 0),)
+    if state_every:
+        out += (aux["states"],)
+    return out
+
+
+def load_prefix(cache: KVCache, store: KVCache, table: Array, count: Array) -> KVCache:
+    """Starts prefill rows from the prefix cache: row g of ``cache`` (a fresh [layers, G, S] prefill cache)
+    gets the keys and values of store blocks ``table[g, :count[g]]`` in its first ``count[g] x P`` slots,
+    and the CCA state at the end of the last of them.
+
+    store: [layers, N, P] blocks of P tokens, each with the state at its end (``conv``, ``v_prev``);
+    table: [G, S // P] int32 block ids (any id past ``count``); count: [G] int32.
+    """
+    L, G, S = cache.k.shape[:3]
+    P = store.k.shape[2]
+    held = jnp.arange(S)[None, :] < (count * P)[:, None]  # [G, S]
+    tokens = lambda a, b: jnp.where(held[None, :, :, None, None], a[:, table].reshape(b.shape), b)  # noqa: E731
+    end = table[jnp.arange(G), jnp.maximum(count - 1, 0)]
+    state = lambda a, b: jnp.where((count > 0).reshape((1, G) + (1,) * (b.ndim - 2)), a[:, end], b)  # noqa: E731
+    return cache.replace(k=tokens(store.k, cache.k), v=tokens(store.v, cache.v), conv=state(store.conv, cache.conv),
+                         v_prev=state(store.v_prev, cache.v_prev), lengths=count * P)
+
+
+def save_prefix(store: KVCache, cache: KVCache, states, row: Array, block: Array, since: Array, dst: Array) -> KVCache:
+    """Writes prefix-cache blocks: store block ``dst[i]`` gets block ``block[i]`` (slots ``block[i] x P`` ..
+    ``+ P``) of prefill row ``row[i]`` of ``cache``, and the CCA state after it, ``states`` entry
+    ``block[i] - since[i]`` (the row's prefill started at block ``since[i]``); entries with ``dst[i] >= N``
+    are padding.
+
+    states: (conv [L, G, E, Kc, C], v_prev [L, G, E, kv_dim / 2]): ``prefill_chunk``'s, chunks joined.
+    """
+    P = store.k.shape[2]
+    slots = block[:, None] * P + jnp.arange(P)[None, :]  # [I, P]
+    put = lambda a, v: a.at[:, dst].set(v, mode="drop")  # noqa: E731
+    conv, v_prev = states
+    return store.replace(k=put(store.k, cache.k[:, row[:, None], slots]), v=put(store.v, cache.v[:, row[:, None], slots]),
+                         conv=put(store.conv, conv[:, row, block - since]),
+                         v_prev=put(store.v_prev, v_prev[:, row, block - since]))
 
 
 def insert(state: SlotState, cache: KVCache, logits: Array, src: Array, dst: Array, count: Array, keys: Array,
@@ -182,18 +220,21 @@ def _choose(logits, sampling, keys, num_new, held, max_new, stop_ids, limit):
 
 
 def decode(params, config: ZayaConfig, state: SlotState, cancel: Array, *, steps: int, active: int | None = None,
-           moe_impl: str = "auto"):
+           span: int | None = None, moe_impl: str = "auto"):
     """Up to ``steps`` decode steps of every running slot in one ``lax.while_loop`` (fewer once none runs).
 
     cancel: [M] bool, running slots to stop first (reason CANCELLED). active: decode slots ``[0, active)``
     only (the engine keeps its requests in the lowest slots, so a lone request costs one row, not M);
-    the rest are left as they are. Returns (state, emitted [M, steps] int32 — the token a slot emitted
-    at each step, -1 where it emitted none).
+    the rest are left as they are. span: attend over cache slots ``[0, span)`` only, so a step costs what
+    the rows hold, not T; every running row must hold at most ``span - steps`` tokens (its reads and
+    writes then stay inside). Returns (state, emitted [M, steps] int32 — the token a slot emitted at each
+    step, -1 where it emitted none).
     """
     M = state.token.shape[0]
     state = state.replace(reason=jnp.where(cancel & (state.reason == RUNNING), CANCELLED, state.reason))
     if active is not None and active < M:
-        window, out = decode(params, config, _rows(state, active), cancel[:active], steps=steps, moe_impl=moe_impl)
+        window, out = decode(params, config, _rows(state, active, span), cancel[:active], steps=steps,
+                             moe_impl=moe_impl)
         return _put_rows(state, window), jnp.full((M, steps), -1, jnp.int32).at[:active].set(out)
     out = jnp.full((M, steps), -1, jnp.int32)
 
@@ -204,7 +245,7 @@ def decode(params, config: ZayaConfig, state: SlotState, cancel: Array, *, steps
     def body(carry):
         i, s, out = carry
         running = s.reason == RUNNING
-        ctx = cached_context(s.cache, 1, running.astype(jnp.int32))
+        ctx = cached_context(s.cache, 1, running.astype(jnp.int32), keys=span)
         logits, cache, aux = apply(params, config, s.token[:, None], ctx, s.cache, moe_impl=moe_impl)
         token, reason = _choose(logits[:, 0], s.sampling, s.keys, s.num_new, cache.lengths, s.max_new, s.stop_ids,
                                 s.limit)
@@ -229,25 +270,30 @@ def decode(params, config: ZayaConfig, state: SlotState, cancel: Array, *, steps
 PER_SLOT = ("token", "num_new", "reason", "keys", "sampling", "max_new", "limit", "stop_ids", "routes", "logprobs")
 
 
-def _rows(state: SlotState, n: int) -> SlotState:
-    """Slots ``[0, n)`` of the pool (cache rows are axis 1 of the layer-stacked arrays)."""
+def _rows(state: SlotState, n: int, span: int | None = None) -> SlotState:
+    """Slots ``[0, n)`` of the pool, their cache cut to its first ``span`` slots (default all; cache rows
+    are axis 1 of the layer-stacked arrays)."""
     c = state.cache
-    cache = c.replace(k=c.k[:, :n], v=c.v[:, :n], conv=c.conv[:, :n], v_prev=c.v_prev[:, :n], lengths=c.lengths[:n])
+    cache = c.replace(k=c.k[:, :n, :span], v=c.v[:, :n, :span], conv=c.conv[:, :n], v_prev=c.v_prev[:, :n],
+                      lengths=c.lengths[:n])
     return state.replace(cache=cache, **{f: jax.tree.map(lambda a: a[:n], getattr(state, f)) for f in PER_SLOT})
 
 
 def _put_rows(state: SlotState, window: SlotState) -> SlotState:
-    """``state`` with slots ``[0, n)`` replaced by ``window`` (updated in place: the pool is donated)."""
+    """``state`` with slots ``[0, n)`` (their first ``span`` cache slots) replaced by ``window`` (updated in
+    place: the pool is donated)."""
     c, w = state.cache, window.cache
-    n = w.lengths.shape[0]
-    cache = c.replace(k=c.k.at[:, :n].set(w.k), v=c.v.at[:, :n].set(w.v), conv=c.conv.at[:, :n].set(w.conv),
+    n, span = w.lengths.shape[0], w.max_len
+    cache = c.replace(k=c.k.at[:, :n, :span].set(w.k), v=c.v.at[:, :n, :span].set(w.v), conv=c.conv.at[:, :n].set(w.conv),
                       v_prev=c.v_prev.at[:, :n].set(w.v_prev), lengths=c.lengths.at[:n].set(w.lengths))
     put = lambda a, b: a.at[:n].set(b)  # noqa: E731
     return state.replace(cache=cache, **{f: jax.tree.map(put, getattr(state, f), getattr(window, f)) for f in PER_SLOT})
 
 
-prefill_chunk_compiled = inference_jit(prefill_chunk, static_argnames=("config", "moe_impl", "record"),
+prefill_chunk_compiled = inference_jit(prefill_chunk, static_argnames=("config", "moe_impl", "record", "state_every"),
                                        donate_argnames=("cache", "last"))
+load_prefix_compiled = inference_jit(load_prefix, donate_argnames=("cache",))
+save_prefix_compiled = inference_jit(save_prefix, donate_argnames=("store",))
 insert_compiled = inference_jit(insert, donate_argnames=("state",))
-decode_compiled = inference_jit(decode, static_argnames=("config", "steps", "active", "moe_impl"),
+decode_compiled = inference_jit(decode, static_argnames=("config", "steps", "active", "span", "moe_impl"),
                                 donate_argnames=("state",))

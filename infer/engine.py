@@ -20,8 +20,8 @@ Not thread-safe: one thread drives it (``step``, or ``generate`` / ``stream``, w
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
-import heapq
 import itertools
 from typing import Callable, Iterator, Sequence
 
@@ -39,21 +39,18 @@ from zaya_jax.validate import is_integer
 
 from . import decode
 from .sampling import SEED_MAX, SEED_MIN, SamplingParams, check_knobs
-
-MIN_PROMPT_BUCKET = 16
-
-
-def bucket(n: int, minimum: int = 1) -> int:
-    """The smallest power of two >= max(n, minimum)."""
-    m = max(int(n), minimum, 1)
-    return 1 << (m - 1).bit_length()
-
-
-def row_bucket(n: int, cap: int) -> int:
-    """Prefill rows for ``n`` distinct prompts: the smallest power of four >= n, at most ``cap`` (itself a
-    power of two). Powers of four, not two: each (rows, prompt bucket) pair is a compiled program of
-    its own (tens of MiB on XLA:CPU), and halving their number is worth padding a group up to 4x."""
-    return min(1 << (2 * -(-(max(int(n), 1) - 1).bit_length() // 2)), cap)
+from .scheduler import (
+    MIN_PROMPT_BUCKET,
+    PREFIX_BLOCK,
+    DecodeBatch,
+    Group,
+    PoolSizes,
+    Request,
+    SamplingKnobs,
+    Scheduler,
+    StopReason,
+    bucket,
+)
 
 
 def request_keys(seed: int, indices) -> np.ndarray:
@@ -77,51 +74,12 @@ class GenerationResult:
     routes: list[np.ndarray] | None = None
 
 
-@dataclasses.dataclass(eq=False)
-class Request:
-    """One generation request and its output so far.
-
-    tokens: emitted tokens (the stop token included when one ended it); stop_reason: None while it
-    runs, then "stop_token", "max_new_tokens", "cache_full", "non_finite" or "cancelled".
-    Set when it finishes on a recording engine: logprobs [n] float32, each emitted token's log-prob
-    under the temperature-scaled model distribution; routes [P + n, L] int32, the route each prompt
-    and emitted token took in each layer (-1 for a token never fed back: normally the last one).
-    """
-
-    id: int
-    prompt: tuple[int, ...]
-    max_new_tokens: int
-    knobs: dict  # temperature, top_k, top_p, min_p: numpy scalars
-    stop_ids: np.ndarray  # [K] int32, -1 padded
-    key: np.ndarray  # [2] uint32 key data
-    on_update: Callable[["Request", list[int]], None] | None = None
-    tokens: list[int] = dataclasses.field(default_factory=list)
-    stop_reason: str | None = None
-    slot: int | None = None
-    logprobs: np.ndarray | None = None
-    routes: np.ndarray | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.stop_reason is not None
-
-
-@dataclasses.dataclass(frozen=True)
-class PoolShape:
-    """The static sizes of a slot pool: they fix its memory and every program an ``Engine`` compiles.
+class PoolShape(PoolSizes):
+    """The static sizes of a slot pool (``scheduler.PoolSizes``) and the device state they fix.
 
     ``cache_len`` is ``max_len`` rounded up to a multiple of the smallest prompt bucket, so nearby
     ``max_len`` values share programs (rows still stop at ``max_len``); ``decode_steps`` is capped at it.
     """
-
-    slots: int
-    max_len: int
-    cache_len: int
-    decode_steps: int
-    prefill_chunk: int
-    prefill_tokens: int
-    max_stop_ids: int
-    record: bool
 
     @classmethod
     def of(cls, config: ZayaConfig, *, slots: int = 64, max_len: int | None = None, decode_steps: int = 16,
@@ -147,34 +105,6 @@ class PoolShape:
                    prefill_tokens=max(int(prefill_tokens), chunk), max_stop_ids=int(max_stop_ids),
                    record=bool(record))
 
-    def prompt_bucket(self, n: int) -> int:
-        """The prefill cache length of an ``n``-token prompt."""
-        return min(bucket(n, MIN_PROMPT_BUCKET), self.cache_len)
-
-    def rows(self, distinct: int) -> int:
-        """Prefill rows for ``distinct`` prompts."""
-        return row_bucket(distinct, bucket(self.slots))
-
-    def chunk(self, prompt_bucket: int) -> int:
-        """Tokens per prefill call and row for prompts of ``prompt_bucket``."""
-        return min(prompt_bucket, self.prefill_chunk)
-
-    def admits(self, distinct: int, prompt_bucket: int) -> bool:
-        """Whether a group may grow to ``distinct`` prompts: rows x chunk within ``prefill_tokens`` (one
-        prompt always fits)."""
-        return distinct == 1 or self.rows(distinct) * self.chunk(prompt_bucket) <= self.prefill_tokens
-
-    def prefill_programs(self) -> list[tuple[int, int]]:
-        """Every (rows G, prompt bucket S) the engine may prefill with (each a prefill and an insert program)."""
-        out, S = [], MIN_PROMPT_BUCKET
-        while True:
-            S = min(S, self.cache_len)
-            rows = {self.rows(n) for n in range(1, self.slots + 1) if self.admits(n, S)}
-            out += [(G, S) for G in sorted(rows)]
-            if S == self.cache_len:
-                return out
-            S *= 2
-
     def new_state(self, config: ZayaConfig, dtype) -> decode.SlotState:
         """An idle pool of ``dtype`` cache values (call under ``jax.eval_shape`` for its shapes alone)."""
         return decode.init_slots(init_cache(config, self.slots, self.cache_len, dtype), self.max_stop_ids, self.record)
@@ -195,12 +125,17 @@ class Engine:
     as the params are sharded); without one, a mesh set with ``jax.set_mesh`` applies as to any jit; prefill_chunk: prompt tokens per
     prefill call and row; prefill_tokens: tokens (rows x chunk) per prefill call at most; max_stop_ids:
     stop tokens a request may have; record: keep every request's routing and sampled tokens'
-    log-probs (``Request.routes`` / ``.logprobs``; RL rollouts replay and score them).
+    log-probs (``Request.routes`` / ``.logprobs``; RL rollouts replay and score them); prefix_cache: keep
+    prompts' keys, values and CCA states in blocks of ``PREFIX_BLOCK`` tokens, so a prompt that starts
+    like an earlier one prefills only the rest (``scheduler.PrefixCache``; off on a recording engine or
+    a mesh); prefix_cache_tokens: its size in tokens, evicted least recently used (default: a quarter of
+    the pool's ``slots x max_len``; ``prefix_cache_bytes`` says what it takes).
     """
 
     def __init__(self, params, config: ZayaConfig, *, slots: int = 64, max_len: int | None = None,
                  decode_steps: int = 16, moe_impl: str = "auto", mesh=None, prefill_chunk: int = 512,
-                 prefill_tokens: int = 4096, max_stop_ids: int = 16, record: bool = False):
+                 prefill_tokens: int = 4096, max_stop_ids: int = 16, record: bool = False, prefix_cache: bool = True,
+                 prefix_cache_tokens: int | None = None):
         pool = PoolShape.of(config, slots=slots, max_len=max_len, decode_steps=decode_steps,
                             prefill_chunk=prefill_chunk, prefill_tokens=prefill_tokens, max_stop_ids=max_stop_ids,
                             record=record)
@@ -211,19 +146,26 @@ class Engine:
         self.moe_impl = moe_impl
         self.mesh = mesh  # None: whatever mesh the caller set with jax.set_mesh applies, as to any jit
         self._dtype = compute_dtype(params)
-        check_fits(pool.state_bytes(config, self._dtype), jax.devices() if mesh is None else mesh.devices.flat,
-                   f"the engine's slot state ({self.slots:,} slots x {self._cache_len:,} cache tokens)")
+        if prefix_cache_tokens is None:
+            prefix_cache_tokens = pool.slots * pool.cache_len // 4
+        elif not is_integer(prefix_cache_tokens) or prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens must be an integer >= 0, got {prefix_cache_tokens!r}")
+        blocks = prefix_cache_tokens // PREFIX_BLOCK if prefix_cache and not record and mesh is None else 0
+        store = lambda: init_cache(config, blocks, PREFIX_BLOCK, self._dtype)  # noqa: E731
+        self.prefix_cache_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(jax.eval_shape(store)))
+        check_fits(pool.state_bytes(config, self._dtype) + self.prefix_cache_bytes,
+                   jax.devices() if mesh is None else mesh.devices.flat,
+                   f"the engine's slot state ({self.slots:,} slots x {self._cache_len:,} cache tokens) and prefix "
+                   f"cache ({blocks * PREFIX_BLOCK:,} tokens)")
         with self._mesh_context():
             state = pool.new_state(config, self._dtype)
             if self.mesh is not None:
                 state = jax.device_put(state, state_shardings(state, config, mesh))
         self._state = state
-        self._free = list(range(self.slots))  # a heap: requests take the lowest free slots (see _decode)
-        self._running: dict[int, Request] = {}
-        self._waiting: dict[int, collections.deque] = collections.defaultdict(collections.deque)  # bucket -> FIFO
-        self._cancel: list[Request] = []  # running requests to stop at the next decode
+        self._store = store() if blocks else None
+        self._scheduler = Scheduler(pool, blocks)
         self._ids = itertools.count()
-        self.stats = collections.Counter()  # tokens, slot_steps, decode_calls, prefill_calls, prefill_rows
+        self._counts: collections.Counter = collections.Counter()  # see stats()
 
     # ------------------------------------------------------------------------------------------ requests
     def submit(self, prompt: Sequence[int], *, max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0,
@@ -237,34 +179,27 @@ class Engine:
         """
         prompt = tuple(self.check_prompt(prompt))
         max_new = check_max_new_tokens(max_new_tokens)
-        knobs = {k: v[0] for k, v in check_knobs(1, temperature=temperature, top_k=top_k, top_p=top_p,
-                                                 min_p=min_p).items()}
+        knobs = SamplingKnobs(**{k: v[0] for k, v in check_knobs(1, temperature=temperature, top_k=top_k,
+                                                                 top_p=top_p, min_p=min_p).items()})
         if key is None:
             for name, value, low, high in (("seed", seed, SEED_MIN, SEED_MAX), ("index", index, 0, 2**32 - 1)):
                 if not is_integer(value) or not low <= value <= high:
                     raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
             key = request_keys(seed, [index])[0]
-        request = Request(id=next(self._ids), prompt=prompt, max_new_tokens=max_new, knobs=knobs,
+        request = Request(id=next(self._ids), prompt=prompt, max_new_tokens=max_new, sampling=knobs,
                           stop_ids=self.stop_id_row(stop_token_ids), key=check_key_data(key), on_update=on_update)
-        self._waiting[self._prompt_bucket(len(prompt))].append(request)
+        self._scheduler.add(request)
         return request
 
     def cancel(self, request: Request) -> None:
         """Stops ``request`` ("cancelled"): a waiting one at once, a running one at the next step."""
-        if request.done:
-            return
-        for queue in self._waiting.values():
-            if request in queue:
-                queue.remove(request)
-                self._finish(request, decode.CANCELLED, [])
-                return
-        if request.slot is not None and self._running.get(request.slot) is request:  # not another engine's
-            self._cancel.append(request)
+        if not request.done and self._scheduler.cancel(request):
+            self._finish(request, StopReason.CANCELLED, [])
 
     @property
     def busy(self) -> bool:
         """Whether any request is waiting or running."""
-        return bool(self._running) or any(self._waiting.values())
+        return bool(self._scheduler.running or self._scheduler.waiting)
 
     @property
     def cache_bytes(self) -> int:
@@ -273,17 +208,37 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return sum(len(q) for q in self._waiting.values())
+        return self._scheduler.waiting_count
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        return len(self._scheduler.running)
+
+    def stats(self) -> dict:
+        """Counters since construction: ``requests`` admitted and their ``prompt_tokens``; ``prefill_tokens``
+        run through prefill (a prompt shared by several requests once, less what the prefix cache held);
+        ``prefix_hits`` (prefills that started from the prefix cache) and the ``prefix_tokens`` loaded from
+        it; ``decode_steps`` and ``decode_tokens`` (tokens they emitted; each request's first token comes from
+        its prefill); ``slot_utilisation`` = decode_tokens / (slots x decode_steps); ``prefill_calls``,
+        ``prefill_rows``, ``decode_calls``."""
+        out = {k: self._counts[k] for k in ("requests", "prompt_tokens", "prefill_tokens", "prefix_hits",
+                                            "prefix_tokens", "decode_steps", "decode_tokens", "prefill_calls",
+                                            "prefill_rows", "decode_calls")}
+        steps = out["decode_steps"]
+        out["slot_utilisation"] = out["decode_tokens"] / (self.slots * steps) if steps else 0.0
+        return out
 
     def step(self) -> None:
-        """Admits waiting requests into free slots, then runs ``decode_steps`` steps of the running ones."""
-        self._admit()
-        if self._running:
-            self._decode()
+        """Runs the scheduler's plan: prefills waiting requests into free slots, then ``decode_steps`` steps
+        of the running ones. An ``on_update`` that raises is re-raised once the whole plan has run: the
+        device has moved every slot on, so no other request may miss its tokens."""
+        plan = self._scheduler.schedule()
+        errors = [self._prefill_and_insert(group) for group in plan.groups]
+        if plan.decode is not None and self._scheduler.running:
+            errors.append(self._decode(plan.decode))
+        error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            raise error
 
     # ------------------------------------------------------------------------------------------ batch API
     def submit_batch(self, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
@@ -370,136 +325,120 @@ class Engine:
         return out
 
     # ------------------------------------------------------------------------------------------ scheduler
-    def _prompt_bucket(self, n: int) -> int:
-        return self.pool.prompt_bucket(n)
-
-    def _rows(self, distinct: int) -> int:
-        return self.pool.rows(distinct)
-
-    def _take_group(self) -> list[Request]:
-        """The oldest waiting request and others of its bucket, as many as free slots and
-        ``prefill_tokens`` allow (a repeated prompt costs a slot, not a prefill row)."""
-        S = min(self._waiting, key=lambda b: self._waiting[b][0].id if self._waiting[b] else float("inf"))
-        queue = self._waiting[S]
-        group, distinct = [], set()
-        while queue and len(group) < len(self._free):
-            fresh = queue[0].prompt not in distinct
-            if fresh and not self.pool.admits(len(distinct) + 1, S):
-                break
-            distinct.add(queue[0].prompt)
-            group.append(queue.popleft())
-        if not queue:
-            del self._waiting[S]
-        return group
-
-    def _admit(self) -> None:
-        while self._free and any(self._waiting.values()):
-            group = self._take_group()
-            if group:
-                self._prefill_and_insert(group)
-
-    def _prefill_and_insert(self, group: list[Request]) -> None:
-        rows: dict[tuple[int, ...], int] = {}
-        for r in group:
-            rows.setdefault(r.prompt, len(rows))
-        S = self._prompt_bucket(len(group[0].prompt))
-        C, G = self.pool.chunk(S), self._rows(len(rows))
+    def _prefill_and_insert(self, group: Group) -> Exception | None:
+        """Runs ``group``'s prefill and starts its requests in their slots; returns an ``on_update`` error."""
+        S, C, G = group.bucket, group.chunk, group.rows
         V = self.config.vocab_size
+        every = PREFIX_BLOCK if self._store is not None else 0
         with self._mesh_context():
             cache = init_cache(self.config, G, S, self._dtype)
+            if any(p.cached for p in group.prefills):
+                table, count = np.zeros((G, S // PREFIX_BLOCK), np.int32), np.zeros((G,), np.int32)
+                for g, p in enumerate(group.prefills):
+                    table[g, : len(p.cached)], count[g] = p.cached, len(p.cached)
+                cache = decode.load_prefix_compiled(cache, self._store, jnp.asarray(table), jnp.asarray(count))
             last = jnp.zeros((G, V), jnp.float32)
             routes = np.zeros((G, S, self.config.num_hidden_layers), np.int32) if self.record else None
-            longest = max(len(p) for p in rows)
-            for start in range(0, longest, C):
+            rest = [p.prompt[p.start:] for p in group.prefills]
+            states = []
+            for start in range(0, max(len(r) for r in rest), C):
                 tokens, new_len = np.zeros((G, C), np.int32), np.zeros((G,), np.int32)
-                for prompt, g in rows.items():
-                    piece = prompt[start:start + C]
+                for g, r in enumerate(rest):
+                    piece = r[start:start + C]
                     tokens[g, : len(piece)], new_len[g] = piece, len(piece)
                 out = decode.prefill_chunk_compiled(self.params, self.config, cache, jnp.asarray(tokens),
                                                     jnp.asarray(new_len), last, moe_impl=self.moe_impl,
-                                                    record=self.record)
+                                                    record=self.record, state_every=every)
                 last, cache = out[:2]
                 if self.record:
                     # The last chunk may run past a bucket capped at the cache length (S % C != 0).
                     routes[:, start:start + C] = to_host(out[2])[:, :S - start]
-                self.stats["prefill_calls"] += 1
-            self.stats["prefill_rows"] += len(rows)
+                if every:
+                    states.append(out[-1])
+                self._counts["prefill_calls"] += 1
+            saves = [(g, j, p.start // PREFIX_BLOCK, b) for g, p in enumerate(group.prefills) for j, b in p.save]
+            if saves:
+                n = G * (S // PREFIX_BLOCK)  # one save program per prefill shape
+                index = np.zeros((4, n), np.int32)
+                index[3] = self._store.k.shape[1]  # padding: dropped
+                index[:, : len(saves)] = np.asarray(saves, np.int32).T
+                joined = tuple(jnp.concatenate(parts, axis=2) for parts in zip(*states))
+                self._store = decode.save_prefix_compiled(self._store, cache, joined, *map(jnp.asarray, index))
+            self._count_prefill(group)
+            self._scheduler.prefilled(group)
 
             n = self.slots  # one insert program per prefill shape, whatever the group's size
             src, dst = np.zeros((n,), np.int32), np.full((n,), self.slots, np.int32)
             keys, max_new = np.zeros((n, 2), np.uint32), np.ones((n,), np.int32)
             limit = np.full((n,), self.max_len, np.int32)
             stop_ids = np.full((n, self.max_stop_ids), -1, np.int32)
-            knobs = {k: np.zeros((n,), np.asarray(v).dtype) for k, v in group[0].knobs.items()}
-            for i, r in enumerate(group):
-                r.slot = heapq.heappop(self._free)
-                src[i], dst[i], keys[i], stop_ids[i] = rows[r.prompt], r.slot, r.key, r.stop_ids
+            knobs = {f.name: np.zeros((n,), np.asarray(getattr(group.requests[0].sampling, f.name)).dtype)
+                     for f in dataclasses.fields(SamplingKnobs)}
+            for i, (r, row) in enumerate(zip(group.requests, group.row_of)):
+                src[i], dst[i], keys[i], stop_ids[i] = row, r.slot, r.key, r.stop_ids
                 max_new[i] = min(r.max_new_tokens, np.iinfo(np.int32).max)
-                for k, v in r.knobs.items():
-                    knobs[k][i] = v
+                for k, values in knobs.items():
+                    values[i] = getattr(r.sampling, k)
             self._state, first, reason = decode.insert_compiled(
-                self._state, cache, last, jnp.asarray(src), jnp.asarray(dst), jnp.int32(len(group)),
+                self._state, cache, last, jnp.asarray(src), jnp.asarray(dst), jnp.int32(len(group.requests)),
                 jax.random.wrap_key_data(keys),
                 SamplingParams(**{k: jnp.asarray(v) for k, v in knobs.items()}), jnp.asarray(max_new),
                 jnp.asarray(limit), jnp.asarray(stop_ids), None if routes is None else jnp.asarray(routes))
         first, reason = to_host(first), to_host(reason)
-        for r in group:
-            self._running[r.slot] = r
-        self._advance_all([(r, [] if reason[i] == decode.NON_FINITE else [int(first[i])], int(reason[i]))
-                           for i, r in enumerate(group)])
+        return self._advance_all([(r, [] if reason[i] == StopReason.NON_FINITE else [int(first[i])], int(reason[i]))
+                                  for i, r in enumerate(group.requests)])
 
-    def _advance_all(self, updates: list[tuple[Request, list[int], int]]) -> None:
-        """``_advance`` of every (request, new tokens, reason). An ``on_update`` that raises is re-raised only
-        once all are advanced: the device has moved every slot on, so no other request may miss its tokens."""
+    def _count_prefill(self, group: Group) -> None:
+        cached = sum(p.start for p in group.prefills)
+        self._counts.update(requests=len(group.requests), prompt_tokens=sum(len(r.prompt) for r in group.requests),
+                            prefill_rows=len(group.prefills), prefix_tokens=cached,
+                            prefill_tokens=sum(len(p.prompt) for p in group.prefills) - cached,
+                            prefix_hits=sum(p.start > 0 for p in group.prefills))
+
+    def _advance_all(self, updates: list[tuple[Request, list[int], int]]) -> Exception | None:
+        """``_advance`` of every (request, new tokens, reason); returns the first error an ``on_update``
+        raised (the caller re-raises it once every slot's tokens are handed over)."""
         error = None
         for update in updates:
             try:
                 self._advance(*update)
-            except Exception as e:  # noqa: BLE001 (re-raised below)
+            except Exception as e:  # noqa: BLE001 (re-raised by step)
                 error = error or e
-        if error is not None:
-            raise error
+        return error
 
-    def _decode(self) -> None:
-        # By request, not slot: one cancelled here may have finished since, and its slot gone to another.
+    def _decode(self, batch: DecodeBatch) -> Exception | None:
         cancel = np.zeros((self.slots,), bool)
-        cancel[[slot for slot, r in self._running.items() if any(r is c for c in self._cancel)]] = True
-        self._cancel.clear()
-        # Requests sit in the lowest slots: decode only the smallest power-of-two window holding them all.
-        active = min(bucket(max(self._running) + 1), self.slots)
+        cancel[batch.cancel] = True
         with self._mesh_context():
             self._state, out = decode.decode_compiled(self.params, self.config, self._state, jnp.asarray(cancel),
-                                                      steps=self.decode_steps, active=active, moe_impl=self.moe_impl)
+                                                      steps=self.decode_steps, active=batch.active,
+                                                      span=batch.span, moe_impl=self.moe_impl)
         out, reason = to_host(out), to_host(self._state.reason)
         emitted = out >= 0
-        self.stats["decode_calls"] += 1
-        self.stats["slot_steps"] += self.slots * int(emitted.any(axis=0).sum())
-        self.stats["tokens"] += int(emitted.sum())
-        self._advance_all([(r, out[slot][emitted[slot]].tolist(), int(reason[slot]))
-                           for slot, r in list(self._running.items())])
+        self._counts.update(decode_calls=1, decode_steps=int(emitted.any(axis=0).sum()),
+                            decode_tokens=int(emitted.sum()))
+        return self._advance_all([(r, out[slot][emitted[slot]].tolist(), int(reason[slot]))
+                                  for slot, r in list(self._scheduler.running.items())])
 
     def _advance(self, request: Request, new: list[int], reason: int) -> None:
         request.tokens += new
-        if reason != decode.RUNNING and self.record:
+        if reason != StopReason.RUNNING and self.record:
             n, P = len(request.tokens), len(request.prompt)
             request.routes = to_host(self._state.routes[request.slot, : P + n])
             request.logprobs = to_host(self._state.logprobs[request.slot, P: P + n])
-        if reason != decode.RUNNING:
-            del self._running[request.slot]
-            heapq.heappush(self._free, request.slot)
+        if reason != StopReason.RUNNING:
+            self._scheduler.finish(request)
             self._finish(request, reason, new)
         elif new and request.on_update is not None:
             request.on_update(request, new)
 
     def _finish(self, request: Request, reason: int, new: list[int]) -> None:
-        request.stop_reason = decode.STOP_REASONS[reason]
+        request.stop_reason = StopReason(reason).label
         if request.on_update is not None:
             request.on_update(request, new)
 
     # ------------------------------------------------------------------------------------------ placement
     def _mesh_context(self):
-        import contextlib
-
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
 

@@ -239,6 +239,7 @@ class RSAResult:
     answers: list[list[str | None]]  # final round, [problem][member]
     majority: list[tuple[str | None, float]]  # per problem: (answer, share of members)
     texts: list[list[str]] | None  # final round decoded, when a tokenizer was given
+    engine_stats: dict | None = None  # markov_rsa: the engine's counters (Engine.stats) when the search ended
 
     @property
     def generated_tokens(self) -> int:
@@ -288,7 +289,7 @@ def markov_rsa(params, config: ZayaConfig, prompt_ids, *, population: int, tails
     search.start(engine)
     while not search.done:
         engine.step()
-    return search.result
+    return dataclasses.replace(search.result, engine_stats=engine.stats())
 
 
 class RSASearch:

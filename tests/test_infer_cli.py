@@ -232,3 +232,15 @@ def test_resume_after_sigkill_gives_the_same_file(model_dir, tmp_path):
     resumed = subprocess.run(argv + ["--out", str(part), "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert part.read_bytes() == whole.read_bytes()
+
+
+def test_prompts_file_of_shared_prefixes_reports_its_prefix_hits(capsys, model_dir, tmp_path):
+    header = list(range(3, 43))  # 40 tokens: two whole 16-token blocks
+    file = tmp_path / "shared.jsonl"
+    file.write_text("".join(json.dumps({"prompt_ids": header + [50 + i]}) + "\n" for i in range(3)))
+    code, out, err = run(capsys, str(model_dir), "--prompts-file", str(file), "--max-new-tokens", "2", "--slots", "1",
+                         "--no-progress")
+    assert code == 0 and len(out.splitlines()) == 3
+    # One slot: the first prompt prefills whole, the other two start from its cached block (the default prefix
+    # cache, a quarter of 1 slot x 64 tokens, holds one 16-token block).
+    assert "prefix cache: 2 hit(s), 32 of 123 prompt tokens served from it; 91 prefilled" in err

@@ -8,7 +8,7 @@ import types
 import pytest
 from serve_util import wait_for
 
-from zaya_jax.infer.serve.driver import Driver
+from zaya_jax.infer.serve.driver import Driver, Steppable
 from zaya_jax.infer.serve.jobs import generate_choices, run_rsa
 from zaya_jax.infer.serve.protocol import APIError
 
@@ -17,8 +17,11 @@ class ScriptedEngine:
     """Holds submitted requests as "waiting"; ``step`` admits them all, then blocks until released."""
 
     def __init__(self, fail: bool = False):
-        self.waiting, self.running, self.fail = 0, 0, fail
+        self.waiting, self.running, self.fail, self.steps = 0, 0, fail, 0
         self.stepping, self.release = threading.Event(), threading.Event()
+
+    def stats(self) -> dict:
+        return {"decode_steps": self.steps}
 
     @property
     def busy(self) -> bool:
@@ -34,10 +37,12 @@ class ScriptedEngine:
         self.stepping.set()
         self.release.wait(timeout=30)
         self.running = 0  # every request finished in this step
+        self.steps += 1
 
 
 def test_a_submitted_request_is_in_the_load_while_a_long_step_runs():
     engine = ScriptedEngine()
+    assert isinstance(engine, Steppable)
     driver = Driver(engine)
     driver.start()
     try:
@@ -47,6 +52,7 @@ def test_a_submitted_request_is_in_the_load_while_a_long_step_runs():
         assert driver.load == {"running": 0, "waiting": 1}
         engine.release.set()
         assert wait_for(lambda: driver.load == {"running": 0, "waiting": 0}, timeout=10)
+        assert driver.stats == {"decode_steps": 1}  # the engine's counters, published with the load
     finally:
         engine.release.set()
         driver.close()
@@ -73,6 +79,9 @@ class FailingEngine:
 
     def __init__(self, fail_at: int):
         self.fail_at, self.cancelled = fail_at, []
+
+    def stats(self) -> dict:
+        return {}
 
     def submit(self, prompt, *, index, on_update, **knobs):
         if index == self.fail_at:

@@ -75,13 +75,17 @@ class AttentionContext:
     positions:  [B, S] int32  RoPE positions of the new tokens
     token_valid:[B, S] bool   real (non-padding) new tokens
     q_slot:     [B, S] int32  key slot of each new token (where a cache write puts it)
-    key_valid:  [B, T] bool   slots holding real tokens (before causality)
+    key_valid:  [B, T] bool   slots holding real tokens (before causality); with a cache, attention reads
+                              its first T slots only (T may be fewer than the cache has)
+    state_every: with a cache, the CCA state is also returned after every ``state_every`` new tokens
+                 (0: not; see ``CCAProjection``)
     """
 
     positions: Array
     token_valid: Array
     q_slot: Array
     key_valid: Array
+    state_every: int = flax.struct.field(pytree_node=False, default=0)
 
 
 class RMSNorm(nn.Module):
@@ -138,13 +142,16 @@ class CCAProjection(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, token_valid, conv_state=None, v_prev=None):
+    def __call__(self, x, token_valid, conv_state=None, v_prev=None, state_every: int = 0):
         """x: [B, S, D] normed; token_valid: [B, S]; conv_state: [B, Kc, C] raw q/k frames before ``x``
         (zeros when None); v_prev: [B, kv_dim/2] delayed-value projection of the token before ``x``.
 
         Returns q [B, S, Hq, Dh], k [B, S, Hkv, Dh], v [B, S, Hkv, Dh] (before q/k norm and RoPE), and
         the state after each row's valid tokens (with a state given, they are a prefix of ``x``:
-        right padding): conv_state [B, Kc, C], v_prev [B, kv_dim/2]; None without a state.
+        right padding): conv_state [B, Kc, C], v_prev [B, kv_dim/2]; None without a state. Last, with a
+        state and ``state_every`` > 0, the states after tokens ``e``, ``2e``, ... ``S`` (e = state_every; a
+        row's are its own where it has that many valid tokens): (conv [B, S // e, Kc, C], v_prev
+        [B, S // e, kv_dim/2]); None otherwise. A prefix cache keeps them at its block boundaries.
         """
         c, dt = self.config, self.dtype
         B, S, _ = x.shape
@@ -186,12 +193,17 @@ class CCAProjection(nn.Module):
         v_shift = jnp.concatenate([prev, v_del[:, :-1]], axis=1)
         v = jnp.concatenate([v_cur, v_shift], axis=-1).reshape(B, S, Hkv, Dh)
         if conv_state is None:
-            return q, k, v, None, None
+            return q, k, v, None, None, None
         # Row b's state ends at its last valid token: frames n .. n + Kc - 1 of [past, qk], n = its count.
         n = jnp.sum(token_valid, axis=1).astype(jnp.int32)  # [B]
         state = jnp.take_along_axis(frames, (n[:, None] + jnp.arange(kc))[..., None], axis=1)
         last = jnp.take_along_axis(v_del, jnp.maximum(n - 1, 0)[:, None, None], axis=1)[:, 0]
-        return q, k, v, state, jnp.where(n[:, None] > 0, last, prev[:, 0])
+        every = None
+        if state_every:
+            ends = range(state_every, S + 1, state_every)
+            every = (jnp.stack([frames[:, m:m + kc] for m in ends], axis=1),
+                     jnp.stack([v_del[:, m - 1] for m in ends], axis=1))
+        return q, k, v, state, jnp.where(n[:, None] > 0, last, prev[:, 0]), every
 
 
 class CCAttention(nn.Module):
@@ -206,16 +218,20 @@ class CCAttention(nn.Module):
         """x: [B, S, D] (normed). cache: KVCache.layer_slices() of ALL layers, or None; layer: [] int32,
         this layer's index into it.
 
-        Returns (out [B, S, D], the cache with this layer's part updated, or None). The whole cache rides
-        the layer scan's carry and each layer writes its new tokens into it in place: passed as the
-        scan's per-layer input and output instead, every layer's cache slice was copied in and out at
-        every decode step.
+        Returns (out [B, S, D], the cache with this layer's part updated, or None, the CCA states every
+        ``ctx.state_every`` tokens in the cache's storage, or None). The whole cache rides the layer
+        scan's carry and each layer writes its new tokens into it in place: passed as the scan's
+        per-layer input and output instead, every layer's cache slice was copied in and out at every
+        decode step.
         """
         c, dt, cdt = self.config, self.dtype, self.cache_dtype
         conv_state = from_bits(cache["conv"][layer], cdt) if cache is not None else None
         v_prev = from_bits(cache["v_prev"][layer], cdt) if cache is not None else None
         with jax.named_scope("cca_projection"):  # named scopes: an XLA profile attributes time by name
-            q, k, v, conv_state, v_prev = CCAProjection(c, dt, name="cca")(x, ctx.token_valid, conv_state, v_prev)
+            q, k, v, conv_state, v_prev, every = CCAProjection(c, dt, name="cca")(
+                x, ctx.token_valid, conv_state, v_prev, ctx.state_every)
+        if every is not None:
+            every = tuple(to_bits(a, cdt) for a in every)
 
         # L2 q/k norm to sqrt(Dh), learned per-KV-head key temperature, then partial RoPE.
         temp = _param(self, "temp", nn.initializers.zeros, (c.num_key_value_heads,), ("kv_heads",))
@@ -232,12 +248,13 @@ class CCAttention(nn.Module):
                 "conv": cache["conv"].at[layer].set(to_bits(conv_state, cdt)),
                 "v_prev": cache["v_prev"].at[layer].set(to_bits(v_prev, cdt)),
             }
-            k, v = (from_bits(new_cache[name][layer], cdt).astype(dt) for name in ("k", "v"))
+            T = ctx.key_valid.shape[1]
+            k, v = (from_bits(new_cache[name][layer, :, :T], cdt).astype(dt) for name in ("k", "v"))
         else:
             new_cache = None
 
         out = causal_attention(q, k, v, ctx, window, cached=cache is not None)  # [B, S, Hq * Dh]
-        return Dense(c.hidden_size, ("q_dim", "embed"), dt, _normal(c), name="o_proj")(out), new_cache
+        return Dense(c.hidden_size, ("q_dim", "embed"), dt, _normal(c), name="o_proj")(out), new_cache, every
 
 
 def qk_norm(q, k, temp, head_dim):
@@ -400,7 +417,7 @@ class Block(nn.Module):
 
         x = RMSNorm(c.rms_norm_eps, dt, name="input_norm")(residual)
         with jax.named_scope("attention"):
-            a, cache = CCAttention(c, dt, self.cache_dtype, name="attn")(x, theta, window, ctx, cache, layer)
+            a, cache, states = CCAttention(c, dt, self.cache_dtype, name="attn")(x, theta, window, ctx, cache, layer)
         residual = ResidualScale(name="post_attn_scale")(a, residual)
 
         x = RMSNorm(c.rms_norm_eps, dt, name="post_attn_norm")(residual)
@@ -414,7 +431,7 @@ class Block(nn.Module):
 
         # Route counts over real tokens: expert load for training metrics and bias balancing.
         counts = jnp.sum(jax.nn.one_hot(route, c.num_router_classes, dtype=jnp.int32) * ctx.token_valid[..., None], axis=(0, 1))
-        return (residual, router_state, cache), (counts, route)
+        return (residual, router_state, cache), (counts, route, states)
 
 
 class ZayaModel(nn.Module):
@@ -458,11 +475,13 @@ class ZayaModel(nn.Module):
         thetas, windows = layer_constants(c)
         layer_ids = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
         # Routes ride the layer scan like thetas and windows: layer-major [L, B, S].
-        (residual, _, new_cache), (counts, taken) = layers(
+        (residual, _, new_cache), (counts, taken, states) = layers(
             (residual, router_state, cache), (layer_ids, thetas, windows, routes), ctx, expert_stack)
 
         h = RMSNorm(c.rms_norm_eps, dt, name="final_norm")(residual)
         aux = {"route_counts": counts, "routes": taken}  # [layers, E + 1], [layers, B, S]
+        if states is not None:  # [layers, B, S // state_every, Kc, C], [layers, B, S // state_every, kv_dim / 2]
+            aux["states"] = states
         if return_hidden:
             return h, new_cache, aux
         if c.tie_word_embeddings:
@@ -515,19 +534,23 @@ def uncached_context(attention_mask: Array) -> AttentionContext:
     return AttentionContext(positions=positions, token_valid=valid, q_slot=q_slot, key_valid=valid)
 
 
-def cached_context(cache: KVCache, num_new: int, new_len: Array | None = None) -> AttentionContext:
+def cached_context(cache: KVCache, num_new: int, new_len: Array | None = None, keys: int | None = None,
+                   state_every: int = 0) -> AttentionContext:
     """Context for appending up to ``num_new`` tokens to each row of ``cache``.
 
     new_len: [B] int32 valid new tokens per row (a prefix of the ``num_new``; default all). A row with
-    0 (an idle slot) computes on padding and changes nothing but slots past its length.
+    0 (an idle slot) computes on padding and changes nothing but slots past its length. keys: attend over
+    the first ``keys`` cache slots only (default all): exact for rows that hold at most ``keys`` tokens
+    once the new ones are in. state_every: see ``AttentionContext``.
     """
     B = cache.lengths.shape[0]
     offsets = jnp.arange(num_new, dtype=jnp.int32)
     new_len = jnp.full((B,), num_new, jnp.int32) if new_len is None else new_len.astype(jnp.int32)
     q_slot = cache.lengths[:, None] + offsets[None, :]  # slot = position
     token_valid = offsets[None, :] < new_len[:, None]
-    key_valid = jnp.arange(cache.max_len)[None, :] < (cache.lengths + new_len)[:, None]
-    return AttentionContext(positions=q_slot, token_valid=token_valid, q_slot=q_slot, key_valid=key_valid)
+    key_valid = jnp.arange(cache.max_len if keys is None else keys)[None, :] < (cache.lengths + new_len)[:, None]
+    return AttentionContext(positions=q_slot, token_valid=token_valid, q_slot=q_slot, key_valid=key_valid,
+                            state_every=state_every)
 
 
 def compute_dtype(params: dict):

@@ -84,7 +84,7 @@ def create_app(server: Server) -> FastAPI:
         failed = server.driver.failure
         body = {"status": "failed" if failed else "ok", "model": server.model_id, "slots": server.engine.slots,
                 "max_len": server.engine.max_len, "in_flight": server.in_flight, **server.driver.load,
-                "finished": server.driver.finished_counts()}
+                "finished": server.driver.finished_counts(), "engine": server.driver.stats}
         return JSONResponse(body, status_code=503 if failed else 200)
 
     @app.get("/v1/models")

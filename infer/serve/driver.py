@@ -13,16 +13,33 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable
-
-from ..engine import Engine
+from typing import Callable, Protocol, runtime_checkable
 
 log = logging.getLogger("zaya.serve")
 _STOP = object()
 
 
+@runtime_checkable
+class Steppable(Protocol):
+    """What the driver needs of an engine (``Engine`` is one; tests script others): the calls handed to it
+    use the rest of the engine's interface (``submit``, ``cancel``)."""
+
+    @property
+    def busy(self) -> bool: ...
+
+    @property
+    def running(self) -> int: ...
+
+    @property
+    def waiting(self) -> int: ...
+
+    def step(self) -> None: ...
+
+    def stats(self) -> dict: ...
+
+
 class Driver:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Steppable):
         self.engine = engine
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="zaya-engine", daemon=True)
@@ -32,6 +49,7 @@ class Driver:
         # For /health: published after every batch of calls and every step, so a submitted request is
         # always in "waiting", "running" or the finished counts (a step can run for seconds).
         self.load = {"running": 0, "waiting": 0}
+        self.stats: dict = engine.stats()  # the engine's counters (Engine.stats), published as the load is
 
     def start(self) -> None:
         self._thread.start()
@@ -40,7 +58,7 @@ class Driver:
         self._inbox.put(_STOP)
         self._thread.join(timeout)
 
-    def call(self, fn: Callable[[Engine], None]) -> None:
+    def call(self, fn: Callable[[Steppable], None]) -> None:
         """Runs ``fn(engine)`` on the driver thread; nothing once the engine has failed (handlers see
         ``failure``: new requests get 503, waiting ones 500), so a cleanup call never raises."""
         if self.failure is None:
@@ -66,6 +84,7 @@ class Driver:
             return dict(self._finished)
 
     def _publish(self) -> None:
+        self.stats = self.engine.stats()
         self.load = {"running": self.engine.running, "waiting": self.engine.waiting}
 
     def _run(self) -> None:

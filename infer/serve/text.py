@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-# Engine stop reasons -> OpenAI finish_reason ("error" and "abort" are vLLM's words for the other two).
-FINISH = {"stop_token": "stop", "max_new_tokens": "length", "cache_full": "length", "non_finite": "error",
-          "cancelled": "abort"}
+from ..scheduler import StopReason
+
+# Engine stop reasons -> OpenAI finish_reason (StopReason.finish_reason), by the label requests carry.
+FINISH = {r.label: r.finish_reason for r in StopReason if r.finish_reason is not None}
 
 
 class ChoiceText:
