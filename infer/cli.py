@@ -11,6 +11,7 @@ import time
 
 from zaya_jax.cli import add_model_args, is_demo_model, model_setting, parse_ids, resolve_model, seed_arg
 from zaya_jax.jsonl import iter_objects
+from zaya_jax.outputs import check_outputs
 
 KNOBS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p")
 LINE_KEYS = ("prompt", "prompt_ids", "messages")
@@ -220,6 +221,7 @@ def _check_out(args) -> None:
         if args.resume:
             raise ValueError("--resume needs --out")
         return
+    check_outputs({"--out": args.out}, {"--prompts-file": args.prompts_file})
     if os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a directory; give a file")
     if os.path.exists(args.out) and os.path.getsize(args.out) and not (args.force or args.resume):

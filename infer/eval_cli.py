@@ -76,7 +76,7 @@ def _eval_command(args) -> int:
                             template=mode_template(args),
                             prompt_template=args.prompt_template, limit=args.limit)
     _, table = run(params, config, args.model, problems, settings, source=args.data, out=args.out,
-                   resume=args.resume, force=args.force, slots=args.slots, save_texts=args.save_texts,
+                   inputs={"--data": args.data}, resume=args.resume, force=args.force, slots=args.slots, save_texts=args.save_texts,
                    progress=not args.no_progress)
     print(table)
     return 0
@@ -94,10 +94,11 @@ def token_template(kind: str, tails: int, tokenizer):
 
 
 def run(params, config, model_dir: str, problems, settings: dict, *, source: str, out: str | None = None,
-        resume: bool = False, force: bool = False, slots: int | None = None, save_texts: bool = False,
-        progress: bool = True):
+        inputs: dict[str, str] | None = None, resume: bool = False, force: bool = False, slots: int | None = None,
+        save_texts: bool = False, progress: bool = True):
     """Evaluates ``problems`` (``evaluate.Problem``) under ``settings`` (``run_settings``); with ``out``, in
-    that run directory; ``progress``: a tqdm bar on stderr. Returns (summary, table)."""
+    that run directory, none of whose files may be one of ``inputs`` (a name -> the file the problems were
+    read from); ``progress``: a tqdm bar on stderr. Returns (summary, table)."""
     from tqdm import tqdm
 
     from .eval_output import RunDir
@@ -121,7 +122,7 @@ def run(params, config, model_dir: str, problems, settings: dict, *, source: str
     if slots is not None and (not isinstance(slots, int) or slots < 1):
         raise ValueError(f"--slots must be a positive integer, got {slots!r}")
     check_context(problems, ids, template, settings, config.max_position_embeddings, source)
-    run_dir = RunDir(out, settings, resume=resume, force=force) if out else None
+    run_dir = RunDir(out, settings, resume=resume, force=force, inputs=inputs) if out else None
     records = dict(run_dir.records) if run_dir else {}
     todo = [i for i, p in enumerate(problems) if p.index not in records]
 

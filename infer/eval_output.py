@@ -6,8 +6,8 @@ DIR/summary.json    the scores (deterministic: sorted keys, no timings)
 DIR/summary.md      the table, with timings
 DIR/accuracy.png    accuracy against tokens generated, one point per round (needs matplotlib)
 
-Summary files and the plot are written to a temporary name and renamed; files of other names in DIR
-are never touched.
+Summary files and the plot are written to a temporary name (``summary.tmp.json``) and renamed; files of
+other names in DIR are never touched, and none of these may be an input of the run.
 """
 
 from __future__ import annotations
@@ -16,15 +16,21 @@ import json
 import os
 import sys
 
+from zaya_jax.outputs import check_outputs
+
 RUN, RESULTS, SUMMARY_JSON, SUMMARY_MD, PLOT = "run.json", "results.jsonl", "summary.json", "summary.md", "accuracy.png"
 OWN_FILES = (RUN, RESULTS, SUMMARY_JSON, SUMMARY_MD, PLOT)
 
 
 class RunDir:
-    """An output directory opened for a run with ``settings``: fresh, resumed or (``force``) restarted."""
+    """An output directory opened for a run with ``settings``: fresh, resumed or (``force``) restarted.
+    ``inputs`` (a name -> a path) are refused as any file the run writes."""
 
-    def __init__(self, path: str, settings: dict, *, resume: bool = False, force: bool = False):
+    def __init__(self, path: str, settings: dict, *, resume: bool = False, force: bool = False,
+                 inputs: dict[str, str] | None = None):
         self.path, self.settings = path, json.loads(json.dumps(settings))  # as run.json will read back
+        written = [self._file(name) for name in OWN_FILES] + [_temporary(self._file(name)) for name in OWN_FILES]
+        check_outputs({f"--out's {os.path.basename(file)}": file for file in written}, inputs or {})
         entries = os.listdir(path) if os.path.isdir(path) else []
         if os.path.exists(path) and not os.path.isdir(path):
             raise ValueError(f"--out {path} exists and is not a directory")
@@ -99,10 +105,16 @@ class RunDir:
         plot_accuracy(summary, self._file(PLOT))
 
     def _write_atomic(self, name: str, text: str) -> None:
-        tmp = self._file(name + ".tmp")
+        tmp = _temporary(self._file(name))
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, self._file(name))
+
+
+def _temporary(file: str) -> str:
+    """The temporary name ``file`` is written under before its rename: ``summary.tmp.json``."""
+    stem, ext = os.path.splitext(file)
+    return stem + ".tmp" + ext
 
 
 def _is_record(record) -> bool:
@@ -136,8 +148,7 @@ def plot_accuracy(summary: dict, path: str) -> bool:
                  f"temperature {s['temperature']}", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    stem, ext = os.path.splitext(path)
-    fig.savefig(stem + ".tmp" + ext)
+    fig.savefig(_temporary(path))
     plt.close(fig)
-    os.replace(stem + ".tmp" + ext, path)
+    os.replace(_temporary(path), path)
     return True

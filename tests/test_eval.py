@@ -128,6 +128,29 @@ def test_run_dir_drops_a_line_cut_by_a_kill_and_refuses_other_settings(tmp_path)
         RunDir(out, {"seed": 0, "population": 4}, resume=True)
 
 
+@pytest.mark.parametrize("name", ["results.jsonl", "run.json", "summary.json", "summary.tmp.json", "accuracy.tmp.png"])
+def test_run_dir_never_writes_over_its_data(tmp_path, name):
+    out = tmp_path / "run"
+    out.mkdir()
+    data, text = out / name, '{"question": "1+1", "answer": "2"}\n'
+    data.write_text(text)
+    for flags in ({}, {"force": True}, {"resume": True}):
+        with pytest.raises(ValueError, match=f"--out's {name} {out / name} is the same file as --data {data}: inputs "
+                                             "are never outputs"):
+            RunDir(str(out), {"seed": 0}, inputs={"--data": str(data)}, **flags)
+        assert data.read_text() == text and os.listdir(out) == [name]
+
+
+def test_eval_refuses_its_data_inside_out_under_a_name_it_writes(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    data = out / "results.jsonl"
+    _write_heldout(data, 1)
+    text = data.read_text()
+    assert main(["eval", "--data", str(data), "--out", str(out), *TINY, "--force"]) == 2
+    assert "is the same file as --data" in capsys.readouterr().err and data.read_text() == text
+
+
 def _write_heldout(path, count):
     with open(path, "w") as f:
         for i, p in enumerate(arith.problems("test", count)):

@@ -201,6 +201,27 @@ def test_prompts_file_out_is_never_overwritten(capsys, model_dir, tmp_path):
     assert code == 0 and "1 already in" in err and json.loads(out.read_text()) == record
 
 
+@pytest.mark.parametrize("alias", ["itself", "symlink", "hard link", "through a symlinked folder"])
+def test_the_prompts_file_is_never_the_out_file(capsys, tmp_path, alias):
+    """Under any flag, --out naming the prompts file (as itself, a symlink, a hard link) is refused; the file stays."""
+    prompts, text = tmp_path / "p.jsonl", '{"prompt_ids": [2, 10, 20]}\n'
+    prompts.write_text(text)
+    out = tmp_path / "out.jsonl"
+    if alias == "itself":
+        out = prompts
+    elif alias == "symlink":
+        out.symlink_to(prompts)
+    elif alias == "hard link":
+        out.hardlink_to(prompts)
+    else:
+        (tmp_path / "via").symlink_to(tmp_path)
+        out = tmp_path / "via" / "p.jsonl"
+    for flags in ([], ["--force"], ["--resume"]):
+        code, _, err = run(capsys, "--prompts-file", str(prompts), "--out", str(out), *flags)
+        assert code == 2 and f"--out {out} is the same file as --prompts-file {prompts}" in err, err
+        assert "inputs are never outputs" in err and prompts.read_text() == text
+
+
 def test_model_without_tokenizer_refuses_text(capsys, tmp_path):
     hf_ref.build("tiny", tmp_path, seed=0)
     code, _, err = run(capsys, str(tmp_path), "--prompt", "hello")

@@ -41,6 +41,25 @@ def test_train_refuses_an_out_holding_foreign_outputs(tmp_path, text_data, capsy
     assert json.loads((out / "run.json").read_text()) == settings
 
 
+@pytest.mark.parametrize("command", ["train", "rl"])
+def test_out_never_holds_the_runs_data_or_model(tmp_path, capsys, command):
+    """--force deletes --out's metrics.jsonl and model/: refused when they are the run's --data or --model."""
+    out = tmp_path / "out"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "config.json").write_text("{}")
+    data = out / "metrics.jsonl"
+    data.write_text(json.dumps({"question": "1+1", "answer": "2"}) + "\n")
+    argv = [command, "--data", str(data), "--out", str(out), "--steps", "1", "--force", "--no-progress"]
+    assert main(argv) == 2
+    assert f"--out's metrics.jsonl {out / 'metrics.jsonl'} is the same file as --data" in capsys.readouterr().err
+    other = tmp_path / "data.jsonl"
+    other.write_text(data.read_text())
+    argv = [command, "--data", str(other), "--model", str(out / "model"), "--out", str(out), "--steps", "1", "--force"]
+    assert main(argv) == 2
+    assert f"is the same directory as --model {out / 'model'}" in capsys.readouterr().err
+    assert data.exists() and (out / "model" / "config.json").read_text() == "{}"
+
+
 def test_resume_refuses_a_changed_data_file(tmp_path, text_data):
     from zaya_jax.train.data import file_sha256
 

@@ -7,7 +7,7 @@ import os
 
 from zaya_jax.cli import seed_arg
 
-from .cli import add_run_args, add_step_args, closing_figure
+from .cli import add_run_args, add_step_args, check_run_out, closing_figure
 
 
 def _rl_command(args) -> int:
@@ -21,6 +21,7 @@ def _rl_command(args) -> int:
     from . import data, grpo, loop, rewards, rl_loop, step
     from .cli import mesh_arg
 
+    check_run_out(args)
     problems = read_dataset(args.data, args.limit)
     verify = rewards.load_verifier(args.verifier)
     verify(f"\\boxed{{{problems[0].answer}}}", problems[0].answer)  # a broken verifier fails before --out is made
