@@ -142,15 +142,19 @@ def run(params, config, model_dir: str, problems, settings: dict, *, source: str
                         tok_s=f"{spent / (time.perf_counter() - start):.0f}")
         bar.update(1)
 
-    if todo:
-        markov_rsa(params, config, [ids[i] for i in todo], **{k: settings[k] for k in KNOBS},
-                   temperature=settings["temperature"], top_p=settings["top_p"], seed=settings["seed"],
-                   template=template, on_problem=on_problem, slots=slots,
-                   progress=lambda t, rnd: bar.set_description(f"round {t}/{settings['rounds']} done"))
-    bar.close()
-    seconds = time.perf_counter() - start
-    summary = summarize([records[p.index] for p in problems], settings)
-    table = format_table(summary) + f"\n{len(problems)} problems; this run solved {len(todo)} in {seconds:.1f} s"
-    if run_dir:
-        run_dir.write_summary(summary, table)
+    try:
+        if todo:
+            markov_rsa(params, config, [ids[i] for i in todo], **{k: settings[k] for k in KNOBS},
+                       temperature=settings["temperature"], top_p=settings["top_p"], seed=settings["seed"],
+                       template=template, on_problem=on_problem, slots=slots,
+                       progress=lambda t, rnd: bar.set_description(f"round {t}/{settings['rounds']} done"))
+        bar.close()
+        seconds = time.perf_counter() - start
+        summary = summarize([records[p.index] for p in problems], settings)
+        table = format_table(summary) + f"\n{len(problems)} problems; this run solved {len(todo)} in {seconds:.1f} s"
+        if run_dir:
+            run_dir.write_summary(summary, table)
+    finally:
+        if run_dir:
+            run_dir.close()
     return summary, table

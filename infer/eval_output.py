@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from zaya_jax.outputs import check_outputs
+from zaya_jax.outputs import OutputLock, check_outputs
 
 RUN, RESULTS, SUMMARY_JSON, SUMMARY_MD, PLOT = "run.json", "results.jsonl", "summary.json", "summary.md", "accuracy.png"
 OWN_FILES = (RUN, RESULTS, SUMMARY_JSON, SUMMARY_MD, PLOT)
@@ -31,18 +31,26 @@ class RunDir:
         self.path, self.settings = path, json.loads(json.dumps(settings))  # as run.json will read back
         written = [self._file(name) for name in OWN_FILES] + [_temporary(self._file(name)) for name in OWN_FILES]
         check_outputs({f"--out's {os.path.basename(file)}": file for file in written}, inputs or {})
-        entries = os.listdir(path) if os.path.isdir(path) else []
         if os.path.exists(path) and not os.path.isdir(path):
             raise ValueError(f"--out {path} exists and is not a directory")
+        os.makedirs(path, exist_ok=True)
+        self._lock = OutputLock(path, "--out")  # held until close: one run per directory
+        try:
+            self._open(settings, resume, force)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _open(self, settings: dict, resume: bool, force: bool) -> None:
+        entries = os.listdir(self.path)
         self.records: dict[int, dict] = {}
         if resume and entries:
             self._check_settings()
             self.records = self._read_results()
         elif entries and not force:
-            raise ValueError(f"--out {path} is not empty: pass --resume to continue the run in it, or --force to "
-                             f"start over (only {', '.join(OWN_FILES)} are replaced)")
+            raise ValueError(f"--out {self.path} is not empty: pass --resume to continue the run in it, or --force "
+                             f"to start over (only {', '.join(OWN_FILES)} are replaced)")
         else:
-            os.makedirs(path, exist_ok=True)
             for name in OWN_FILES:
                 if os.path.exists(self._file(name)):
                     os.remove(self._file(name))
@@ -89,6 +97,9 @@ class RunDir:
             if not _is_record(record):
                 raise ValueError(f"{file}:{number}: not a problem record of `zaya eval` (an object with an integer "
                                  "\"index\" and \"rounds\", each with its \"correct\" list)")
+            if record["index"] in records:
+                raise ValueError(f"{file}:{number}: a second record of problem {record['index']} (two runs wrote the "
+                                 "directory at once); not resuming: use another --out, or --force to start over")
             records[record["index"]] = record
         return records
 
@@ -103,6 +114,11 @@ class RunDir:
         self._write_atomic(SUMMARY_JSON, json.dumps(summary, indent=1, sort_keys=True) + "\n")
         self._write_atomic(SUMMARY_MD, table + "\n")
         plot_accuracy(summary, self._file(PLOT))
+
+    def close(self) -> None:
+        """Ends the run's hold on the directory (its lock); call once it is written or the run failed."""
+        self._results.close()
+        self._lock.close()
 
     def _write_atomic(self, name: str, text: str) -> None:
         tmp = _temporary(self._file(name))

@@ -103,7 +103,9 @@ def test_run_dir_drops_a_line_cut_by_a_kill_and_refuses_other_settings(tmp_path)
     run.append({"index": 0, "rounds": []})
     with open(os.path.join(out, "results.jsonl"), "a") as f:
         f.write('{"index": 1, "rou')  # killed mid-write
+    run.close()
     again = RunDir(out, {"seed": 0, "population": 4}, resume=True)
+    again.close()
     assert list(again.records) == [0]
     assert open(os.path.join(out, "results.jsonl")).read() == '{"index": 0, "rounds": []}\n'
     with pytest.raises(ValueError, match="other settings \\(seed: 0 there, 1 now\\)"):
@@ -114,7 +116,7 @@ def test_run_dir_drops_a_line_cut_by_a_kill_and_refuses_other_settings(tmp_path)
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(ValueError, match="has no run.json"):
         RunDir(str(tmp_path / "mine"), {}, resume=True)
-    RunDir(str(tmp_path / "mine"), {"seed": 0}, force=True)
+    RunDir(str(tmp_path / "mine"), {"seed": 0}, force=True).close()
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"  # --force replaces only zaya eval's files
     # A resumed run reads only records of the shape zaya eval writes, and a run.json it can read.
     for line, where in (("{}", ":2:"), ("[1, 2]", ":2:"), ('{"index": 1}', ":2:"), ('{"index": "1", "rounds": []}', ":2:")):
@@ -126,6 +128,21 @@ def test_run_dir_drops_a_line_cut_by_a_kill_and_refuses_other_settings(tmp_path)
         f.write("{not json")
     with pytest.raises(ValueError, match="run.json is not valid JSON"):
         RunDir(out, {"seed": 0, "population": 4}, resume=True)
+
+
+def test_one_run_writes_a_run_dir_at_a_time(tmp_path):
+    """A second run on a directory a run holds is refused by name; --resume refuses a problem recorded twice."""
+    out = str(tmp_path / "run")
+    first = RunDir(out, {"seed": 0})
+    first.append({"index": 0, "rounds": []})
+    for flags in ({"resume": True}, {"force": True}):
+        with pytest.raises(ValueError, match=f"--out {out} is being written by another run .*one writer per output"):
+            RunDir(out, {"seed": 0}, **flags)
+    first.append({"index": 0, "rounds": []})  # what a second, unlocked writer did
+    first.close()
+    with pytest.raises(ValueError, match=r"results.jsonl:2: a second record of problem 0"):
+        RunDir(out, {"seed": 0}, resume=True)
+    RunDir(out, {"seed": 0}, force=True).close()  # the lock went with the first run
 
 
 @pytest.mark.parametrize("name", ["results.jsonl", "run.json", "summary.json", "summary.tmp.json", "accuracy.tmp.png"])

@@ -1,5 +1,6 @@
 """`zaya generate`: the shipped demo model by default, text and chat with a tokenizer, JSONL batches, errors."""
 
+import fcntl
 import json
 import re
 import signal
@@ -199,6 +200,16 @@ def test_prompts_file_out_is_never_overwritten(capsys, model_dir, tmp_path):
     assert json.loads(out.read_text()) == record
     code, _, err = run(capsys, str(model_dir), "--prompts-file", str(file), "--out", str(out), "--resume")
     assert code == 0 and "1 already in" in err and json.loads(out.read_text()) == record
+    # One writer per output: a run holding --out's lock refuses a second; a record written twice is refused.
+    with open(out) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        for flag in ("--resume", "--force"):
+            code, _, err = run(capsys, str(model_dir), "--prompts-file", str(file), "--out", str(out), flag)
+            assert code == 2 and f"--out {out} is being written by another run" in err, err
+    assert json.loads(out.read_text()) == record
+    out.write_text(2 * (json.dumps(record) + "\n"))
+    code, _, err = run(capsys, str(model_dir), "--prompts-file", str(file), "--out", str(out), "--resume")
+    assert code == 2 and f"{out}:2 is a second record of line 1" in err
 
 
 @pytest.mark.parametrize("alias", ["itself", "symlink", "hard link", "through a symlinked folder"])
