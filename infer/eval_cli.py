@@ -113,7 +113,7 @@ def run(params, config, model_dir: str, problems, settings: dict, *, source: str
     for p in problems:
         text = apply_prompt_template(settings["prompt_template"], p.question)
         try:
-            ids.append(tokenizer.encode(text, add_special_tokens=False))
+            ids.append(tokenizer.encode(text, add_special_tokens=False, max_tokens=config.max_position_embeddings))
         except ValueError as e:
             raise ValueError(f"{source}:{p.line}: {e}") from None
     # Every setting is checked before the run directory is touched: a refused run leaves nothing behind.

@@ -220,6 +220,19 @@ def test_eval_refuses_a_prompt_beyond_the_context(tmp_path, capsys):
     assert not out.exists()  # refused before anything was written
 
 
+def test_eval_refuses_a_huge_question_by_its_length_before_tokenizing(tmp_path, capsys):
+    """Refused by its length alone (the message says so): tokenizing it would take gigabytes."""
+    data, out = tmp_path / "huge.jsonl", tmp_path / "run"
+    data.write_text(json.dumps({"question": "1+2", "answer": "3"}) + "\n"
+                    + json.dumps({"question": "1" * 6_000_000, "answer": "1"}) + "\n")
+    longest = Tokenizer.from_dir(DEFAULT_MODEL_DIR).longest_token
+    assert main(["eval", "--data", str(data), "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert (f"huge.jsonl:2: the text has 6,000,000 characters: at least {-(-6_000_000 // longest):,} tokens (no token "
+            f"spells more than {longest} characters), more than the 1,024 that fit") in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--population", "0"], "population must be a positive integer"),
     (["--tails", "5"], r"tails \(5\) cannot exceed population \(4\)"),

@@ -31,8 +31,8 @@ def _rl_command(args) -> int:
     tokenizer = Tokenizer.from_dir(model_dir)
     kind = template_kind(args.model, args.aggregation_template)
     task = rl_loop.Task(
-        questions=[tokenizer.encode(apply_prompt_template(args.prompt_template, p.question), add_special_tokens=False)
-                   for p in problems],
+        questions=[tokenizer.encode(apply_prompt_template(args.prompt_template, p.question), add_special_tokens=False,
+                                    max_tokens=config.max_position_embeddings) for p in problems],
         answers=[p.answer for p in problems], template=token_template(kind, args.tails, tokenizer),
         decode=tokenizer.decode, verify=verify)
     rcfg = rl_loop.RLConfig(
