@@ -4,6 +4,10 @@
 import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -58,6 +62,20 @@ def test_out_never_holds_the_runs_data_or_model(tmp_path, capsys, command):
     assert main(argv) == 2
     assert f"is the same directory as --model {out / 'model'}" in capsys.readouterr().err
     assert data.exists() and (out / "model" / "config.json").read_text() == "{}"
+
+
+def test_ctrl_c_ends_a_run_with_130_and_no_traceback(tmp_path, text_data):
+    """SIGINT while the step compiles (once a crash in the interpreter's teardown): status 130, one line."""
+    argv = [sys.executable, "-m", "zaya_jax.cli", *_train_args(tmp_path / "out", text_data, "--steps", "50")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # "data: ..." is printed just before the step compiles
+        if line.startswith("data:"):
+            break
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted", err[-3000:]
+    assert "Traceback" not in err
 
 
 def test_resume_refuses_a_changed_data_file(tmp_path, text_data):

@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     """Runs a ``zaya`` command. Exit codes (docs/errors.md): 0 success; 2 bad input or usage, as argparse
     uses: any ValueError (ConfigError, CheckpointError, DataError, InputError, TokenizerError, ...), a
     missing input, an output that exists without --force; 1 a failure of the system while running (any
-    other OSError: permission denied, disk full). Both print one ``error:`` line, no traceback."""
+    other OSError: permission denied, disk full). Both print one ``error:`` line, no traceback. 130: Ctrl-C
+    (SIGINT), which ends the process at once, as ``interrupted``."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
@@ -148,6 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        interrupted()
+
+
+def interrupted() -> None:
+    """Ends the process after Ctrl-C with status 130, without the interpreter's teardown: XLA's compiler
+    and orbax's writer threads may still run, and tearing the interpreter down under them crashes
+    (SIGSEGV). What a command writes is whole at every step (records and checkpoints are flushed or
+    renamed into place as they finish), so nothing is lost that a teardown would have saved."""
+    print("error: interrupted", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 if __name__ == "__main__":
