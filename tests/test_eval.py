@@ -97,6 +97,15 @@ def test_dataset_lines(tmp_path):
             read_dataset(str(path))
 
 
+def test_dataset_with_a_byte_order_mark_and_ids_beside_positions(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    lines = [{"question": "1+1", "answer": 2, "id": "1"}, {"question": "2+2", "answer": 4}, {"question": "3+3", "answer": 6}]
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(line) + "\n" for line in lines).encode())
+    problems = read_dataset(str(path))
+    # Line 2 has no id: its position, 1, is line 1's own id, so it is named "#1"; line 3 keeps its position.
+    assert [p.id for p in problems] == ["1", "#1", "2"] and problems[0].question == "1+1"
+
+
 def test_run_dir_drops_a_line_cut_by_a_kill_and_refuses_other_settings(tmp_path):
     out = str(tmp_path / "run")
     run = RunDir(out, {"seed": 0, "population": 4})

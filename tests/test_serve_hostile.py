@@ -1,8 +1,10 @@
 """`zaya serve` against hostile clients: text the tokenizer refuses, huge prompts beside a running stream,
-requests a web page could forge, connections that never finish their headers, a busy port."""
+requests a web page could forge, connections that never finish their headers; and how it starts: a busy
+port, logs under a root logger that already has a handler."""
 
 import concurrent.futures
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -16,7 +18,7 @@ pytest.importorskip("fastapi")
 from serve_util import demo_server  # noqa: E402
 
 from zaya_jax.infer.serve.app import Guard  # noqa: E402
-from zaya_jax.infer.serve.cli import allowed_hosts  # noqa: E402
+from zaya_jax.infer.serve.cli import allowed_hosts, configure_logging  # noqa: E402
 
 MODEL = "zaya-demo"
 HEADER_TIMEOUT = 2.0
@@ -130,3 +132,26 @@ def test_a_busy_port_is_refused_before_the_model_loads(url):
     assert proc.returncode == 1 and f"error: [Errno 98] cannot listen on 127.0.0.1:{port}: Address already in use" in \
         proc.stderr, proc.stderr[-2000:]
     assert "warm-up" not in proc.stderr and time.perf_counter() - start < 60
+
+
+def test_server_logs_reach_a_root_handler_set_before():
+    class Kept(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append((record.name, record.getMessage()))
+
+    root, kept = logging.getLogger(), Kept()
+    saved = root.level, logging.getLogger("zaya").level
+    root.addHandler(kept)  # an embedding program's handler: logging.basicConfig then does nothing
+    root.setLevel(logging.WARNING)
+    try:
+        configure_logging("info")
+        logging.getLogger("zaya.serve").info("engine compiled")
+        assert ("zaya.serve", "engine compiled") in kept.messages
+    finally:
+        root.removeHandler(kept)
+        root.setLevel(saved[0])
+        logging.getLogger("zaya").setLevel(saved[1])
