@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 
 # Modules exposing ``register(subparsers)``; each adds its subcommand(s) with ``set_defaults(func=...)``.
 COMMAND_MODULES = (
@@ -139,9 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     uses: any ValueError (ConfigError, CheckpointError, DataError, InputError, TokenizerError, ...), a
     missing input, an output that exists without --force; 1 a failure of the system while running (any
     other OSError: permission denied, disk full). Both print one ``error:`` line, no traceback. 130: Ctrl-C
-    (SIGINT), which ends the process at once, as ``interrupted``."""
-    args = build_parser().parse_args(argv)
+    (see ``interrupted``)."""
+    own = threading.current_thread() is threading.main_thread()  # signal handlers belong to the main thread
+    previous = signal.signal(signal.SIGINT, interrupted) if own else None
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args) or 0
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -149,18 +154,20 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        interrupted()
+    finally:
+        if own:
+            signal.signal(signal.SIGINT, previous)
 
 
-def interrupted() -> None:
-    """Ends the process after Ctrl-C with status 130, without the interpreter's teardown: XLA's compiler
-    and orbax's writer threads may still run, and tearing the interpreter down under them crashes
-    (SIGSEGV). What a command writes is whole at every step (records and checkpoints are flushed or
-    renamed into place as they finish), so nothing is lost that a teardown would have saved."""
-    print("error: interrupted", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
+def interrupted(signum=None, frame=None) -> None:
+    """The SIGINT (Ctrl-C) handler of a command: ends the process at once, status 130, one ``error:`` line.
+    A KeyboardInterrupt could be raised anywhere instead: inside XLA's garbage-collection callback, which
+    swallows it (the run goes on), or with XLA's compiler and orbax's writer threads still running, under
+    which the interpreter's teardown crashes (SIGSEGV). What a command writes is whole at every step
+    (records and checkpoints are flushed or renamed into place as they finish), so ``--resume`` continues."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    os.write(2, b"error: interrupted\n")
     os._exit(130)
 
 
