@@ -52,6 +52,33 @@ def test_a_submitted_request_is_in_the_load_while_a_long_step_runs():
         driver.close()
 
 
+def test_a_request_streaming_while_its_step_compiles_is_in_the_load_as_running():
+    class AdmitThenCompile(ScriptedEngine):
+        """``step`` admits the request and emits its first token (insert), then blocks (a decode compile)."""
+
+        def submit(self):
+            super().submit()
+            self.request = types.SimpleNamespace(done=False, stop_reason=None)
+
+        def step(self):
+            self.running, self.waiting = self.running + self.waiting, 0
+            driver.updated(self.request)  # the request's on_update: its first token streams now
+            self.stepping.set()
+            self.release.wait(timeout=30)
+            self.running = 0
+
+    engine = AdmitThenCompile()
+    driver = Driver(engine)
+    driver.start()
+    try:
+        driver.call(lambda e: e.submit())
+        assert engine.stepping.wait(timeout=10)
+        assert driver.load == {"running": 1, "waiting": 0}
+    finally:
+        engine.release.set()
+        driver.close()
+
+
 def test_a_failed_engine_runs_no_more_calls():
     engine = ScriptedEngine(fail=True)
     driver = Driver(engine)
