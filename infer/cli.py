@@ -11,6 +11,7 @@ import time
 
 from zaya_jax.cli import add_model_args, is_demo_model, model_setting, parse_ids, resolve_model, seed_arg
 from zaya_jax.jsonl import iter_objects
+from zaya_jax.outputs import OutputLock, check_outputs
 
 KNOBS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p")
 LINE_KEYS = ("prompt", "prompt_ids", "messages")
@@ -105,7 +106,7 @@ def _file_command(args) -> int:
     total, max_len = _size_pass(path, args, tokenizer, chat, template_kwargs, defaults)
     engine = Engine(params, config, slots=args.slots, max_len=max_len, decode_steps=args.decode_steps)
     run = run_id(args, desc, chat)
-    done = _open_out(args, run)  # only now, with every setting checked, is --out replaced or cut
+    done, lock = _open_out(args, run)  # only now, with every setting checked, is --out locked, replaced or cut
     print(f"model: {desc}; engine: {engine.slots} slots x {engine.max_len} tokens; {total} prompts"
           + (f", {len(done)} already in {args.out}" if done else ""), file=sys.stderr)
     sink = open(args.out, "a", encoding="utf-8") if args.out else sys.stdout
@@ -155,6 +156,7 @@ def _file_command(args) -> int:
         bar.close()
         if args.out:
             sink.close()
+            lock.close()
     stats = engine.stats()
     print(f"prefix cache: {stats['prefix_hits']} hit(s), {stats['prefix_tokens']:,} of {stats['prompt_tokens']:,} "
           f"prompt tokens served from it; {stats['prefill_tokens']:,} prefilled", file=sys.stderr)
@@ -223,22 +225,36 @@ def _check_out(args) -> None:
         if args.resume:
             raise ValueError("--resume needs --out")
         return
+    check_outputs({"--out": args.out}, {"--prompts-file": args.prompts_file})
     if os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a directory; give a file")
-    if os.path.exists(args.out) and os.path.getsize(args.out) and not (args.force or args.resume):
-        raise ValueError(f"{args.out} exists: --resume continues it, --force replaces it")
+    if os.path.exists(args.out):
+        OutputLock(args.out, "--out").close()  # a run writing it now: refused before the model loads
+        if os.path.getsize(args.out) and not (args.force or args.resume):
+            raise ValueError(f"{args.out} exists: --resume continues it, --force replaces it")
 
 
-def _open_out(args, run: str) -> set[int]:
-    """Prepares ``--out``; returns the line numbers it already holds (with --resume, from records of run
-    ``run`` only). A torn last record (a run killed mid-write) is cut off; nothing else the user has is
-    replaced without --force."""
+def _open_out(args, run: str) -> tuple[set[int], OutputLock | None]:
+    """Locks and prepares ``--out``; returns the line numbers it already holds (with --resume, from records
+    of run ``run`` only, each once) and the lock, held until the run ends. A torn last record (a run
+    killed mid-write) is cut off; nothing else the user has is replaced without --force."""
     _check_out(args)
-    if not args.out or not os.path.exists(args.out) or os.path.getsize(args.out) == 0:
-        return set()
-    if not args.resume:  # --force
-        os.remove(args.out)
-        return set()
+    if not args.out:
+        return set(), None
+    lock = OutputLock(args.out, "--out", create=True)
+    try:
+        if os.path.getsize(args.out) and not args.resume:  # --force: a new file (other hard links keep the old)
+            os.remove(args.out)
+            lock, old = OutputLock(args.out, "--out", create=True), lock
+            old.close()
+        return (_resumed_lines(args, run) if args.resume else set()), lock
+    except BaseException:
+        lock.close()
+        raise
+
+
+def _resumed_lines(args, run: str) -> set[int]:
+    """The line numbers whose records ``--out`` holds, all of run ``run``; cuts off a torn last record."""
     with open(args.out, "rb") as f:
         data = f.read()
     whole = data[: data.rfind(b"\n") + 1]
@@ -250,13 +266,16 @@ def _open_out(args, run: str) -> set[int]:
     for k, line in enumerate(whole.decode("utf-8", errors="replace").splitlines(), 1):
         try:
             record = json.loads(line)
-            done.add(int(record["line"]))
-            there = record["run"]
+            n, there = int(record["line"]), record["run"]
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{args.out}:{k} is not a record of zaya generate ({e!r}); not resuming into it") from e
         if there != run:
             raise ValueError(f"{args.out}:{k} comes from another run (run {there}, this one {run}): the prompts file, "
                              "model or settings differ; use another --out, or --force to start over")
+        if n in done:
+            raise ValueError(f"{args.out}:{k} is a second record of line {n} (two runs wrote the file at once); not "
+                             "resuming into it: use another --out, or --force to start over")
+        done.add(n)
     if torn:
         with open(args.out, "r+b") as f:
             f.truncate(len(whole))

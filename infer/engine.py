@@ -38,7 +38,7 @@ from zaya_jax.model import compute_dtype
 from zaya_jax.validate import is_integer
 
 from . import decode
-from .sampling import SEED_MAX, SEED_MIN, SamplingParams, check_knobs
+from .sampling import SamplingParams, check_knobs, seed_key
 from .scheduler import (
     MIN_PROMPT_BUCKET,
     PREFIX_BLOCK,
@@ -54,9 +54,9 @@ from .scheduler import (
 
 
 def request_keys(seed: int, indices) -> np.ndarray:
-    """Key data ``[n, 2]`` uint32 of requests ``indices`` under ``seed``: ``fold_in(key(seed), index)``,
-    the key ``generate`` gives row ``index``."""
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.asarray(indices, jnp.uint32))
+    """Key data ``[n, 2]`` uint32 of requests ``indices`` under ``seed``: ``fold_in(seed_key(seed), index)``,
+    the key ``generate`` gives row ``index``. ValueError for a seed ``seed_key`` refuses."""
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(seed_key(seed), jnp.asarray(indices, jnp.uint32))
     return np.asarray(jax.random.key_data(keys))
 
 
@@ -182,9 +182,8 @@ class Engine:
         knobs = SamplingKnobs(**{k: v[0] for k, v in check_knobs(1, temperature=temperature, top_k=top_k,
                                                                  top_p=top_p, min_p=min_p).items()})
         if key is None:
-            for name, value, low, high in (("seed", seed, SEED_MIN, SEED_MAX), ("index", index, 0, 2**32 - 1)):
-                if not is_integer(value) or not low <= value <= high:
-                    raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+            if not is_integer(index) or not 0 <= index <= 2**32 - 1:
+                raise ValueError(f"index must be an integer in [0, {2**32 - 1}], got {index!r}")
             key = request_keys(seed, [index])[0]
         request = Request(id=next(self._ids), prompt=prompt, max_new_tokens=max_new, sampling=knobs,
                           stop_ids=self.stop_id_row(stop_token_ids), key=check_key_data(key), on_update=on_update)

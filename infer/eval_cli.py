@@ -76,7 +76,7 @@ def _eval_command(args) -> int:
                             template=mode_template(args),
                             prompt_template=args.prompt_template, limit=args.limit)
     _, table = run(params, config, args.model, problems, settings, source=args.data, out=args.out,
-                   resume=args.resume, force=args.force, slots=args.slots, save_texts=args.save_texts,
+                   inputs={"--data": args.data}, resume=args.resume, force=args.force, slots=args.slots, save_texts=args.save_texts,
                    progress=not args.no_progress)
     print(table)
     return 0
@@ -94,10 +94,11 @@ def token_template(kind: str, tails: int, tokenizer):
 
 
 def run(params, config, model_dir: str, problems, settings: dict, *, source: str, out: str | None = None,
-        resume: bool = False, force: bool = False, slots: int | None = None, save_texts: bool = False,
-        progress: bool = True):
+        inputs: dict[str, str] | None = None, resume: bool = False, force: bool = False, slots: int | None = None,
+        save_texts: bool = False, progress: bool = True):
     """Evaluates ``problems`` (``evaluate.Problem``) under ``settings`` (``run_settings``); with ``out``, in
-    that run directory; ``progress``: a tqdm bar on stderr. Returns (summary, table)."""
+    that run directory, none of whose files may be one of ``inputs`` (a name -> the file the problems were
+    read from); ``progress``: a tqdm bar on stderr. Returns (summary, table)."""
     from tqdm import tqdm
 
     from .eval_output import RunDir
@@ -112,7 +113,7 @@ def run(params, config, model_dir: str, problems, settings: dict, *, source: str
     for p in problems:
         text = apply_prompt_template(settings["prompt_template"], p.question)
         try:
-            ids.append(tokenizer.encode(text, add_special_tokens=False))
+            ids.append(tokenizer.encode(text, add_special_tokens=False, max_tokens=config.max_position_embeddings))
         except ValueError as e:
             raise ValueError(f"{source}:{p.line}: {e}") from None
     # Every setting is checked before the run directory is touched: a refused run leaves nothing behind.
@@ -121,7 +122,7 @@ def run(params, config, model_dir: str, problems, settings: dict, *, source: str
     if slots is not None and (not isinstance(slots, int) or slots < 1):
         raise ValueError(f"--slots must be a positive integer, got {slots!r}")
     check_context(problems, ids, template, settings, config.max_position_embeddings, source)
-    run_dir = RunDir(out, settings, resume=resume, force=force) if out else None
+    run_dir = RunDir(out, settings, resume=resume, force=force, inputs=inputs) if out else None
     records = dict(run_dir.records) if run_dir else {}
     todo = [i for i, p in enumerate(problems) if p.index not in records]
 
@@ -142,18 +143,23 @@ def run(params, config, model_dir: str, problems, settings: dict, *, source: str
         bar.update(1)
 
     engine_stats = None
-    if todo:
-        engine_stats = markov_rsa(params, config, [ids[i] for i in todo], **{k: settings[k] for k in KNOBS},
-                   temperature=settings["temperature"], top_p=settings["top_p"], seed=settings["seed"],
-                   template=template, on_problem=on_problem, slots=slots,
-                   progress=lambda t, rnd: bar.set_description(f"round {t}/{settings['rounds']} done")).engine_stats
-    bar.close()
-    seconds = time.perf_counter() - start
-    summary = summarize([records[p.index] for p in problems], settings)
-    table = format_table(summary) + f"\n{len(problems)} problems; this run solved {len(todo)} in {seconds:.1f} s"
-    if engine_stats is not None:  # this run's engine (as its time): not in summary.json, a function of the records
-        table += (f"; prefix cache: {engine_stats['prefix_tokens']:,} of {engine_stats['prompt_tokens']:,} prompt "
-                  f"tokens, slot utilisation {engine_stats['slot_utilisation']:.0%}")
-    if run_dir:
-        run_dir.write_summary(summary, table)
+    try:
+        if todo:
+            engine_stats = markov_rsa(
+                params, config, [ids[i] for i in todo], **{k: settings[k] for k in KNOBS},
+                temperature=settings["temperature"], top_p=settings["top_p"], seed=settings["seed"], template=template,
+                on_problem=on_problem, slots=slots,
+                progress=lambda t, rnd: bar.set_description(f"round {t}/{settings['rounds']} done")).engine_stats
+        bar.close()
+        seconds = time.perf_counter() - start
+        summary = summarize([records[p.index] for p in problems], settings)
+        table = format_table(summary) + f"\n{len(problems)} problems; this run solved {len(todo)} in {seconds:.1f} s"
+        if engine_stats is not None:  # this run's engine (as its time): not in summary.json, a function of the records
+            table += (f"; prefix cache: {engine_stats['prefix_tokens']:,} of {engine_stats['prompt_tokens']:,} "
+                      f"prompt tokens, slot utilisation {engine_stats['slot_utilisation']:.0%}")
+        if run_dir:
+            run_dir.write_summary(summary, table)
+    finally:
+        if run_dir:
+            run_dir.close()
     return summary, table

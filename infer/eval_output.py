@@ -6,8 +6,8 @@ DIR/summary.json    the scores (deterministic: sorted keys, no timings)
 DIR/summary.md      the table, with timings
 DIR/accuracy.png    accuracy against tokens generated, one point per round (needs matplotlib)
 
-Summary files and the plot are written to a temporary name and renamed; files of other names in DIR
-are never touched.
+Summary files and the plot are written to a temporary name (``summary.tmp.json``) and renamed; files of
+other names in DIR are never touched, and none of these may be an input of the run.
 """
 
 from __future__ import annotations
@@ -16,27 +16,41 @@ import json
 import os
 import sys
 
+from zaya_jax.outputs import OutputLock, check_outputs
+
 RUN, RESULTS, SUMMARY_JSON, SUMMARY_MD, PLOT = "run.json", "results.jsonl", "summary.json", "summary.md", "accuracy.png"
 OWN_FILES = (RUN, RESULTS, SUMMARY_JSON, SUMMARY_MD, PLOT)
 
 
 class RunDir:
-    """An output directory opened for a run with ``settings``: fresh, resumed or (``force``) restarted."""
+    """An output directory opened for a run with ``settings``: fresh, resumed or (``force``) restarted.
+    ``inputs`` (a name -> a path) are refused as any file the run writes."""
 
-    def __init__(self, path: str, settings: dict, *, resume: bool = False, force: bool = False):
+    def __init__(self, path: str, settings: dict, *, resume: bool = False, force: bool = False,
+                 inputs: dict[str, str] | None = None):
         self.path, self.settings = path, json.loads(json.dumps(settings))  # as run.json will read back
-        entries = os.listdir(path) if os.path.isdir(path) else []
+        written = [self._file(name) for name in OWN_FILES] + [_temporary(self._file(name)) for name in OWN_FILES]
+        check_outputs({f"--out's {os.path.basename(file)}": file for file in written}, inputs or {})
         if os.path.exists(path) and not os.path.isdir(path):
             raise ValueError(f"--out {path} exists and is not a directory")
+        os.makedirs(path, exist_ok=True)
+        self._lock = OutputLock(path, "--out")  # held until close: one run per directory
+        try:
+            self._open(settings, resume, force)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _open(self, settings: dict, resume: bool, force: bool) -> None:
+        entries = os.listdir(self.path)
         self.records: dict[int, dict] = {}
         if resume and entries:
             self._check_settings()
             self.records = self._read_results()
         elif entries and not force:
-            raise ValueError(f"--out {path} is not empty: pass --resume to continue the run in it, or --force to "
-                             f"start over (only {', '.join(OWN_FILES)} are replaced)")
+            raise ValueError(f"--out {self.path} is not empty: pass --resume to continue the run in it, or --force "
+                             f"to start over (only {', '.join(OWN_FILES)} are replaced)")
         else:
-            os.makedirs(path, exist_ok=True)
             for name in OWN_FILES:
                 if os.path.exists(self._file(name)):
                     os.remove(self._file(name))
@@ -83,6 +97,9 @@ class RunDir:
             if not _is_record(record):
                 raise ValueError(f"{file}:{number}: not a problem record of `zaya eval` (an object with an integer "
                                  "\"index\" and \"rounds\", each with its \"correct\" list)")
+            if record["index"] in records:
+                raise ValueError(f"{file}:{number}: a second record of problem {record['index']} (two runs wrote the "
+                                 "directory at once); not resuming: use another --out, or --force to start over")
             records[record["index"]] = record
         return records
 
@@ -98,11 +115,22 @@ class RunDir:
         self._write_atomic(SUMMARY_MD, table + "\n")
         plot_accuracy(summary, self._file(PLOT))
 
+    def close(self) -> None:
+        """Ends the run's hold on the directory (its lock); call once it is written or the run failed."""
+        self._results.close()
+        self._lock.close()
+
     def _write_atomic(self, name: str, text: str) -> None:
-        tmp = self._file(name + ".tmp")
+        tmp = _temporary(self._file(name))
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, self._file(name))
+
+
+def _temporary(file: str) -> str:
+    """The temporary name ``file`` is written under before its rename: ``summary.tmp.json``."""
+    stem, ext = os.path.splitext(file)
+    return stem + ".tmp" + ext
 
 
 def _is_record(record) -> bool:
@@ -136,8 +164,7 @@ def plot_accuracy(summary: dict, path: str) -> bool:
                  f"temperature {s['temperature']}", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    stem, ext = os.path.splitext(path)
-    fig.savefig(stem + ".tmp" + ext)
+    fig.savefig(_temporary(path))
     plt.close(fig)
-    os.replace(stem + ".tmp" + ext, path)
+    os.replace(_temporary(path), path)
     return True

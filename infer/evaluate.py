@@ -37,14 +37,16 @@ def read_dataset(path: str, limit: int | None = None) -> list[Problem]:
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be positive, got {limit}")
     problems, ids = [], {}
-    for line, obj in read_objects(path, what="problems"):
+    lines = read_objects(path, what="problems")
+    given = {str(obj["id"]) for _, obj in lines if "id" in obj}
+    for line, obj in lines:
         key = next((k for k in QUESTION_KEYS if k in obj), None)
         if key is None or not isinstance(obj[key], str) or not obj[key].strip():
             raise ValueError(f"{path}:{line}: no question: give a non-empty string under one of {', '.join(QUESTION_KEYS)}")
         answer = obj.get("answer")
         if answer is None or isinstance(answer, (dict, list, bool)) or not str(answer).strip():
             raise ValueError(f"{path}:{line}: no answer: give the gold answer as a string or number under \"answer\"")
-        pid = str(obj.get("id", len(problems)))
+        pid = str(obj["id"]) if "id" in obj else _position_id(len(problems), given)
         if pid in ids:
             raise ValueError(f"{path}:{line}: id {pid!r} is also the id of line {ids[pid]}")
         ids[pid] = line
@@ -52,6 +54,12 @@ def read_dataset(path: str, limit: int | None = None) -> list[Problem]:
         if limit is not None and len(problems) == limit:
             break
     return problems
+
+
+def _position_id(index: int, given: set[str]) -> str:
+    """The id of the problem at ``index`` that has none: its position, or ``#position`` when another line's
+    own id is the position."""
+    return str(index) if str(index) not in given else f"#{index}"
 
 
 def apply_prompt_template(template: str | None, question: str) -> str:

@@ -31,7 +31,7 @@ from zaya_jax.config import ZayaConfig
 
 from .decode import inference_jit
 from .engine import Engine, bucket, request_keys, token_id_list
-from .sampling import check_knobs
+from .sampling import check_knobs, seed_key
 
 _ROUND_SALT, _SUBSET_SALT = 0x52534147, 0x53554253  # "RSAG", "SUBS": key streams disjoint from row keys
 
@@ -252,7 +252,7 @@ def _round_keys(seed: int, round_index: int, members: int) -> np.ndarray:
     depend on which others share the run."""
     if round_index == 0:
         return request_keys(seed, np.arange(members))
-    base = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _ROUND_SALT), round_index)
+    base = jax.random.fold_in(jax.random.fold_in(seed_key(seed), _ROUND_SALT), round_index)
     return np.asarray(jax.random.key_data(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.arange(members))))
 
 
@@ -402,7 +402,7 @@ class RSASearch:
         q = self.questions[p]
         question = np.zeros((1, bucket(len(q))), np.int32)
         question[0, : len(q)] = q
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), _SUBSET_SALT), t)
+        key = jax.random.fold_in(jax.random.fold_in(seed_key(self.seed), _SUBSET_SALT), t)
         prompts, lengths, subsets, _, _ = _aggregate_compiled(
             self._pieces, jnp.asarray(tokens), jnp.asarray(gen_len), jnp.asarray(question),
             jnp.asarray([len(q)], jnp.int32), key, tau=self.tail_tokens, tails=self.tails)

@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zaya_jax.validate import is_integer
+
 Array = jax.Array
-SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1  # the seeds jax.random.key takes (int64)
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1  # seeds are signed 64-bit integers
 
 
 @flax.struct.dataclass
@@ -123,9 +125,20 @@ def step_keys(keys: Array, step) -> Array:
     return jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(step, keys.shape))
 
 
+def seed_key(seed: int) -> Array:
+    """The typed key of ``seed``, a signed 64-bit integer: threefry key data (high 32 bits, low 32 bits),
+    as ``jax.random.key(seed)`` gives it with 64-bit integers enabled. Every seed has a stream of its own;
+    seeds in [0, 2**32) keep the key ``jax.random.key`` gives them by default (which drops the high bits).
+    ValueError for a non-integer (``True`` included) or a seed out of range."""
+    if not is_integer(seed) or not SEED_MIN <= seed <= SEED_MAX:
+        raise ValueError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {seed!r}")
+    seed = int(seed)
+    return jax.random.wrap_key_data(np.array([(seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF], np.uint32))
+
+
 def row_keys(seed: int, batch: int) -> Array:
-    """Typed keys ``[batch]``: row ``b`` gets ``fold_in(key(seed), b)``."""
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.arange(batch))
+    """Typed keys ``[batch]``: row ``b`` gets ``fold_in(seed_key(seed), b)``."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(seed_key(seed), jnp.arange(batch))
 
 
 def sample(logits: Array, params: SamplingParams, keys: Array) -> Array:

@@ -12,6 +12,7 @@ dropped and a message's reasoning is given under all of its names. The rendered 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -71,10 +72,27 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """Characters of the vocabulary's longest entry, added tokens included: no token spells more, so
+        text of ``n`` characters is at least ``n / longest_token`` tokens."""
+        return max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
+
+    def encode(self, text: str, add_special_tokens: bool = True, max_tokens: int | None = None) -> list[int]:
         """Token ids of ``text``. Text the vocabulary cannot spell becomes the unknown token, as in
         transformers, when that token is a dedicated one (``<unk>``); when the fallback is another special
-        token (the demo's is ``<pad>``) the character is refused instead (TokenizerError naming it)."""
+        token (the demo's is ``<pad>``) the character is refused instead (TokenizerError naming it), as is a
+        lone surrogate (not a character). With ``max_tokens``, text too long to fit in that many tokens is
+        refused by its length alone, before any tokenizing (whose memory grows with the text)."""
+        if max_tokens is not None and len(text) > max_tokens * self.longest_token:
+            raise TokenizerError(f"the text has {len(text):,} characters: at least {-(-len(text) // self.longest_token):,} "
+                                 f"tokens (no token spells more than {self.longest_token} characters), more than the "
+                                 f"{max_tokens:,} that fit")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TokenizerError(f"the text holds a lone surrogate {text[e.start]!r} (character {e.start}), which is "
+                                 "not a character; remove or replace it") from None
         encoding = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         unknown = self._borrowed_unknown_id()
         if unknown is not None:
@@ -112,10 +130,11 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt, **variables)
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
-                    **template_kwargs) -> list[int]:
-        """Token ids of the rendered chat (no special tokens added beyond what the template writes)."""
+                    max_tokens: int | None = None, **template_kwargs) -> list[int]:
+        """Token ids of the rendered chat (no special tokens added beyond what the template writes);
+        ``max_tokens`` as ``encode``'s."""
         text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
-        return self.encode(text, add_special_tokens=False)
+        return self.encode(text, add_special_tokens=False, max_tokens=max_tokens)
 
 
 def _alias_reasoning(message: dict) -> dict:

@@ -186,6 +186,20 @@ def test_bad_request_arguments_are_refused_at_submit(params):
     assert engine.generate(jax.numpy.asarray([[1, 2]]), max_new_tokens=2, stop_token_ids=[1]).tokens == out.tokens
 
 
+def test_generate_and_stream_check_the_seed_as_submit_does(params):
+    engine = Engine(params, CONFIG, slots=2, max_len=MAX_LEN, decode_steps=4)
+    for seed in (2**63, 1.5, None, True):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[-9223372036854775808, 9223372036854775807\]"):
+            engine.generate([[1, 2]], max_new_tokens=2, seed=seed)
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            next(engine.stream([[1, 2]], max_new_tokens=2, seed=seed))
+    assert not engine.busy
+    # Seeds that differ only above the low 32 bits sample differently.
+    runs = [engine.generate([[3, 4, 5]], max_new_tokens=8, temperature=1.0, stop_token_ids=[], seed=s).tokens
+            for s in (0, 2**32, 0)]
+    assert runs[0] == runs[2] != runs[1]
+
+
 def test_repeated_prompts_are_prefilled_once(params):
     engine = Engine(params, CONFIG, slots=8, max_len=MAX_LEN)
     out = engine.generate([[3, 4, 5]] * 6 + [[9, 9]] * 2, max_new_tokens=6, temperature=1.0, stop_token_ids=[])

@@ -97,13 +97,24 @@ def test_dataset_lines(tmp_path):
             read_dataset(str(path))
 
 
+def test_dataset_with_a_byte_order_mark_and_ids_beside_positions(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    lines = [{"question": "1+1", "answer": 2, "id": "1"}, {"question": "2+2", "answer": 4}, {"question": "3+3", "answer": 6}]
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(line) + "\n" for line in lines).encode())
+    problems = read_dataset(str(path))
+    # Line 2 has no id: its position, 1, is line 1's own id, so it is named "#1"; line 3 keeps its position.
+    assert [p.id for p in problems] == ["1", "#1", "2"] and problems[0].question == "1+1"
+
+
 def test_run_dir_drops_a_line_cut_by_a_kill_and_refuses_other_settings(tmp_path):
     out = str(tmp_path / "run")
     run = RunDir(out, {"seed": 0, "population": 4})
     run.append({"index": 0, "rounds": []})
     with open(os.path.join(out, "results.jsonl"), "a") as f:
         f.write('{"index": 1, "rou')  # killed mid-write
+    run.close()
     again = RunDir(out, {"seed": 0, "population": 4}, resume=True)
+    again.close()
     assert list(again.records) == [0]
     assert open(os.path.join(out, "results.jsonl")).read() == '{"index": 0, "rounds": []}\n'
     with pytest.raises(ValueError, match="other settings \\(seed: 0 there, 1 now\\)"):
@@ -114,7 +125,7 @@ def test_run_dir_drops_a_line_cut_by_a_kill_and_refuses_other_settings(tmp_path)
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(ValueError, match="has no run.json"):
         RunDir(str(tmp_path / "mine"), {}, resume=True)
-    RunDir(str(tmp_path / "mine"), {"seed": 0}, force=True)
+    RunDir(str(tmp_path / "mine"), {"seed": 0}, force=True).close()
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"  # --force replaces only zaya eval's files
     # A resumed run reads only records of the shape zaya eval writes, and a run.json it can read.
     for line, where in (("{}", ":2:"), ("[1, 2]", ":2:"), ('{"index": 1}', ":2:"), ('{"index": "1", "rounds": []}', ":2:")):
@@ -126,6 +137,44 @@ def test_run_dir_drops_a_line_cut_by_a_kill_and_refuses_other_settings(tmp_path)
         f.write("{not json")
     with pytest.raises(ValueError, match="run.json is not valid JSON"):
         RunDir(out, {"seed": 0, "population": 4}, resume=True)
+
+
+def test_one_run_writes_a_run_dir_at_a_time(tmp_path):
+    """A second run on a directory a run holds is refused by name; --resume refuses a problem recorded twice."""
+    out = str(tmp_path / "run")
+    first = RunDir(out, {"seed": 0})
+    first.append({"index": 0, "rounds": []})
+    for flags in ({"resume": True}, {"force": True}):
+        with pytest.raises(ValueError, match=f"--out {out} is being written by another run .*one writer per output"):
+            RunDir(out, {"seed": 0}, **flags)
+    first.append({"index": 0, "rounds": []})  # what a second, unlocked writer did
+    first.close()
+    with pytest.raises(ValueError, match=r"results.jsonl:2: a second record of problem 0"):
+        RunDir(out, {"seed": 0}, resume=True)
+    RunDir(out, {"seed": 0}, force=True).close()  # the lock went with the first run
+
+
+@pytest.mark.parametrize("name", ["results.jsonl", "run.json", "summary.json", "summary.tmp.json", "accuracy.tmp.png"])
+def test_run_dir_never_writes_over_its_data(tmp_path, name):
+    out = tmp_path / "run"
+    out.mkdir()
+    data, text = out / name, '{"question": "1+1", "answer": "2"}\n'
+    data.write_text(text)
+    for flags in ({}, {"force": True}, {"resume": True}):
+        with pytest.raises(ValueError, match=f"--out's {name} {out / name} is the same file as --data {data}: inputs "
+                                             "are never outputs"):
+            RunDir(str(out), {"seed": 0}, inputs={"--data": str(data)}, **flags)
+        assert data.read_text() == text and os.listdir(out) == [name]
+
+
+def test_eval_refuses_its_data_inside_out_under_a_name_it_writes(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    data = out / "results.jsonl"
+    _write_heldout(data, 1)
+    text = data.read_text()
+    assert main(["eval", "--data", str(data), "--out", str(out), *TINY, "--force"]) == 2
+    assert "is the same file as --data" in capsys.readouterr().err and data.read_text() == text
 
 
 def _write_heldout(path, count):
@@ -178,6 +227,19 @@ def test_eval_refuses_a_prompt_beyond_the_context(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"long.jsonl:2: round 0's prompt is {prompt} tokens; with 64 new tokens that is {prompt + 64 - 1024} more" in err
     assert not out.exists()  # refused before anything was written
+
+
+def test_eval_refuses_a_huge_question_by_its_length_before_tokenizing(tmp_path, capsys):
+    """Refused by its length alone (the message says so): tokenizing it would take gigabytes."""
+    data, out = tmp_path / "huge.jsonl", tmp_path / "run"
+    data.write_text(json.dumps({"question": "1+2", "answer": "3"}) + "\n"
+                    + json.dumps({"question": "1" * 6_000_000, "answer": "1"}) + "\n")
+    longest = Tokenizer.from_dir(DEFAULT_MODEL_DIR).longest_token
+    assert main(["eval", "--data", str(data), "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert (f"huge.jsonl:2: the text has 6,000,000 characters: at least {-(-6_000_000 // longest):,} tokens (no token "
+            f"spells more than {longest} characters), more than the 1,024 that fit") in err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -1,5 +1,6 @@
 """`zaya generate`: the shipped demo model by default, text and chat with a tokenizer, JSONL batches, errors."""
 
+import fcntl
 import json
 import re
 import signal
@@ -199,6 +200,37 @@ def test_prompts_file_out_is_never_overwritten(capsys, model_dir, tmp_path):
     assert json.loads(out.read_text()) == record
     code, _, err = run(capsys, str(model_dir), "--prompts-file", str(file), "--out", str(out), "--resume")
     assert code == 0 and "1 already in" in err and json.loads(out.read_text()) == record
+    # One writer per output: a run holding --out's lock refuses a second; a record written twice is refused.
+    with open(out) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        for flag in ("--resume", "--force"):
+            code, _, err = run(capsys, str(model_dir), "--prompts-file", str(file), "--out", str(out), flag)
+            assert code == 2 and f"--out {out} is being written by another run" in err, err
+    assert json.loads(out.read_text()) == record
+    out.write_text(2 * (json.dumps(record) + "\n"))
+    code, _, err = run(capsys, str(model_dir), "--prompts-file", str(file), "--out", str(out), "--resume")
+    assert code == 2 and f"{out}:2 is a second record of line 1" in err
+
+
+@pytest.mark.parametrize("alias", ["itself", "symlink", "hard link", "through a symlinked folder"])
+def test_the_prompts_file_is_never_the_out_file(capsys, tmp_path, alias):
+    """Under any flag, --out naming the prompts file (as itself, a symlink, a hard link) is refused; the file stays."""
+    prompts, text = tmp_path / "p.jsonl", '{"prompt_ids": [2, 10, 20]}\n'
+    prompts.write_text(text)
+    out = tmp_path / "out.jsonl"
+    if alias == "itself":
+        out = prompts
+    elif alias == "symlink":
+        out.symlink_to(prompts)
+    elif alias == "hard link":
+        out.hardlink_to(prompts)
+    else:
+        (tmp_path / "via").symlink_to(tmp_path)
+        out = tmp_path / "via" / "p.jsonl"
+    for flags in ([], ["--force"], ["--resume"]):
+        code, _, err = run(capsys, "--prompts-file", str(prompts), "--out", str(out), *flags)
+        assert code == 2 and f"--out {out} is the same file as --prompts-file {prompts}" in err, err
+        assert "inputs are never outputs" in err and prompts.read_text() == text
 
 
 def test_model_without_tokenizer_refuses_text(capsys, tmp_path):

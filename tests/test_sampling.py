@@ -13,7 +13,7 @@ from transformers.generation.logits_process import (
 )
 
 from zaya_jax.infer import sampling
-from zaya_jax.infer.sampling import SamplingParams, row_keys, step_keys
+from zaya_jax.infer.sampling import SamplingParams, row_keys, seed_key, step_keys
 
 filter_logits = jax.jit(sampling.filter_logits)
 sample = jax.jit(sampling.sample)
@@ -114,6 +114,23 @@ def test_fixed_seed_is_reproducible_and_seeds_differ():
     assert not np.array_equal(a, c)
     # Steps draw differently, and so do rows sharing a seed.
     assert len({tuple(x) for x in a}) > 1 and len(set(a[0].tolist())) > 1
+
+
+def test_every_64_bit_seed_has_its_own_key():
+    """Seeds differing only in the high 32 bits (0 and 2**32, -1 and 2**32 - 1) get different keys; seeds in
+    [0, 2**32) keep jax.random.key's; the key is jax.random.key's with 64-bit integers enabled."""
+    data = lambda key: tuple(np.asarray(jax.random.key_data(key)).tolist())  # noqa: E731
+    seeds = [0, 1, 2**31, 2**32 - 1, 2**32, 2**32 + 1, -1, -(2**31), -(2**32), 2**63 - 1, -(2**63)]
+    assert len({data(seed_key(s)) for s in seeds}) == len(seeds)
+    assert data(seed_key(np.int64(5))) == data(jax.random.key(5))
+    for s in (0, 1, 2**31, 2**32 - 1):
+        assert data(seed_key(s)) == data(jax.random.key(s))
+    with jax.enable_x64():
+        for s in seeds:
+            assert data(seed_key(s)) == data(jax.random.key(int(s)))
+    for bad in (2**63, -(2**63) - 1, 1.5, None, True, "1"):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[-9223372036854775808, "):
+            seed_key(bad)
 
 
 def test_samples_follow_the_filtered_distribution():

@@ -19,6 +19,7 @@ class ScriptedEngine:
     def __init__(self, fail: bool = False):
         self.waiting, self.running, self.fail, self.steps = 0, 0, fail, 0
         self.stepping, self.release = threading.Event(), threading.Event()
+        self.on_admit = lambda: None  # what admitting a request does besides (a request's on_update)
 
     def stats(self) -> dict:
         return {"decode_steps": self.steps}
@@ -34,22 +35,28 @@ class ScriptedEngine:
         if self.fail:
             raise RuntimeError("device lost")
         self.running, self.waiting = self.running + self.waiting, 0
+        self.on_admit()
         self.stepping.set()
         self.release.wait(timeout=30)
         self.running = 0  # every request finished in this step
         self.steps += 1
 
 
-def test_a_submitted_request_is_in_the_load_while_a_long_step_runs():
+@pytest.mark.parametrize("streams, during", [(False, {"running": 0, "waiting": 1}), (True, {"running": 1, "waiting": 0})])
+def test_a_submitted_request_is_in_the_load_while_a_long_step_runs(streams, during):
+    """The step admits the request, then runs on (a compile); once the request streams (its first token, from
+    the step's insert), the load shows it running."""
     engine = ScriptedEngine()
     assert isinstance(engine, Steppable)
     driver = Driver(engine)
+    if streams:
+        engine.on_admit = lambda: driver.updated(types.SimpleNamespace(done=False, stop_reason=None))
     driver.start()
     try:
         driver.call(lambda e: e.submit())
         assert engine.stepping.wait(timeout=10)
         # The step is still running: the request must not look finished (it was once published as idle).
-        assert driver.load == {"running": 0, "waiting": 1}
+        assert driver.load == during
         engine.release.set()
         assert wait_for(lambda: driver.load == {"running": 0, "waiting": 0}, timeout=10)
         assert driver.stats == {"decode_steps": 1}  # the engine's counters, published with the load

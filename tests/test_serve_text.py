@@ -48,3 +48,19 @@ def test_stop_token_and_no_stops():
     assert choice.feed(ids("d"), "cancelled") == ""  # nothing after the end
     choice = ChoiceText(decode, ["\n"])
     assert choice.feed(ids("ab"), "cache_full") == "ab" and choice.finish_reason == "length"
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4, 5, 100])
+def test_a_stop_string_ending_in_a_split_character_stops_at_any_chunking(chunk):
+    """Byte tokens: the stop string's last character (4 bytes) arrives over several feeds; where it stops
+    does not depend on how the tokens are grouped (the server's --decode-steps)."""
+    def byte_decode(tokens):
+        return bytes(tokens).decode("utf-8", errors="replace")
+
+    choice, out, tokens = ChoiceText(byte_decode, ["ok\U0001F600"]), [], list("say ok\U0001F600 more".encode())
+    for i in range(0, len(tokens), chunk):
+        out.append(choice.feed(tokens[i:i + chunk], None))
+        if choice.finish_reason:
+            break
+    assert "".join(out) == "say " and choice.finish_reason == "stop"
+    assert choice.tokens_used == len("say ok\U0001F600".encode())

@@ -80,3 +80,22 @@ def test_template_errors_are_reported(tokenizers_pair, tmp_path):
     config["chat_template"] = [{"name": "default", "template": "{{ messages[0]['content'] }}!"}]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     assert Tokenizer.from_dir(tmp_path).render_chat([{"role": "user", "content": "hi"}]) == "hi!"
+
+
+def test_a_lone_surrogate_is_refused_by_name():
+    from zaya_jax.demo import DEFAULT_MODEL_DIR
+
+    tok = Tokenizer.from_dir(DEFAULT_MODEL_DIR)
+    for encode in (lambda text: tok.encode(text), lambda text: tok.encode_chat([{"role": "user", "content": text}])):
+        with pytest.raises(TokenizerError, match=r"lone surrogate '\\ud800' \(character \d+\), which is not a character"):
+            encode("1+\ud800")
+
+
+def test_text_too_long_for_max_tokens_is_refused_by_its_length():
+    from zaya_jax.demo import DEFAULT_MODEL_DIR
+
+    tok = Tokenizer.from_dir(DEFAULT_MODEL_DIR)
+    assert tok.longest_token == len("<start_of_turn>")  # the demo's vocabulary: characters and its control tokens
+    assert tok.encode("1" * 15 * 4, max_tokens=4) == tok.encode("1" * 60)  # might fit: tokenized
+    with pytest.raises(TokenizerError, match="the text has 61 characters: at least 5 tokens .* more than the 4 that fit"):
+        tok.encode("1" * 61, max_tokens=4)

@@ -4,6 +4,10 @@
 import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -39,6 +43,39 @@ def test_train_refuses_an_out_holding_foreign_outputs(tmp_path, text_data, capsy
     loop.prepare_out(str(out), settings, resume=False, force=True)  # --force: a fresh run's outputs only
     assert sorted(os.listdir(out)) == ["notes.txt", "run.json"]
     assert json.loads((out / "run.json").read_text()) == settings
+
+
+@pytest.mark.parametrize("command", ["train", "rl"])
+def test_out_never_holds_the_runs_data_or_model(tmp_path, capsys, command):
+    """--force deletes --out's metrics.jsonl and model/: refused when they are the run's --data or --model."""
+    out = tmp_path / "out"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "config.json").write_text("{}")
+    data = out / "metrics.jsonl"
+    data.write_text(json.dumps({"question": "1+1", "answer": "2"}) + "\n")
+    argv = [command, "--data", str(data), "--out", str(out), "--steps", "1", "--force", "--no-progress"]
+    assert main(argv) == 2
+    assert f"--out's metrics.jsonl {out / 'metrics.jsonl'} is the same file as --data" in capsys.readouterr().err
+    other = tmp_path / "data.jsonl"
+    other.write_text(data.read_text())
+    argv = [command, "--data", str(other), "--model", str(out / "model"), "--out", str(out), "--steps", "1", "--force"]
+    assert main(argv) == 2
+    assert f"is the same directory as --model {out / 'model'}" in capsys.readouterr().err
+    assert data.exists() and (out / "model" / "config.json").read_text() == "{}"
+
+
+def test_ctrl_c_ends_a_run_with_130_and_no_traceback(tmp_path, text_data):
+    """SIGINT while the step compiles (once a crash in the interpreter's teardown): status 130, one line."""
+    argv = [sys.executable, "-m", "zaya_jax.cli", *_train_args(tmp_path / "out", text_data, "--steps", "50")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # "data: ..." is printed just before the step compiles
+        if line.startswith("data:"):
+            break
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted", err[-3000:]
+    assert "Traceback" not in err
 
 
 def test_resume_refuses_a_changed_data_file(tmp_path, text_data):

@@ -29,6 +29,17 @@ def from_args(cls, args, **given):
     return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **given})
 
 
+def check_run_out(args) -> None:
+    """Refuses an ``--out`` where a run would write (or ``--force`` delete) its ``--data`` or ``--model``."""
+    from zaya_jax.demo import DEFAULT_MODEL_DIR
+    from zaya_jax.outputs import check_outputs
+
+    from .loop import OUTPUTS
+
+    check_outputs({f"--out's {name}": os.path.join(args.out, name) for name in OUTPUTS},
+                  {"--data": args.data, "--model": args.model or DEFAULT_MODEL_DIR})
+
+
 def closing_figure(value, digits: int = 4) -> str:
     """A logged figure for the closing line ("none" when the run logged no step)."""
     return "none" if value is None else f"{value:.{digits}f}"
@@ -44,6 +55,7 @@ def _train_command(args) -> int:
 
     if args.batch_size % args.grad_accum:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+    check_run_out(args)
     mesh = mesh_arg(args.mesh)
     config, params, desc = resolve_model(args.model, args.dtype, args.allow_non_finite)  # the loop places it on the mesh
     if args.seq_len > config.max_position_embeddings:

@@ -7,7 +7,7 @@ import os
 
 from zaya_jax.cli import seed_arg
 
-from .cli import add_model_dtype_args, add_run_args, add_step_args, closing_figure, from_args, mesh_arg
+from .cli import add_model_dtype_args, add_run_args, add_step_args, check_run_out, closing_figure, from_args, mesh_arg
 from .grpo import GRPOObjective
 from .rl_loop import AGG_SELECT, TASKS, RLConfig
 from .step import TrainConfig
@@ -26,6 +26,7 @@ def _rl_command(args) -> int:
 
     from . import data, loop, rewards, rl_loop
 
+    check_run_out(args)
     problems = read_dataset(args.data, args.limit)
     verify = rewards.load_verifier(args.verifier)
     verify(f"\\boxed{{{problems[0].answer}}}", problems[0].answer)  # a broken verifier fails before --out is made
@@ -35,8 +36,8 @@ def _rl_command(args) -> int:
     tokenizer = Tokenizer.from_dir(model_dir)
     kind = template_kind(args.model, args.aggregation_template)
     task = rl_loop.Task(
-        questions=[tokenizer.encode(apply_prompt_template(args.prompt_template, p.question), add_special_tokens=False)
-                   for p in problems],
+        questions=[tokenizer.encode(apply_prompt_template(args.prompt_template, p.question), add_special_tokens=False,
+                                    max_tokens=config.max_position_embeddings) for p in problems],
         answers=[p.answer for p in problems], template=token_template(kind, args.tails, tokenizer),
         decode=tokenizer.decode, verify=verify)
     rcfg = from_args(RLConfig, args)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zaya_jax.infer.engine import Engine
+from zaya_jax.infer.sampling import seed_key
 
 
 @dataclasses.dataclass
@@ -41,7 +42,7 @@ class Rollouts:
 
 def rollout_keys(seed: int, step: int, count: int) -> np.ndarray:
     """Key data ``[count, 2]``: rollout i of RL step ``step`` draws with ``fold_in(fold_in(key(seed), step), i)``."""
-    base = jax.random.fold_in(jax.random.key(seed), step)
+    base = jax.random.fold_in(seed_key(seed), step)
     return np.asarray(jax.random.key_data(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.arange(count))))
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 
 # Modules exposing ``register(subparsers)``; each adds its subcommand(s) with ``set_defaults(func=...)``.
 COMMAND_MODULES = (
@@ -179,9 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     """Runs a ``zaya`` command. Exit codes (docs/errors.md): 0 success; 2 bad input or usage, as argparse
     uses: any ValueError (ConfigError, CheckpointError, DataError, InputError, TokenizerError, ...), a
     missing input, an output that exists without --force; 1 a failure of the system while running (any
-    other OSError: permission denied, disk full). Both print one ``error:`` line, no traceback."""
-    args = build_parser().parse_args(argv)
+    other OSError: permission denied, disk full). Both print one ``error:`` line, no traceback. 130: Ctrl-C
+    (see ``interrupted``)."""
+    own = threading.current_thread() is threading.main_thread()  # signal handlers belong to the main thread
+    previous = signal.signal(signal.SIGINT, interrupted) if own else None
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args) or 0
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -189,6 +195,21 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if own:
+            signal.signal(signal.SIGINT, previous)
+
+
+def interrupted(signum=None, frame=None) -> None:
+    """The SIGINT (Ctrl-C) handler of a command: ends the process at once, status 130, one ``error:`` line.
+    A KeyboardInterrupt could be raised anywhere instead: inside XLA's garbage-collection callback, which
+    swallows it (the run goes on), or with XLA's compiler and orbax's writer threads still running, under
+    which the interpreter's teardown crashes (SIGSEGV). What a command writes is whole at every step
+    (records and checkpoints are flushed or renamed into place as they finish), so ``--resume`` continues."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    os.write(2, b"error: interrupted\n")
+    os._exit(130)
 
 
 if __name__ == "__main__":

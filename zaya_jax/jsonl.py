@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
@@ -47,13 +48,15 @@ def read_objects(path: str, *, what: str = "records", error: type[Exception] = V
 
 
 def iter_objects(path: str, *, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict | Exception]]:
-    """Lazily, (line number, object) for each non-blank line of ``path`` (lines end at ``\\n``), or (line
-    number, ``error`` naming file, line and problem) for a line that is not a JSON object: a caller may
-    skip bad lines."""
+    """Lazily, (line number, object) for each non-blank line of ``path`` (lines end at ``\\n``; a UTF-8
+    byte order mark opening the file is skipped), or (line number, ``error`` naming file, line and
+    problem) for a line that is not a JSON object: a caller may skip bad lines."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path} does not exist")
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
+            if number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # as editors on Windows save UTF-8
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:

@@ -1,8 +1,10 @@
 """The ASGI app: OpenAI's /v1/models, /v1/completions and /v1/chat/completions, plus /health.
 
-Handlers validate a request fully (a 400 with OpenAI's error object otherwise), reserve its engine rows
-against the queue bound (429 when full), then hand it to the driver thread and relay its tokens —
-as one JSON body, or as server-sent events ending ``data: [DONE]``.
+Every request first passes ``Guard`` (the Host, Origin and Content-Type a web page could forge). Handlers
+validate a request (a 400 with OpenAI's error object otherwise), reserve its engine rows against the queue
+bound (429 when full) before tokenizing anything, tokenize on a worker thread (never on the event loop),
+then hand it to the driver thread and relay its tokens — as one JSON body, or as server-sent events ending
+``data: [DONE]``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import dataclasses
 import json
 import secrets
 import time
+import urllib.parse
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -23,11 +26,13 @@ from starlette.exceptions import HTTPException
 from zaya_jax.cli import is_demo_model
 
 from ..sampling import check_knobs
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, TokenizerError
 from .driver import Driver
 from .jobs import ClientGone, generate_choices, run_rsa
 from .protocol import APIError, ChatRequest, CompletionRequest, Message, RSAOptions, parse
 from .text import FINISH
+
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})  # the names this machine answers to by default
 
 
 @dataclasses.dataclass
@@ -41,6 +46,7 @@ class Server:
     capacity: int
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
+    allowed_hosts: frozenset[str] | None = LOCAL_HOSTS  # Host / Origin host names answered; None: any
     in_flight: int = 0  # engine rows reserved by handlers; only touched on the event loop
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
@@ -67,9 +73,52 @@ class Server:
     def decode(self, tokens) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
+    def encode(self, text: str, what: str, param: str, **kwargs) -> list[int]:
+        """``text``'s token ids, refused by its length before tokenizing when it cannot fit the context;
+        text the tokenizer refuses is a 400 naming ``what`` and ``param``. Call it off the event loop."""
+        try:
+            return self.tokenizer.encode(text, max_tokens=self.engine.max_len - 1, **kwargs)
+        except TokenizerError as e:
+            raise APIError(400, f"{what}: {e}", param=param) from None
+
+
+class Guard:
+    """ASGI middleware refusing what a web page could send from a browser: a Host header this server does
+    not answer to (DNS rebinding: 400), an Origin of another site (403), and a POST whose body is not
+    declared ``application/json`` (a form or text/plain post needs no CORS preflight: 415)."""
+
+    def __init__(self, app, allowed_hosts: frozenset[str] | None):
+        self.app, self.allowed_hosts = app, allowed_hosts
+
+    async def __call__(self, scope, receive, send):
+        error = self.refusal(scope) if scope["type"] == "http" else None
+        if error is None:
+            await self.app(scope, receive, send)
+        else:
+            await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+
+    def _allowed(self, host: str | None) -> bool:
+        return self.allowed_hosts is None or host in self.allowed_hosts
+
+    def refusal(self, scope) -> APIError | None:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        hint = "; start the server with --allowed-hosts NAME to answer to another name"
+        if "host" in headers and not self._allowed(urllib.parse.urlsplit("//" + headers["host"]).hostname):
+            return APIError(400, f"Host {headers['host']!r} is not a name this server answers to{hint}",
+                            code="host_not_allowed")
+        if "origin" in headers and not self._allowed(urllib.parse.urlsplit(headers["origin"]).hostname):
+            return APIError(403, f"cross-origin request from {headers['origin']!r} refused{hint}",
+                            code="origin_not_allowed")
+        media = headers.get("content-type", "").split(";")[0].strip().lower()
+        if scope["method"] == "POST" and media != "application/json":
+            return APIError(415, f"a POST body must be JSON sent as Content-Type application/json, got "
+                                 f"{headers.get('content-type', 'none')!r}", code="unsupported_media_type")
+        return None
+
 
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="zaya serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, allowed_hosts=server.allowed_hosts)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -103,16 +152,16 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _read(server, request, CompletionRequest)
-        prompts = _completion_prompts(server, body.prompt)
-        return await _generate(server, request, body, prompts, chat=False)
+        prompts = _completion_list(body.prompt)
+        return await _generate(server, request, body, len(prompts), lambda: _completion_prompts(server, prompts),
+                               chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await _read(server, request, ChatRequest)
         if body.rsa is not None:
             return await _rsa(server, request, body)
-        prompt = _chat_prompt(server, body.messages)
-        return await _generate(server, request, body, [prompt], chat=True)
+        return await _generate(server, request, body, 1, lambda: [_chat_prompt(server, body.messages)], chat=True)
 
     return app
 
@@ -158,22 +207,27 @@ def _prompt_ids(server: Server, ids, what: str) -> list[int]:
         raise APIError(400, str(e), param="prompt" if what.startswith("prompt") else "messages") from None
 
 
-def _completion_prompts(server: Server, prompt) -> list[list[int]]:
+def _completion_list(prompt) -> list:
+    """``prompt`` as a non-empty list of prompts (texts or token-id lists), not yet tokenized."""
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
     if not prompt:
         raise APIError(400, "prompt is empty", param="prompt")
-    return [_prompt_ids(server, server.tokenizer.encode(p) if isinstance(p, str) else p, f"prompt {i}")
-            for i, p in enumerate(prompt)]
+    return prompt
+
+
+def _completion_prompts(server: Server, prompts: list) -> list[list[int]]:
+    return [_prompt_ids(server, server.encode(p, f"prompt {i}", "prompt") if isinstance(p, str) else p,
+                        f"prompt {i}") for i, p in enumerate(prompts)]
 
 
 def _chat_prompt(server: Server, messages: list[Message]) -> list[int]:
     try:
-        ids = server.tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in messages])
+        text = server.tokenizer.render_chat([{"role": m.role, "content": m.text()} for m in messages])
     except Exception as e:  # a template may raise anything on odd input (raise_exception)
         raise APIError(400, f"cannot render the messages with the model's chat template: {e}",
                        param="messages") from None
-    return _prompt_ids(server, ids, "messages")
+    return _prompt_ids(server, server.encode(text, "messages", "messages", add_special_tokens=False), "messages")
 
 
 def _check_sampling(body) -> None:
@@ -207,12 +261,20 @@ def _knobs(server: Server, body, prompts: list[list[int]]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ generation
-async def _generate(server: Server, request: Request, body, prompts: list[list[int]], *, chat: bool):
-    knobs = _knobs(server, body, prompts)
+async def _generate(server: Server, request: Request, body, count: int, tokenize: Callable[[], list[list[int]]], *,
+                    chat: bool):
+    """Runs ``count`` prompts x ``body.n``: their rows are reserved first, then ``tokenize()`` gives the
+    prompts' token ids on a worker thread."""
     stops = body.stop_strings()
     seed = body.seed if body.seed is not None else secrets.randbits(31)
-    rows = len(prompts) * body.n
+    rows = count * body.n
     server.reserve(rows)
+    try:
+        prompts = await asyncio.to_thread(tokenize)
+        knobs = _knobs(server, body, prompts)
+    except BaseException:
+        server.release(rows)
+        raise
     meta = _meta(server, "chat.completion" if chat else "text_completion")
     usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
 
@@ -341,7 +403,7 @@ def _rsa_search(server: Server, body: ChatRequest):
         raise APIError(400, f"unknown rsa mode {opts.mode!r}; one of {sorted((*PRESETS, DEMO_MODE))}", param="rsa.mode")
     knobs = settings(argparse.Namespace(model=server.model_path, **opts.model_dump(include=set(KNOBS) | {"mode"})))
     demo = is_demo_model(server.model_path)
-    question = server.tokenizer.encode(body.messages[0].text(), add_special_tokens=False)
+    question = server.encode(body.messages[0].text(), "messages", "messages", add_special_tokens=False)
     seed = body.seed if body.seed is not None else secrets.randbits(31)
     try:
         template = TokenTemplate.from_tokenizer(data.TEMPLATE, knobs["tails"], server.tokenizer) if demo else None
@@ -375,7 +437,7 @@ def _rsa_content(result) -> tuple[str, str]:
 
 
 async def _rsa(server: Server, request: Request, body: ChatRequest):
-    search, settings, prompt_tokens = _rsa_search(server, body)
+    search, settings, prompt_tokens = await asyncio.to_thread(_rsa_search, server, body)
     server.reserve(search.population, param="rsa.population")
     meta = _meta(server, "chat.completion")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from zaya_jax.cli import add_model_args, bounded_arg, is_demo_model, resolve_model
 
@@ -28,6 +29,11 @@ def register(subparsers) -> None:
     p.add_argument("--model-name", default=None, help="the model id clients send (default: zaya-demo for the "
                                                       "shipped demo model, else the directory's name)")
     p.add_argument("--max-body-bytes", type=bounded_arg(1), default=1 << 20, help="larger request bodies get 400")
+    p.add_argument("--allowed-hosts", default="",
+                   help="comma-separated host names the server answers to in Host and Origin headers besides localhost, "
+                        "127.0.0.1, ::1 and --host ('*': any); others are refused (DNS rebinding, cross-site posts)")
+    p.add_argument("--header-timeout", type=bounded_arg(0, kind=float, above=True), default=10.0,
+                   help="seconds a connection may take to send a request's headers before it is closed (default 10)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,expert=2 (default: one device)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=_serve_command)
@@ -46,9 +52,10 @@ def _serve_command(args) -> int:
     from ..tokenizer import Tokenizer
     from .driver import Driver
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_level)
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    listener = listen(args.host, args.port)  # before the model loads: a busy port is refused at once
     config, params, desc = resolve_model(args.model, args.compute_dtype, args.allow_non_finite)
     mesh = None
     if args.mesh:
@@ -64,9 +71,82 @@ def _serve_command(args) -> int:
     default_name = "zaya-demo" if is_demo_model(args.model) else os.path.basename(os.path.normpath(args.model))
     name = args.model_name or default_name
     server = Server(driver=driver, tokenizer=tokenizer, model_id=name, model_path=args.model,
-                    capacity=engine.slots + args.max_queue, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+                    capacity=engine.slots + args.max_queue, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                    allowed_hosts=allowed_hosts(args.host, args.allowed_hosts))
+    config = uvicorn.Config(create_app(server), log_level=args.log_level, http=header_timeout_protocol(args.header_timeout))
     try:
-        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.Server(config).run(sockets=[listener])
     finally:
         driver.close()
     return 0
+
+
+def configure_logging(level: str) -> None:
+    """The server's logs (``zaya.*``) at ``level``, also when the root logger already has a handler (then
+    ``basicConfig`` does nothing and they go to that handler)."""
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("zaya").setLevel(level.upper())
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for the server; OSError naming the address when it cannot be had."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def allowed_hosts(host: str, extra: str) -> frozenset[str] | None:
+    """The host names the server answers to: the local ones, the bound ``host`` and ``extra`` (comma-separated;
+    ``*``: any, None)."""
+    from .app import LOCAL_HOSTS
+
+    names = {n.strip().lower().strip("[]") for n in extra.split(",") if n.strip()}
+    return None if "*" in names else LOCAL_HOSTS | names | {host.lower().strip("[]")}
+
+
+def header_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol, closing a connection that has not sent a whole request head within
+    ``seconds`` of opening or of its previous response: uvicorn sets no such limit, so clients that never
+    finish their headers would hold connections forever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        header_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.conn.their_state is not h11.IDLE:  # a request head arrived
+                self.disarm()
+
+        def on_response_complete(self) -> None:
+            self.arm()  # before the next request's head, which a pipelined client may have sent already
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            self.disarm()
+            super().connection_lost(exc)
+
+        def arm(self) -> None:
+            self.disarm()
+            self.header_timer = self.loop.call_later(seconds, self.headers_late)
+
+        def disarm(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def headers_late(self) -> None:
+            if self.conn.their_state is h11.IDLE:
+                self.transport.close()
+
+    return Protocol

@@ -73,10 +73,14 @@ class Driver:
             self.engine.step()
         return time.perf_counter() - t0
 
-    def count(self, request) -> None:
-        """Counts a finished engine request's stop reason (call from an ``on_update`` callback)."""
-        with self._lock:
-            self._finished[request.stop_reason] += 1
+    def updated(self, request) -> None:
+        """Call from every ``on_update`` callback: republishes the load (a step that admits a request and
+        then compiles runs for seconds, and the request streams meanwhile) and counts a finished request's
+        stop reason."""
+        self._publish()
+        if request.done:
+            with self._lock:
+                self._finished[request.stop_reason] += 1
 
     def finished_counts(self) -> dict[str, int]:
         """How many engine requests ended with each stop reason (any thread)."""

@@ -58,8 +58,7 @@ async def generate_choices(driver: Driver, prompts: list[list[int]], n: int, *, 
 
     def on_update(i):
         def update(request, new):
-            if request.done:
-                driver.count(request)
+            driver.updated(request)
             put((i, list(new), request.stop_reason))
         return update
 
@@ -113,8 +112,7 @@ class _Tracked:
 
     def submit(self, prompt, *, on_update, **kwargs):
         def update(request, new):
-            if request.done:
-                self.driver.count(request)
+            self.driver.updated(request)
             on_update(request, new)
 
         request = self.engine.submit(prompt, on_update=update, **kwargs)

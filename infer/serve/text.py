@@ -64,11 +64,11 @@ class ChoiceText:
         return len(self.tokens)
 
     def _held(self, text: str) -> int:
-        """Characters at the end of ``text`` to hold back: an incomplete character, or the longest suffix
-        that is a proper prefix of a stop string."""
-        if text.endswith("\ufffd"):  # a multi-byte character split across tokens
-            return len(text) - len(text.rstrip("\ufffd"))
-        for n in range(min(len(text), max((len(s) for s in self.stops), default=1) - 1), 0, -1):
-            if any(s.startswith(text[-n:]) for s in self.stops):
-                return n
-        return 0
+        """Characters at the end of ``text`` to hold back: an incomplete character (a multi-byte character
+        split across tokens decodes as replacement characters), and before it the longest suffix that is a
+        proper prefix of a stop string (the incomplete character may be the one that completes it)."""
+        whole = text.rstrip("\ufffd")
+        for n in range(min(len(whole), max((len(s) for s in self.stops), default=1) - 1), 0, -1):
+            if any(s.startswith(whole[-n:]) for s in self.stops):
+                return len(text) - len(whole) + n
+        return len(text) - len(whole)
