@@ -155,8 +155,8 @@ class Engine:
         self.prefix_cache_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(jax.eval_shape(store)))
         check_fits(pool.state_bytes(config, self._dtype) + self.prefix_cache_bytes,
                    jax.devices() if mesh is None else mesh.devices.flat,
-                   f"the engine's slot state ({self.slots:,} slots x {self._cache_len:,} cache tokens) and prefix "
-                   f"cache ({blocks * PREFIX_BLOCK:,} tokens)")
+                   f"the engine's slot state ({self.slots:,} slots x {self._cache_len:,} cache tokens) with its "
+                   f"prefix cache ({blocks * PREFIX_BLOCK:,} tokens)")
         with self._mesh_context():
             state = pool.new_state(config, self._dtype)
             if self.mesh is not None:
