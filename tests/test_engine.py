@@ -212,7 +212,8 @@ def test_bad_engine_settings_are_named(params):
                             (dict(max_len=1), "max_len must be an integer >= 2"),
                             (dict(decode_steps=1.5), "decode_steps must be a positive integer"),
                             (dict(slots=10**9), r"the engine's slot state \(1,000,000,000 slots x 64 cache tokens\) "
-                                                r"needs [\d,.]+ GiB, more than the [\d,.]+ GiB free on the host")]:
+                                                r"with its prefix cache \(16,000,000,000 tokens\) needs [\d,.]+ GiB, "
+                                                r"more than the [\d,.]+ GiB free on the host")]:
         with pytest.raises(ValueError, match=message):
             Engine(params, CONFIG, **{"max_len": 64, **kwargs})
     engine = Engine(params, CONFIG, slots=1, max_len=32)
