@@ -171,3 +171,11 @@ def test_zaya_plan_serve_json(tmp_path, capsys):
                                                               p["bytes_accessed"] / chip.hbm_bandwidth))
     assert out["programs"][0]["flops"] > 0 and out["max_slots"] >= 8 and out["max_slots_check"]["checked"]
     assert out["max_slots"] % 4 == 0  # the pool's rows split over the 4 chips
+
+
+def test_a_compile_that_dies_is_that_programs_error_not_the_plans():
+    """Each program compiles in a child process: one that ends without a report (here: a name the child
+    cannot build; a crash of the TPU compiler ends it the same way) comes back as an error."""
+    req = pl.PlanRequest(TINY, TOPOLOGY, "serve", serve=pl.ServeSettings(slots=4, max_len=16, dtype="float32"))
+    result, why = pl.compile_isolated(req, "no such program", timeout=300)
+    assert result is None and why.startswith("the compile failed (exit 1)")

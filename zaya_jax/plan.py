@@ -174,26 +174,24 @@ def decode_waste(report: aot.ProgramReport, params, pool_bytes: int) -> float | 
     return report.bytes_accessed / (aot.per_chip_bytes(params) + pool_bytes)
 
 
-def max_slots(config, mesh, chip, s: ServeSettings, decode_build, pool_bytes_at, prefill_peak: int,
-              first: aot.ProgramReport, capacity: int) -> dict:
-    """The most slots (a multiple of the rows' split) that fit at ``s.max_len``: per-chip HBM of the decode
-    program and of the pool beside the largest prefill are affine in slots; fitted on two compiles, then
-    checked by compiling at the answer (bisecting down to the largest that compiles within HBM)."""
-    split = math.prod(mesh.shape[a] for a in shd.SLOT_POOL["batch"])
+def max_slots(split: int, s: ServeSettings, decode_total, pool_bytes_at, prefill_peak: int, first: aot.ProgramReport,
+              capacity: int) -> dict:
+    """The most slots (a multiple of ``split``, the chips the rows split over) that fit at ``s.max_len``: per-chip
+    HBM of the decode program and of the pool beside the largest prefill are affine in slots; fitted on two
+    compiles, then checked by compiling at the answer (bisecting down to the largest that fits).
+
+    ``decode_total(n)``: the decode program's total HBM per chip at ``n`` slots, or None when it does not
+    compile within HBM; ``pool_bytes_at(n)``: the pool's bytes per chip."""
     points = {}
     if first.hbm_bytes is not None:
         points[s.slots] = first.hbm_bytes["total"]
     probe = max(split, (s.slots // 2) // split * split)
-    seconds = 0.0
     while len(points) < 2 and probe >= split:
-        if probe not in points:
-            compiled, sec, _ = aot.compile_for(functools.partial(decode_build, config, probe), mesh)
-            seconds += sec
-            if compiled is not None:
-                points[probe] = aot.hbm(compiled)["total"]
+        if probe not in points and (total := decode_total(probe)) is not None:
+            points[probe] = total
         probe = probe // 2 // split * split if probe > split else 0
     if len(points) < 2:
-        return {"max_slots": 0, "checked": False, "compile_seconds": seconds,
+        return {"max_slots": 0, "checked": False,
                 "reason": f"no decode program of {split} slot(s) per row split compiles at this max_len"}
     (a, ta), (b, tb) = sorted(points.items())
     per_slot = (tb - ta) / (b - a)
@@ -204,23 +202,21 @@ def max_slots(config, mesh, chip, s: ServeSettings, decode_build, pool_bytes_at,
     room = [(capacity - base) / per_slot if per_slot > 0 else float("inf")]
     if prefill_peak:
         room.append((capacity - (prefill_peak - pool_bytes_at(s.slots)) - pool_base) / pool_per_slot)
+    fitted = int(min(min(room), 1 << 24)) // split * split
     # Checked by compiling: the fit's answer, else a bisection between the largest size known to fit and it.
-    fit = {n: total for n, total in points.items() if total <= capacity}
-    low, high = max(fit, default=0), None
-    n = int(min(min(room), 1 << 24)) // split * split
+    low, high, n = max((m for m, total in points.items() if total <= capacity), default=0), None, fitted
     for _ in range(6):
         if n <= low or n == high:
             break
-        compiled, sec, _ = aot.compile_for(functools.partial(decode_build, config, n), mesh)
-        seconds += sec
-        if compiled is not None and aot.hbm(compiled)["total"] <= capacity:
+        total = decode_total(n)
+        if total is not None and total <= capacity:
             low = n
             if high is None:
                 break
         else:
             high = n
         n = (low + high) // 2 // split * split if high is not None else n
-    return {"max_slots": low, "checked": low > 0, "fitted": int(min(min(room), 1 << 24)) // split * split, "compile_seconds": seconds,
+    return {"max_slots": low, "checked": low > 0, "fitted": fitted,
             **({} if low else {"reason": "no decode program of one slot per row split fits at this max_len"})}
 
 
@@ -258,86 +254,172 @@ def train_program(config: ZayaConfig, mesh, t: TrainSettings, *, objective=None,
 
 
 # ------------------------------------------------------------------------------------------------ plan
-def plan(config: ZayaConfig, topology_name: str, *, task: str, mesh_sizes: dict | None = None,
-         serve: ServeSettings = ServeSettings(), train: TrainSettings = TrainSettings(), all_programs: bool = False,
-         progress=None) -> dict:
-    """The plan of ``task`` for ``config`` on ``topology_name``, as the JSON ``zaya plan --json`` prints."""
-    if task not in TASKS:
-        raise PlanError(f"unknown task {task!r}; choose one of {TASKS}")
-    topo = aot.topology(topology_name)
-    devices = list(topo.devices)
+@dataclasses.dataclass(frozen=True)
+class PlanRequest:
+    """What to plan: picklable, so a child process can build the same programs (``isolate``)."""
+
+    config: ZayaConfig
+    topology: str
+    task: str
+    mesh_sizes: tuple = ()  # ((axis, size), ...); empty: ``default_mesh``
+    serve: ServeSettings = ServeSettings()
+    train: TrainSettings = TrainSettings()
+    all_programs: bool = False
+
+
+@dataclasses.dataclass
+class Setup:
+    """A request's mesh and programs, built in one process: (program, with its cost) in the order run."""
+
+    mesh: object
+    chip: aot.Chip
+    capacity: int
+    programs: list
+    serve: ServeSettings | None = None
+    pool: object = None
+    pool_bytes: int = 0
+    params: object = None
+    decode_build: object = None
+    train_state_bytes: int = 0
+    tokens: int = 0
+
+
+def setup(req: PlanRequest) -> Setup:
+    if req.task not in TASKS:
+        raise PlanError(f"unknown task {req.task!r}; choose one of {TASKS}")
+    devices = list(aot.topology(req.topology).devices)
     chip = aot.chip_of(devices)
-    sizes = mesh_sizes or default_mesh(task, len(devices), config)
-    mesh = shd.make_mesh(**sizes, devices=devices)
-    capacity = chip.hbm_bytes - RESERVED_BYTES
-    say = progress or (lambda _: None)
-    out = {"topology": topology_name, "chips": len(devices), "chip": dataclasses.asdict(chip),
-           "capacity_bytes": capacity, "mesh": {a: int(mesh.shape[a]) for a in shd.AXES}, "task": task,
-           "estimates": "roofline: max(flops / peak, bytes / HBM bandwidth) per chip, from the compiler's counts"}
-    reports: list[aot.ProgramReport] = []
+    mesh = shd.make_mesh(**(dict(req.mesh_sizes) or default_mesh(req.task, len(devices), req.config)), devices=devices)
+    out = Setup(mesh=mesh, chip=chip, capacity=chip.hbm_bytes - RESERVED_BYTES, programs=[])
+    config = req.config
+    if req.task in ("train", "rl"):
+        from .train import step as train_step_mod
+        from .train.grpo import GRPOObjective
 
-    def run(program: Program, with_cost: bool = True):
-        say(f"compiling {program.name}")
-        r = aot.plan_program(program, config, mesh, chip, with_cost=with_cost, capacity=capacity)
-        say(f"  {'fits' if r.fits else 'does not fit'}; {r.compile_seconds:.0f} s")
-        reports.append(r)
-        return r
-
-    train_state_bytes = 0
-    if task in ("train", "rl"):
-        objective = None
-        if task == "rl":
-            from .train.grpo import GRPOObjective
-
-            objective = GRPOObjective()
-        program, tokens = train_program(config, mesh, train, objective=objective,
-                                        name="grpo_step" if task == "rl" else "train_step")
-        r = run(program)
-        if r.estimate_seconds:
-            chips = len(devices)
-            model_flops = 6 * active_params(config) * tokens
-            out["train"] = {"tokens_per_step": tokens, "step_seconds_estimate": r.estimate_seconds,
-                            "mfu_estimate": model_flops / (chips * chip.peak_flops * r.estimate_seconds),
-                            "model_flops_per_step": model_flops}
-        if task == "rl":
-            from .train import step as train_step_mod
-
-            tcfg = train_step_mod.TrainConfig(compute_dtype=train.compute_dtype)
+        program, out.tokens = train_program(config, mesh, req.train,
+                                            objective=GRPOObjective() if req.task == "rl" else None,
+                                            name="grpo_step" if req.task == "rl" else "train_step")
+        out.programs.append((program, True))
+        if req.task == "rl":
+            tcfg = train_step_mod.TrainConfig(compute_dtype=req.train.compute_dtype)
             state = jax.eval_shape(lambda: train_step_mod.init_state(model.init(config, jax.random.key(0)), tcfg))
             shardings = train_step_mod.state_shardings(state, shd.param_shardings(config, mesh, shd.TRAINING),
                                                        NamedSharding(mesh, P()), tcfg)
-            train_state_bytes = aot.per_chip_bytes(aot.with_shardings(state, shardings))
-            out["train_state_bytes_per_chip"] = train_state_bytes
+            out.train_state_bytes = aot.per_chip_bytes(aot.with_shardings(state, shardings))
+    if req.task in ("serve", "rl"):
+        s = req.serve if req.task == "serve" else dataclasses.replace(
+            req.serve, max_len=req.train.seq_len, dtype=req.train.compute_dtype, moe_impl=req.train.moe_impl)
+        programs, out.pool, out.pool_bytes, out.decode_build, out.params = serve_programs(
+            config, mesh, s, all_programs=req.all_programs, record=req.task == "rl", resident=out.train_state_bytes,
+            rules=shd.INFERENCE if req.task == "serve" else shd.TRAINING)
+        out.serve = s
+        out.programs += [(p, not p.name.startswith("insert") or req.all_programs) for p in programs]
+    return out
 
-    if task in ("serve", "rl"):
-        s = serve if task == "serve" else dataclasses.replace(serve, max_len=train.seq_len, dtype=train.compute_dtype)
-        programs, pool, pool_bytes, decode_build, params = serve_programs(
-            config, mesh, s, all_programs=all_programs, record=task == "rl", resident=train_state_bytes,
-            rules=shd.INFERENCE if task == "serve" else shd.TRAINING)
-        decode_report = run(programs[0])
-        for program in programs[1:]:
-            run(program, with_cost=not program.name.startswith("insert") or all_programs)
-        out["pool_bytes_per_chip"] = pool_bytes
+
+def _child(req: PlanRequest, name: str, conn) -> None:
+    """In a child process: the report of program ``name`` of ``req`` (``decode@N``: the decode program's total
+    HBM at N slots), sent through ``conn``."""
+    st = setup(req)
+    if name.startswith("decode@"):
+        compiled, _, _ = aot.compile_for(functools.partial(st.decode_build, req.config, int(name[7:])), st.mesh)
+        conn.send(None if compiled is None else aot.hbm(compiled)["total"])
+        return
+    program, with_cost = next((p, c) for p, c in st.programs if p.name == name)
+    conn.send(aot.plan_program(program, req.config, st.mesh, st.chip, with_cost=with_cost, capacity=st.capacity))
+
+
+def compile_isolated(req: PlanRequest, name: str, timeout: float = 3600):
+    """``_child`` in a spawned process: (its result, None), or (None, why) when the TPU compiler crashed it."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(req, name, send), daemon=True)
+    child.start()
+    send.close()
+    result, received = None, False
+    try:
+        if receive.poll(timeout):
+            result, received = receive.recv(), True
+    except EOFError:  # the child ended without a word
+        pass
+    child.join(60)
+    if received and child.exitcode == 0:
+        return result, None
+    if child.exitcode is None:
+        child.kill()
+        return None, f"the compile took over {timeout:.0f} s"
+    signal = -child.exitcode if child.exitcode < 0 else None
+    return None, (f"the TPU compiler crashed (signal {signal}) compiling this program" if signal
+                  else f"the compile failed (exit {child.exitcode}); run with isolate=False for its traceback")
+
+
+def plan(config: ZayaConfig, topology_name: str, *, task: str, mesh_sizes: dict | None = None,
+         serve: ServeSettings = ServeSettings(), train: TrainSettings = TrainSettings(), all_programs: bool = False,
+         isolate: bool = True, progress=None) -> dict:
+    """The plan of ``task`` for ``config`` on ``topology_name``, as the JSON ``zaya plan --json`` prints.
+
+    ``isolate``: each compile in a child process, so that a crash of the TPU compiler on one program is that
+    program's error in the plan (``fits`` false), not the end of the run."""
+    req = PlanRequest(config, topology_name, task, tuple(sorted((mesh_sizes or {}).items())), serve, train,
+                      all_programs)
+    st = setup(req)
+    say = progress or (lambda _: None)
+    chips = st.mesh.devices.size
+    out = {"topology": topology_name, "chips": chips, "chip": dataclasses.asdict(st.chip),
+           "capacity_bytes": st.capacity, "mesh": {a: int(st.mesh.shape[a]) for a in shd.AXES}, "task": task,
+           "estimates": "roofline: max(flops / peak, bytes / HBM bandwidth) per chip, from the compiler's counts"}
+    if st.train_state_bytes:
+        out["train_state_bytes_per_chip"] = st.train_state_bytes
+    reports: list[aot.ProgramReport] = []
+    for program, with_cost in st.programs:
+        say(f"compiling {program.name}")
+        if isolate:
+            r, crash = compile_isolated(req, program.name)
+            if r is None:
+                r = aot.ProgramReport(program.name, False, None, program.resident_bytes, None, None, None, None, 0.0,
+                                      error=crash, note=program.note)
+        else:
+            r = aot.plan_program(program, config, st.mesh, st.chip, with_cost=with_cost, capacity=st.capacity)
+        say(f"  {'fits' if r.fits else 'does not fit'}; {r.compile_seconds:.0f} s" + (f"; {r.error}" if r.error else ""))
+        reports.append(r)
+    first = reports[0]
+    if task in ("train", "rl") and first.estimate_seconds:
+        model_flops = 6 * active_params(config) * st.tokens
+        out["train"] = {"tokens_per_step": st.tokens, "step_seconds_estimate": first.estimate_seconds,
+                        "mfu_estimate": model_flops / (chips * st.chip.peak_flops * first.estimate_seconds),
+                        "model_flops_per_step": model_flops}
+    if st.serve is not None:
+        decode_report = reports[1] if task == "rl" else reports[0]
+        out["pool_bytes_per_chip"] = st.pool_bytes
         if decode_report.estimate_seconds:
-            out["decode"] = {"slots": pool.slots, "step_seconds_estimate": decode_report.estimate_seconds,
-                             "tokens_per_second_estimate": pool.slots / decode_report.estimate_seconds,
-                             "bytes_over_minimum": decode_waste(decode_report, params, pool_bytes)}
-        if task == "serve":
-            say("finding max_slots")
-            prefill_peak = max((r.hbm_bytes["total"] + r.resident_bytes for r in reports
-                                if r.name.startswith("prefill") and r.hbm_bytes), default=0)
+            out["decode"] = {"slots": st.pool.slots, "step_seconds_estimate": decode_report.estimate_seconds,
+                             "tokens_per_second_estimate": st.pool.slots / decode_report.estimate_seconds,
+                             "bytes_over_minimum": decode_waste(decode_report, st.params, st.pool_bytes)}
+    if task == "serve":
+        say("finding max_slots")
+        prefill_peak = max((r.hbm_bytes["total"] + r.resident_bytes for r in reports
+                            if r.name.startswith("prefill") and r.hbm_bytes), default=0)
 
-            def pool_bytes_at(n):
-                from .infer.engine import state_shardings
+        def pool_bytes_at(n):
+            from .infer.engine import state_shardings
 
-                p = dataclasses.replace(pool, slots=n)
-                with backend.target(devices[0].platform):
-                    st = jax.eval_shape(lambda: p.new_state(config, dtypes.resolve(s.dtype)))
-                return aot.per_chip_bytes(aot.with_shardings(st, state_shardings(st, config, mesh)))
+            p = dataclasses.replace(st.pool, slots=n)
+            with backend.target(st.mesh.devices.flat[0].platform):
+                state = jax.eval_shape(lambda: p.new_state(config, dtypes.resolve(serve.dtype)))
+            return aot.per_chip_bytes(aot.with_shardings(state, state_shardings(state, config, st.mesh)))
 
-            found = max_slots(config, mesh, chip, s, decode_build, pool_bytes_at, prefill_peak, decode_report,
-                              capacity)
-            out["max_slots"], out["max_slots_check"] = found.pop("max_slots"), found
+        def decode_total(n):
+            say(f"  decode at {n} slots")
+            if isolate:
+                return compile_isolated(req, f"decode@{n}")[0]
+            compiled, _, _ = aot.compile_for(functools.partial(st.decode_build, config, n), st.mesh)
+            return None if compiled is None else aot.hbm(compiled)["total"]
+
+        split = math.prod(st.mesh.shape[a] for a in shd.SLOT_POOL["batch"])
+        found = max_slots(split, serve, decode_total, pool_bytes_at, prefill_peak, reports[0], st.capacity)
+        out["max_slots"], out["max_slots_check"] = found.pop("max_slots"), found
     out["programs"] = [r.as_json() for r in reports]
     out["fits"] = all(r.fits for r in reports)
     return out

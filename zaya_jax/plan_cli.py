@@ -12,6 +12,7 @@ RELEASED = "zaya1-8b"  # the released model's shapes: ZayaConfig()'s defaults
 
 
 def register(subparsers) -> None:
+    from .moe import MOE_IMPLS
     from .plan import ServeSettings, TrainSettings
 
     serve, train = ServeSettings(), TrainSettings()
@@ -34,7 +35,12 @@ def register(subparsers) -> None:
     s.add_argument("--slots", type=bounded_arg(1), default=serve.slots, help="default %(default)s")
     s.add_argument("--max-len", type=bounded_arg(2), default=serve.max_len, help="default %(default)s")
     s.add_argument("--decode-steps", type=bounded_arg(1), default=serve.decode_steps, help="default %(default)s")
-    s.add_argument("--moe-impl", default=serve.moe_impl, help="default %(default)s")
+    s.add_argument("--prefill-chunk", type=bounded_arg(1), default=serve.prefill_chunk,
+                   help="prompt tokens per prefill call and row, default %(default)s")
+    s.add_argument("--prefill-tokens", type=bounded_arg(1), default=serve.prefill_tokens,
+                   help="tokens (rows x chunk) per prefill call at most, default %(default)s")
+    p.add_argument("--moe-impl", choices=MOE_IMPLS, default=serve.moe_impl,
+                   help="the MoE dispatch (zaya_jax.moe), default %(default)s")
     t = p.add_argument_group("train and rl")
     t.add_argument("--batch-size", type=bounded_arg(1), default=train.batch_size, help="default %(default)s")
     t.add_argument("--seq-len", type=bounded_arg(2), default=train.seq_len,
@@ -59,10 +65,11 @@ def _plan_command(args) -> int:
     planner.aot.require_libtpu()
     config = load_config(args.model)
     serve = planner.ServeSettings(slots=args.slots, max_len=args.max_len, decode_steps=args.decode_steps,
-                                  dtype=args.compute_dtype, moe_impl=args.moe_impl)
+                                  dtype=args.compute_dtype, moe_impl=args.moe_impl, prefill_chunk=args.prefill_chunk,
+                                  prefill_tokens=args.prefill_tokens)
     train = planner.TrainSettings(batch_size=args.batch_size, seq_len=args.seq_len, remat=args.remat,
-                                  grad_accum=args.grad_accum, compute_dtype=args.compute_dtype)
-    progress = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+                                  grad_accum=args.grad_accum, compute_dtype=args.compute_dtype, moe_impl=args.moe_impl)
+    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731  (stdout: the plan alone)
     result = planner.plan(config, args.topology, task=args.task, mesh_sizes=parse_mesh(args.mesh) if args.mesh else None,
                           serve=serve, train=train, all_programs=args.all_programs, progress=progress)
     result["settings"] = {"model": args.model, **(dataclasses.asdict(serve) if args.task == "serve" else {}),
