@@ -71,6 +71,7 @@ class Driver:
         request = self.engine.submit(prompt, max_new_tokens=max_new_tokens, stop_token_ids=[])
         while not request.done:
             self.engine.step()
+        self._publish()  # its counters, before any request
         return time.perf_counter() - t0
 
     def updated(self, request) -> None:
