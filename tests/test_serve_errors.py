@@ -44,11 +44,13 @@ def test_api_key_on_every_route_but_health(url, http):
     assert httpx.get(f"{url}/health").status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         assert_error(httpx.get(f"{url}/v1/models", headers=headers), 401, code="invalid_api_key")
+        assert_error(httpx.get(f"{url}/metrics", headers=headers), 401, code="invalid_api_key")
         assert_error(httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers=headers), 401, code="invalid_api_key")
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert http.get("/metrics").status_code == 200  # the API key, when no --metrics-key is set
     assert_serving(http)
 
 

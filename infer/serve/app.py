@@ -1,4 +1,4 @@
-"""The ASGI app: OpenAI's /v1/models, /v1/completions and /v1/chat/completions, plus /health.
+"""The ASGI app: OpenAI's /v1/models, /v1/completions and /v1/chat/completions, plus /health and /metrics.
 
 Every request first passes ``Guard`` (the Host, Origin and Content-Type a web page could forge). Handlers
 validate a request (a 400 with OpenAI's error object otherwise), reserve its engine rows against the queue
@@ -20,7 +20,8 @@ import uuid
 from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from zaya_jax.cli import is_demo_model
@@ -28,7 +29,8 @@ from zaya_jax.cli import is_demo_model
 from ..sampling import check_knobs
 from ..tokenizer import Tokenizer, TokenizerError
 from .driver import Driver
-from .jobs import ClientGone, generate_choices, run_rsa
+from .jobs import ClientGone, Timing, generate_choices, run_rsa
+from .metrics import Metrics, RequestCounter
 from .protocol import APIError, ChatRequest, CompletionRequest, Message, RSAOptions, parse
 from .text import FINISH
 
@@ -45,10 +47,15 @@ class Server:
     model_path: str
     capacity: int
     api_key: str | None = None
+    metrics_key: str | None = None  # the key /metrics takes; None: api_key
     max_body_bytes: int = 1 << 20
     allowed_hosts: frozenset[str] | None = LOCAL_HOSTS  # Host / Origin host names answered; None: any
     in_flight: int = 0  # engine rows reserved by handlers; only touched on the event loop
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    metrics: Metrics = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.metrics = Metrics(self.driver, lambda: self.in_flight)
 
     @property
     def engine(self):
@@ -119,6 +126,7 @@ class Guard:
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="zaya serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, allowed_hosts=server.allowed_hosts)
+    app.add_middleware(RequestCounter, metrics=server.metrics, routes=lambda: app.routes)  # outermost: sees all
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -136,14 +144,19 @@ def create_app(server: Server) -> FastAPI:
                 "finished": server.driver.finished_counts(), "engine": server.driver.stats}
         return JSONResponse(body, status_code=503 if failed else 200)
 
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        _authorize(request, server.metrics_key or server.api_key)
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     async def models(request: Request):
-        _authorize(server, request)
+        _authorize(request, server.api_key)
         return {"object": "list", "data": [_model_card(server)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
-        _authorize(server, request)
+        _authorize(request, server.api_key)
         if model_id != server.model_id:
             raise APIError(404, f"model {model_id!r} does not exist; this server serves {server.model_id!r}",
                            param="model", code="model_not_found")
@@ -167,16 +180,16 @@ def create_app(server: Server) -> FastAPI:
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def _authorize(server: Server, request: Request) -> None:
-    if server.api_key is None:
+def _authorize(request: Request, key: str | None) -> None:
+    if key is None:
         return
-    if not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {server.api_key}"):
+    if not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {key}"):
         raise APIError(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
                        type="authentication_error", code="invalid_api_key")
 
 
 async def _read(server: Server, request: Request, model):
-    _authorize(server, request)
+    _authorize(request, server.api_key)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > server.max_body_bytes:
         raise APIError(400, f"request body of {declared} bytes is over the limit of {server.max_body_bytes} bytes",
@@ -277,13 +290,19 @@ async def _generate(server: Server, request: Request, body, count: int, tokenize
         raise
     meta = _meta(server, "chat.completion" if chat else "text_completion")
     usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
+    timing = Timing(request.state.received)
 
     def events(disconnected=None):
         return generate_choices(server.driver, prompts, body.n, knobs=knobs, seed=seed, stops=stops,
-                                decode=server.decode, disconnected=disconnected)
+                                decode=server.decode, disconnected=disconnected, timing=timing)
+
+    def answered(used: list[int]) -> None:
+        """Fills in the usage from each choice's tokens and records the request's metrics."""
+        usage["completion_tokens"] = sum(used)
+        server.metrics.answered(usage, timing, max(used))
 
     if body.stream:
-        return _sse(server, rows, _stream_choices(events(), meta, usage, chat, rows, body.include_usage()))
+        return _sse(server, rows, _stream_choices(events(), meta, usage, chat, rows, body.include_usage(), answered))
     gone = _Disconnect(request)
     try:
         texts, finish, used = [""] * rows, [None] * rows, [0] * rows
@@ -295,7 +314,7 @@ async def _generate(server: Server, request: Request, body, count: int, tokenize
     finally:
         gone.close()
         server.release(rows)
-    usage["completion_tokens"] = sum(used)
+    answered(used)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
                     "finish_reason": finish[i]} for i in range(rows)]
@@ -304,7 +323,8 @@ async def _generate(server: Server, request: Request, body, count: int, tokenize
     return {**meta, "choices": choices, "usage": _usage(usage)}
 
 
-async def _stream_choices(events, meta: dict, usage: dict, chat: bool, rows: int, include_usage: bool):
+async def _stream_choices(events, meta: dict, usage: dict, chat: bool, rows: int, include_usage: bool,
+                          answered: Callable[[list[int]], None]):
     chunk = dict(meta, object="chat.completion.chunk" if chat else "text_completion")
     if chat:  # OpenAI opens every choice with its role
         for i in range(rows):
@@ -315,7 +335,7 @@ async def _stream_choices(events, meta: dict, usage: dict, chat: bool, rows: int
         used[i] = tokens
         piece = {"delta": {"content": delta} if delta else {}} if chat else {"text": delta}
         yield dict(chunk, choices=[{"index": i, **piece, "logprobs": None, "finish_reason": reason}])
-    usage["completion_tokens"] = sum(used)
+    answered(used)
     if include_usage:
         yield dict(chunk, choices=[], usage=_usage(usage))
 
@@ -440,9 +460,11 @@ async def _rsa(server: Server, request: Request, body: ChatRequest):
     search, settings, prompt_tokens = await asyncio.to_thread(_rsa_search, server, body)
     server.reserve(search.population, param="rsa.population")
     meta = _meta(server, "chat.completion")
+    timing = Timing(request.state.received)
 
     def final(result) -> tuple[str, str, dict]:
         usage = _usage({"prompt_tokens": prompt_tokens, "completion_tokens": result.generated_tokens})
+        server.metrics.answered(usage, timing)
         return *_rsa_content(result), usage
 
     if body.stream:

@@ -26,6 +26,8 @@ def register(subparsers) -> None:
                                                                 "granularity)")
     p.add_argument("--api-key", default=os.environ.get("ZAYA_API_KEY"),
                    help="require `Authorization: Bearer KEY` on every route but /health (default: $ZAYA_API_KEY)")
+    p.add_argument("--metrics-key", default=os.environ.get("ZAYA_METRICS_KEY"),
+                   help="the key /metrics takes instead of --api-key (default: $ZAYA_METRICS_KEY)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: zaya-demo for the "
                                                       "shipped demo model, else the directory's name)")
     p.add_argument("--max-body-bytes", type=bounded_arg(1), default=1 << 20, help="larger request bodies get 400")
@@ -71,7 +73,8 @@ def _serve_command(args) -> int:
     default_name = "zaya-demo" if is_demo_model(args.model) else os.path.basename(os.path.normpath(args.model))
     name = args.model_name or default_name
     server = Server(driver=driver, tokenizer=tokenizer, model_id=name, model_path=args.model,
-                    capacity=engine.slots + args.max_queue, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                    capacity=engine.slots + args.max_queue, api_key=args.api_key, metrics_key=args.metrics_key,
+                    max_body_bytes=args.max_body_bytes,
                     allowed_hosts=allowed_hosts(args.host, args.allowed_hosts))
     config = uvicorn.Config(create_app(server), log_level=args.log_level, http=header_timeout_protocol(args.header_timeout))
     try:

@@ -50,6 +50,9 @@ class Driver:
         # always in "waiting", "running" or the finished counts (a step can run for seconds).
         self.load = {"running": 0, "waiting": 0}
         self.stats: dict = engine.stats()  # the engine's counters (Engine.stats), published as the load is
+        # When the current (or last) step began (time.perf_counter): a request's first token comes from the
+        # step that admitted it to a slot, so its on_update reads here when it was admitted.
+        self.step_started = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -106,6 +109,7 @@ class Driver:
                     fn = self._inbox.get_nowait() if not self._inbox.empty() else None
                 self._publish()
                 if self.engine.busy:
+                    self.step_started = time.perf_counter()
                     self.engine.step()
                     self._publish()
         except BaseException as e:  # the engine is unusable now: /health reports it, new requests get 503

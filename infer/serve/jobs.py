@@ -9,6 +9,8 @@ consumer stops early (a client that disconnects), which frees the slots.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from typing import AsyncIterator, Awaitable, Callable
 
 from .driver import Driver
@@ -16,6 +18,20 @@ from .protocol import APIError
 from .text import ChoiceText
 
 POLL_S = 0.1  # how often a waiting handler checks for a disconnected client or a failed engine
+
+
+@dataclasses.dataclass
+class Timing:
+    """When a generation request was received, admitted to a slot and got its first token
+    (``time.perf_counter`` seconds); ``admitted`` is set on the driver's thread, the rest on the event loop."""
+
+    received: float
+    admitted: float | None = None
+    first_token: float | None = None
+
+    def token(self) -> None:
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
 
 
 class ClientGone(Exception):
@@ -48,10 +64,11 @@ def _sender(updates: asyncio.Queue) -> Callable:
 
 
 async def generate_choices(driver: Driver, prompts: list[list[int]], n: int, *, knobs: dict, seed: int,
-                           stops: list[str], decode: Callable, disconnected=None
+                           stops: list[str], decode: Callable, disconnected=None, timing: Timing | None = None
                            ) -> AsyncIterator[tuple[int, str, str | None, int]]:
     """Yields ``(choice, text_delta, finish_reason, tokens_used)`` as text arrives; ``finish_reason`` is
-    set on a choice's last event. Choice ``p * n + j`` is sample ``j`` of prompt ``p``."""
+    set on a choice's last event. Choice ``p * n + j`` is sample ``j`` of prompt ``p``. ``timing`` gets
+    when the first choice was admitted and when the first token arrived."""
     updates: asyncio.Queue = asyncio.Queue()
     put = _sender(updates)
     requests: list = [None] * (len(prompts) * n)
@@ -59,6 +76,8 @@ async def generate_choices(driver: Driver, prompts: list[list[int]], n: int, *, 
     def on_update(i):
         def update(request, new):
             driver.updated(request)
+            if timing is not None and new and timing.admitted is None:  # the step that admitted it
+                timing.admitted = driver.step_started
             put((i, list(new), request.stop_reason))
         return update
 
@@ -85,6 +104,8 @@ async def generate_choices(driver: Driver, prompts: list[list[int]], n: int, *, 
                 raise APIError(400, new)
             if i not in left:
                 continue  # the cancellation of a choice a stop string already ended
+            if timing is not None and new:
+                timing.token()
             choice = choices[i]
             delta = choice.feed(new, reason)
             if choice.finish_reason is not None:
