@@ -29,6 +29,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from zaya_jax import backend
 from zaya_jax.cache import KVCache, from_bits, to_bits
 from zaya_jax.config import ZayaConfig
 from zaya_jax.model import INFERENCE_COMPILER_OPTIONS, apply, cached_context, head_kernel
@@ -177,14 +178,7 @@ def insert(state: SlotState, cache: KVCache, logits: Array, src: Array, dst: Arr
     """
     S = cache.k.shape[2]
     put = lambda a, v: a.at[dst].set(v, mode="drop")  # noqa: E731
-
-    def copy_row(i, c):  # one slot's cache per iteration, in place: no [layers, I, S] gather of the prefill cache
-        put_row = lambda a, b, *ix: a.at[(slice(None), dst[i]) + ix].set(  # noqa: E731
-            to_bits(from_bits(b[:, src[i]], cache.dtype), c.dtype), mode="drop")
-        return c.replace(k=put_row(c.k, cache.k, slice(0, S)), v=put_row(c.v, cache.v, slice(0, S)),
-                         conv=put_row(c.conv, cache.conv), v_prev=put_row(c.v_prev, cache.v_prev))
-
-    new_cache = jax.lax.fori_loop(0, count, copy_row, state.cache)
+    new_cache = _copy_rows(state.cache, cache, src, dst, count)
     new_cache = new_cache.replace(lengths=put(new_cache.lengths, cache.lengths[src]))
     num_new = jnp.zeros_like(max_new)
     token, reason = _choose(logits[src], sampling, keys, num_new, cache.lengths[src], max_new, stop_ids, limit)
@@ -202,6 +196,35 @@ def insert(state: SlotState, cache: KVCache, logits: Array, src: Array, dst: Arr
         routes = state.routes.at[dst].set(-1, mode="drop").at[dst, :S].set(prompt_routes, mode="drop")
         state = state.replace(routes=routes, logprobs=put(state.logprobs, logprobs))
     return state, token, reason
+
+
+def _copy_rows(pool: KVCache, cache: KVCache, src: Array, dst: Array, count: Array) -> KVCache:
+    """``pool`` with prefill row ``src[i]`` of ``cache`` copied into slot ``dst[i]``, for ``i < count``.
+
+    On XLA:CPU, one slot per loop iteration, in place: no ``[layers, slots, S]`` gather of the prefill cache.
+    Elsewhere, one masked merge of the pool's first S positions: a dynamic row index into a pool whose rows
+    are split over chips made the TPU compiler gather the whole pool (ZAYA1-8B, 64 x 8192 on v5e-8: 10 GiB
+    of temporaries per chip, `zaya plan`), where a select over each chip's own rows stays local."""
+    S = cache.k.shape[2]
+    if backend.platform() == "cpu":
+        def copy_row(i, c):
+            put_row = lambda a, b, *ix: a.at[(slice(None), dst[i]) + ix].set(  # noqa: E731
+                to_bits(from_bits(b[:, src[i]], cache.dtype), c.dtype), mode="drop")
+            return c.replace(k=put_row(c.k, cache.k, slice(0, S)), v=put_row(c.v, cache.v, slice(0, S)),
+                             conv=put_row(c.conv, cache.conv), v_prev=put_row(c.v_prev, cache.v_prev))
+
+        return jax.lax.fori_loop(0, count, copy_row, pool)
+    M = pool.lengths.shape[0]
+    # The prefill row each slot takes, -1 for slots left as they are.
+    row = jnp.full((M,), -1, jnp.int32).at[dst].set(jnp.where(jnp.arange(dst.shape[0]) < count, src, -1), mode="drop")
+
+    def merge(a, b):  # a: [layers, M, ...] of the pool (its first S positions for k, v); b: [layers, G, ...]
+        taken = to_bits(from_bits(b[:, jnp.maximum(row, 0)], cache.dtype), pool.dtype)
+        return jnp.where((row >= 0).reshape((1, M) + (1,) * (a.ndim - 2)), taken, a)
+
+    first = lambda a, b: a.at[:, :, :S].set(merge(a[:, :, :S], b))  # noqa: E731
+    return pool.replace(k=first(pool.k, cache.k), v=first(pool.v, cache.v), conv=merge(pool.conv, cache.conv),
+                        v_prev=merge(pool.v_prev, cache.v_prev))
 
 
 def _choose(logits, sampling, keys, num_new, held, max_new, stop_ids, limit):

@@ -239,3 +239,37 @@ def test_rsa_problems_interleave_and_each_equals_running_alone(params):
             assert together.rounds[t].prompts[p] == alone.rounds[t].prompts[0]
         assert together.majority[p] == alone.majority[0]
     assert decode.TRACES["insert"] >= 1
+
+
+def test_insert_copies_the_same_rows_on_every_platform():
+    """``insert`` copies prefill rows into slots by a loop of in-place row writes on XLA:CPU and by one masked
+    merge elsewhere (a TPU pool's rows are split over chips); both give the same pool, bf16 bits included."""
+    import jax.numpy as jnp
+
+    from zaya_jax import backend
+    from zaya_jax.bench_configs import CONFIGS
+    from zaya_jax.cache import init_cache
+    from zaya_jax.infer.sampling import SamplingParams
+
+    config = zaya_jax.ZayaConfig(**CONFIGS["tiny"])
+    M, G, S, K = 8, 4, 16, 4
+    pool = decode.init_slots(init_cache(config, M, 32, jnp.bfloat16), K)
+    rng = np.random.default_rng(0)
+    cache = init_cache(config, G, S, jnp.bfloat16)
+    cache = cache.replace(**{f: jnp.asarray(rng.integers(0, 2**16, getattr(cache, f).shape), jnp.uint16)
+                             for f in ("k", "v", "conv", "v_prev")}, lengths=jnp.asarray([3, 16, 9, 1], jnp.int32))
+    src, dst = jnp.asarray([2, 0, 2, 1, 0, 0, 0, 0]), jnp.asarray([5, 1, 6, 0, 8, 8, 8, 8])  # 4 requests, then padding
+    args = (cache, jnp.asarray(rng.normal(size=(G, config.vocab_size)), jnp.float32), src, dst, jnp.int32(4),
+            jax.random.split(jax.random.key(1), M), SamplingParams.create(M), jnp.full((M,), 5, jnp.int32),
+            jnp.full((M,), 32, jnp.int32), jnp.full((M, K), -1, jnp.int32))
+    on_cpu = decode.insert(pool, *args)
+    with backend.target("tpu"):
+        elsewhere = decode.insert(pool, *args)
+    for a, b in zip(jax.tree.leaves(on_cpu), jax.tree.leaves(elsewhere)):
+        np.testing.assert_array_equal(np.asarray(jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+                                                 else a),
+                                      np.asarray(jax.random.key_data(b) if jnp.issubdtype(b.dtype, jax.dtypes.prng_key)
+                                                 else b))
+    k = np.asarray(on_cpu[0].cache.k)
+    np.testing.assert_array_equal(k[:, 5, :S], np.asarray(cache.k)[:, 2])  # slot 5 holds prefill row 2
+    assert not k[:, 2].any() and not k[:, 7].any()  # untouched slots
