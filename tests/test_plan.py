@@ -151,11 +151,12 @@ def test_unrolled_scans_compute_the_same_logits():
 
 
 def test_zaya_plan_serve_json(tmp_path, capsys):
-    """The command end to end on a config.json: JSON keys, every program fitting, max_slots checked."""
+    """The command end to end on a config.json: JSON keys, every program fitting, max_slots checked (in this
+    process: the child processes of the default are covered by the test below and cost a start each)."""
     path = tmp_path / "config.json"
     path.write_text(json.dumps(TINY.to_hf_dict()))
     assert cli.main(["plan", str(path), "--topology", TOPOLOGY, "--task", "serve", "--slots", "8", "--max-len", "16",
-                     "--compute-dtype", "float32", "--json"]) == 0
+                     "--compute-dtype", "float32", "--in-process", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["fits"] is True and out["chips"] == 4 and out["chip"]["name"] == "v5e"
     names = [p["name"] for p in out["programs"]]

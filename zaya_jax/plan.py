@@ -265,6 +265,7 @@ class PlanRequest:
     serve: ServeSettings = ServeSettings()
     train: TrainSettings = TrainSettings()
     all_programs: bool = False
+    cost: bool = True  # False: only the full-size compiles (HBM and fit), no cost compiles
 
 
 @dataclasses.dataclass
@@ -299,7 +300,7 @@ def setup(req: PlanRequest) -> Setup:
         program, out.tokens = train_program(config, mesh, req.train,
                                             objective=GRPOObjective() if req.task == "rl" else None,
                                             name="grpo_step" if req.task == "rl" else "train_step")
-        out.programs.append((program, True))
+        out.programs.append((program, req.cost))
         if req.task == "rl":
             tcfg = train_step_mod.TrainConfig(compute_dtype=req.train.compute_dtype)
             state = jax.eval_shape(lambda: train_step_mod.init_state(model.init(config, jax.random.key(0)), tcfg))
@@ -313,7 +314,7 @@ def setup(req: PlanRequest) -> Setup:
             config, mesh, s, all_programs=req.all_programs, record=req.task == "rl", resident=out.train_state_bytes,
             rules=shd.INFERENCE if req.task == "serve" else shd.TRAINING)
         out.serve = s
-        out.programs += [(p, not p.name.startswith("insert") or req.all_programs) for p in programs]
+        out.programs += [(p, req.cost and (not p.name.startswith("insert") or req.all_programs)) for p in programs]
     return out
 
 
@@ -357,13 +358,14 @@ def compile_isolated(req: PlanRequest, name: str, timeout: float = 3600):
 
 def plan(config: ZayaConfig, topology_name: str, *, task: str, mesh_sizes: dict | None = None,
          serve: ServeSettings = ServeSettings(), train: TrainSettings = TrainSettings(), all_programs: bool = False,
-         isolate: bool = True, progress=None) -> dict:
+         cost: bool = True, isolate: bool = True, progress=None) -> dict:
     """The plan of ``task`` for ``config`` on ``topology_name``, as the JSON ``zaya plan --json`` prints.
 
+    ``cost``: False compiles each program at full size only (HBM and fit, no FLOPs or estimates: faster).
     ``isolate``: each compile in a child process, so that a crash of the TPU compiler on one program is that
     program's error in the plan (``fits`` false), not the end of the run."""
     req = PlanRequest(config, topology_name, task, tuple(sorted((mesh_sizes or {}).items())), serve, train,
-                      all_programs)
+                      all_programs, cost)
     st = setup(req)
     say = progress or (lambda _: None)
     chips = st.mesh.devices.size

@@ -30,6 +30,11 @@ def register(subparsers) -> None:
     p.add_argument("--all-programs", action="store_true",
                    help="serve: compile every prefill and insert program the engine would build (default: the "
                         "decode program and the prefill programs that bound the others)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="compile each program at full size only: HBM and fit, without the cost compiles (faster)")
+    p.add_argument("--in-process", action="store_true",
+                   help="compile in this process, not one child per program: starts faster and shows a failing "
+                        "compile's traceback, but a crash of the TPU compiler ends the plan")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     s = p.add_argument_group("serve (and rl's rollout engine)")
     s.add_argument("--slots", type=bounded_arg(1), default=serve.slots, help="default %(default)s")
@@ -71,7 +76,8 @@ def _plan_command(args) -> int:
                                   grad_accum=args.grad_accum, compute_dtype=args.compute_dtype, moe_impl=args.moe_impl)
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731  (stdout: the plan alone)
     result = planner.plan(config, args.topology, task=args.task, mesh_sizes=parse_mesh(args.mesh) if args.mesh else None,
-                          serve=serve, train=train, all_programs=args.all_programs, progress=progress)
+                          serve=serve, train=train, all_programs=args.all_programs, cost=not args.memory_only,
+                          isolate=not args.in_process, progress=progress)
     result["settings"] = {"model": args.model, **(dataclasses.asdict(serve) if args.task == "serve" else {}),
                           **(dataclasses.asdict(train) if args.task != "serve" else {})}
     print(json.dumps(result, indent=1) if args.json else render(result))
