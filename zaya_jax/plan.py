@@ -352,8 +352,10 @@ def compile_isolated(req: PlanRequest, name: str, timeout: float = 3600):
         child.kill()
         return None, f"the compile took over {timeout:.0f} s"
     signal = -child.exitcode if child.exitcode < 0 else None
+    if signal == 9:  # what the kernel's out-of-memory killer sends
+        return None, "the compile was killed (signal 9: on Linux, most often this host running out of memory)"
     return None, (f"the TPU compiler crashed (signal {signal}) compiling this program" if signal
-                  else f"the compile failed (exit {child.exitcode}); run with isolate=False for its traceback")
+                  else f"the compile failed (exit {child.exitcode}); run with --in-process for its traceback")
 
 
 def plan(config: ZayaConfig, topology_name: str, *, task: str, mesh_sizes: dict | None = None,
