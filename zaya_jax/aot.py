@@ -118,9 +118,6 @@ class Cost:
                     {k: {f: max(0, lin(self.collectives.get(k, zero)[f], next_.collectives.get(k, zero)[f]))
                          for f in ("count", "bytes")} for k in sorted(kinds)})
 
-    def scaled(self, factor: float) -> Cost:
-        return Cost(self.flops * factor, self.bytes_accessed * factor,
-                    {k: {f: v[f] * factor for f in v} for k, v in self.collectives.items()})
 
 
 @dataclasses.dataclass

@@ -94,7 +94,7 @@ def active_params(config: ZayaConfig) -> int:
 # ------------------------------------------------------------------------------------------------ serve
 def serve_programs(config: ZayaConfig, mesh, s: ServeSettings, *, all_programs: bool = False, record: bool = False,
                    resident: int = 0, rules=shd.INFERENCE, compiler_options=None):
-    """(programs, pool, per-chip pool bytes, abstract params) of an engine with settings ``s`` on ``mesh``.
+    """(programs, pool, the pool's per-chip bytes at n slots, the decode build, abstract params) of an engine with settings ``s`` on ``mesh``.
 
     Without ``all_programs``, the prefill programs that bound the others: the one of most cache rows x
     tokens (the largest prefill cache) and the one of most rows x chunk (the largest activations), each
@@ -119,7 +119,8 @@ def serve_programs(config: ZayaConfig, mesh, s: ServeSettings, *, all_programs: 
             state = jax.eval_shape(lambda: p.new_state(cfg, dtype))
         return aot.with_shardings(state, state_shardings(state, cfg, mesh))
 
-    pool_bytes = aot.per_chip_bytes(state_of(config, pool.slots))
+    pool_bytes_at = lambda n: aot.per_chip_bytes(state_of(config, n))  # noqa: E731
+    pool_bytes = pool_bytes_at(pool.slots)  # resident beside each prefill
 
     def decode_build(cfg, slots=pool.slots):
         fn = _jit(decode.decode, static_argnames=("config", "steps", "active", "moe_impl"),
@@ -164,7 +165,7 @@ def serve_programs(config: ZayaConfig, mesh, s: ServeSettings, *, all_programs: 
                                 note="resident: the slot pool" + (" and the train state" if resident else "")))
         programs.append(Program(f"insert[rows={G},bucket={S}]", functools.partial(insert_build, G, S), resident,
                                 note="cost of the copy loop counted for one row"))
-    return programs, pool, pool_bytes, decode_build, params
+    return programs, pool, pool_bytes_at, decode_build, params
 
 
 def decode_waste(report: aot.ProgramReport, params, pool_bytes: int) -> float | None:
@@ -279,6 +280,7 @@ class Setup:
     serve: ServeSettings | None = None
     pool: object = None
     pool_bytes: int = 0
+    pool_bytes_at: object = None
     params: object = None
     decode_build: object = None
     train_state_bytes: int = 0
@@ -310,10 +312,10 @@ def setup(req: PlanRequest) -> Setup:
     if req.task in ("serve", "rl"):
         s = req.serve if req.task == "serve" else dataclasses.replace(
             req.serve, max_len=req.train.seq_len, dtype=req.train.compute_dtype, moe_impl=req.train.moe_impl)
-        programs, out.pool, out.pool_bytes, out.decode_build, out.params = serve_programs(
+        programs, out.pool, out.pool_bytes_at, out.decode_build, out.params = serve_programs(
             config, mesh, s, all_programs=req.all_programs, record=req.task == "rl", resident=out.train_state_bytes,
             rules=shd.INFERENCE if req.task == "serve" else shd.TRAINING)
-        out.serve = s
+        out.serve, out.pool_bytes = s, out.pool_bytes_at(out.pool.slots)
         out.programs += [(p, req.cost and (not p.name.startswith("insert") or req.all_programs)) for p in programs]
     return out
 
@@ -406,14 +408,6 @@ def plan(config: ZayaConfig, topology_name: str, *, task: str, mesh_sizes: dict 
         prefill_peak = max((r.hbm_bytes["total"] + r.resident_bytes for r in reports
                             if r.name.startswith("prefill") and r.hbm_bytes), default=0)
 
-        def pool_bytes_at(n):
-            from .infer.engine import state_shardings
-
-            p = dataclasses.replace(st.pool, slots=n)
-            with backend.target(st.mesh.devices.flat[0].platform):
-                state = jax.eval_shape(lambda: p.new_state(config, dtypes.resolve(serve.dtype)))
-            return aot.per_chip_bytes(aot.with_shardings(state, state_shardings(state, config, st.mesh)))
-
         def decode_total(n):
             say(f"  decode at {n} slots")
             if isolate:
@@ -422,7 +416,7 @@ def plan(config: ZayaConfig, topology_name: str, *, task: str, mesh_sizes: dict 
             return None if compiled is None else aot.hbm(compiled)["total"]
 
         split = math.prod(st.mesh.shape[a] for a in shd.SLOT_POOL["batch"])
-        found = max_slots(split, serve, decode_total, pool_bytes_at, prefill_peak, reports[0], st.capacity)
+        found = max_slots(split, serve, decode_total, st.pool_bytes_at, prefill_peak, reports[0], st.capacity)
         out["max_slots"], out["max_slots_check"] = found.pop("max_slots"), found
     out["programs"] = [r.as_json() for r in reports]
     out["fits"] = all(r.fits for r in reports)
