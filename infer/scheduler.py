@@ -86,6 +86,16 @@ class SamplingKnobs:
     min_p: float = 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class PenaltyKnobs:
+    """One request's presence and frequency penalties and logit bias, as (token id, bias) pairs (validated by
+    ``penalties.check_penalty`` and ``check_logit_bias``)."""
+
+    presence: float = 0.0
+    frequency: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+
 @dataclasses.dataclass(eq=False)
 class Request:
     """One generation request and its output so far.
@@ -95,6 +105,8 @@ class Request:
     Set when it finishes on a recording engine: logprobs [n] float32, each emitted token's log-prob
     under the temperature-scaled model distribution; routes [P + n, L] int32, the route each prompt
     and emitted token took in each layer (-1 for a token never fed back: normally the last one).
+    penalties: its presence / frequency penalties and logit bias; matcher: the parser of its grammar
+    (``constraints.Grammar.matcher()``), which decides the tokens it may emit next, or None.
     """
 
     id: int
@@ -109,6 +121,8 @@ class Request:
     slot: int | None = None
     logprobs: np.ndarray | None = None
     routes: np.ndarray | None = None
+    penalties: PenaltyKnobs = PenaltyKnobs()
+    matcher: object | None = None
 
     @property
     def done(self) -> bool:
@@ -133,6 +147,8 @@ class PoolSizes:
     prefill_tokens: int
     max_stop_ids: int
     record: bool
+    penalties: bool = False  # the pool keeps penalty knobs and generated-token counts
+    max_logit_bias: int = 0  # logit-bias entries per request (with penalties)
 
     def prompt_bucket(self, n: int) -> int:
         """The prefill cache length of an ``n``-token prompt."""
