@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import json
 import secrets
+import threading
 import time
 import urllib.parse
 import uuid
@@ -26,6 +27,7 @@ from starlette.exceptions import HTTPException
 
 from zaya_jax.cli import is_demo_model
 
+from ..constraints import GrammarError, GrammarVocabulary
 from ..sampling import check_knobs
 from ..tokenizer import Tokenizer, TokenizerError
 from .driver import Driver
@@ -53,9 +55,20 @@ class Server:
     in_flight: int = 0  # engine rows reserved by handlers; only touched on the event loop
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     metrics: Metrics = dataclasses.field(init=False)
+    _grammars: GrammarVocabulary | None = dataclasses.field(default=None, init=False, repr=False)
+    _grammars_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self):
         self.metrics = Metrics(self.driver, lambda: self.in_flight)
+
+    def grammars(self) -> GrammarVocabulary:
+        """The vocabulary grammars compile against, built on first use (about a second for a large vocabulary;
+        call it off the event loop)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                config = self.engine.config
+                self._grammars = GrammarVocabulary(self.tokenizer.tokenizer, config.vocab_size, config.eos_token_id)
+            return self._grammars
 
     @property
     def engine(self):
@@ -265,12 +278,34 @@ def _knobs(server: Server, body, prompts: list[list[int]]) -> dict:
         stop_ids += [t for t in server.engine.config.eos_token_id if t not in stop_ids]
     _check_sampling(body)
     try:  # the engine's own check (vocabulary, count), before any work is queued
-        server.engine.stop_id_row(stop_ids)
+        stop_row = server.engine.stop_id_row(stop_ids)
     except ValueError as e:
         eos = "" if body.ignore_eos else f" (the EOS ids {list(server.engine.config.eos_token_id)} included)"
         raise APIError(400, f"stop_token_ids: {e}{eos}", param="stop_token_ids") from None
+    penalties = dict(presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                     logit_bias=body.logit_bias_ids())
+    try:
+        server.engine.check_penalties(**penalties)
+    except ValueError as e:
+        raise APIError(400, str(e), param=next((k for k in penalties if str(e).startswith(k)), None)) from None
     return dict(max_new_tokens=max_tokens or room, temperature=body.temperature, top_k=max(body.top_k, 0),
-                top_p=body.top_p, min_p=body.min_p, stop_token_ids=stop_ids)
+                top_p=body.top_p, min_p=body.min_p, stop_token_ids=stop_ids, **penalties,
+                grammar=_grammar(server, getattr(body, "response_format", None), stop_row, body.ignore_eos))
+
+
+def _grammar(server: Server, response_format, stop_row, ignore_eos: bool):
+    """The compiled grammar of ``response_format`` (None for text); 400 naming what cannot be compiled."""
+    if response_format is None or response_format == {"type": "text"}:
+        return None
+    if ignore_eos:
+        raise APIError(400, "`ignore_eos` cannot be combined with `response_format`: the output ends with an "
+                            "end-of-sequence token once it is complete", param="ignore_eos")
+    try:
+        grammar = server.grammars().compile(response_format)
+        server.engine.check_grammar(grammar, stop_row)
+    except (GrammarError, ValueError) as e:
+        raise APIError(400, f"response_format: {e}", param="response_format") from None
+    return grammar
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -284,7 +319,7 @@ async def _generate(server: Server, request: Request, body, count: int, tokenize
     server.reserve(rows)
     try:
         prompts = await asyncio.to_thread(tokenize)
-        knobs = _knobs(server, body, prompts)
+        knobs = await asyncio.to_thread(_knobs, server, body, prompts)  # a grammar may take a while to compile
     except BaseException:
         server.release(rows)
         raise
@@ -412,7 +447,8 @@ def _rsa_search(server: Server, body: ChatRequest):
     opts: RSAOptions = body.rsa
     if len(body.messages) != 1 or body.messages[0].role != "user":
         raise APIError(400, "an rsa request takes exactly one user message: the question", param="messages")
-    for name in ("max_tokens", "max_completion_tokens", "stop", "stop_token_ids"):
+    for name in ("max_tokens", "max_completion_tokens", "stop", "stop_token_ids", "presence_penalty",
+                 "frequency_penalty", "logit_bias", "response_format"):
         if getattr(body, name):
             raise APIError(400, f"`{name}` does not apply to an rsa request (use rsa.budget / rsa.final_budget)",
                            param=name)

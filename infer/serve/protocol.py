@@ -2,7 +2,7 @@
 
 Values must have the JSON type of their field (strict: no "5" for 5, no true for 1). Unknown fields are
 ignored, as OpenAI-compatible servers do; fields we know but cannot honour
-(penalties, logit bias, logprobs, echo, ...) get a 400 naming them unless they hold their neutral value.
+(logprobs, echo, tools, ...) get a 400 naming them unless they hold their neutral value.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any, Literal, Union
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..penalties import PENALTY_LIMIT
 from ..sampling import SEED_MAX, SEED_MIN
 from ..tokenizer import CHAT_ROLES
 
@@ -20,8 +21,7 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_N = 64
 MAX_RSA_ROUNDS = 32  # a search past its client runs its rounds out (each submitted, then cancelled)
 # Fields we know but do not implement: a request may send them only with their neutral value.
-UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "echo", "logprobs", "top_logprobs", "best_of",
-               "suffix", "tools", "response_format")
+UNSUPPORTED = ("echo", "logprobs", "top_logprobs", "best_of", "suffix", "tools")
 
 
 class APIError(Exception):
@@ -53,10 +53,9 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
-    # Known but unsupported: each must keep its neutral value.
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = Field(default=0.0, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)
+    frequency_penalty: float = Field(default=0.0, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias in [-100, 100]
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -68,6 +67,19 @@ class _Request(BaseModel):
 
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
+
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        """``logit_bias`` keyed by token id; a 400 for a key that is not a decimal token id."""
+        if self.logit_bias is None:
+            return None
+        bad = [k for k in self.logit_bias if not (k.isascii() and k.isdigit())]
+        if bad:
+            raise APIError(400, f"logit_bias keys must be token ids (decimal strings), got {bad[0]!r}",
+                           param="logit_bias")
+        ids = {int(k): v for k, v in self.logit_bias.items()}
+        if len(ids) < len(self.logit_bias):
+            raise APIError(400, "logit_bias names a token id twice (as different strings)", param="logit_bias")
+        return ids
 
     def check_supported(self) -> None:
         for name in UNSUPPORTED:
@@ -120,7 +132,7 @@ class ChatRequest(_Request):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None  # text, json_object or json_schema (constraints.py checks it)
     rsa: RSAOptions | None = None
 
 
