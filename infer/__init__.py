@@ -5,6 +5,9 @@
   run on an ``Engine`` sized for the call.
 - ``decode``: the engine's compiled programs — ``prefill_chunk``, ``insert``, ``decode`` over ``SlotState``.
 - ``sampling``: ``SamplingParams`` (per-row arrays), ``filter_logits``, ``sample``.
+- ``penalties``: presence / frequency penalties and logit bias (OpenAI's), per-row arrays of the compiled steps.
+- ``constraints``: structured output — ``GrammarVocabulary.compile(response_format)`` -> a ``Grammar`` for
+  ``Engine.submit(..., grammar=)``; its token masks are computed on the host each step.
 - ``rsa``: ``markov_rsa`` (Markov RSA population search on the engine; ``RSAResult`` with every round).
 """
 
