@@ -29,7 +29,7 @@ from zaya_jax.cli import is_demo_model
 from ..sampling import check_knobs
 from ..tokenizer import Tokenizer, TokenizerError
 from .driver import Driver
-from .jobs import ClientGone, Timing, generate_choices, run_rsa
+from .jobs import ClientGone, Reservation, Timing, generate_choices, run_rsa
 from .metrics import Metrics, RequestCounter
 from .protocol import APIError, ChatRequest, CompletionRequest, Message, RSAOptions, parse
 from .text import FINISH
@@ -61,9 +61,10 @@ class Server:
     def engine(self):
         return self.driver.engine
 
-    def reserve(self, rows: int, param: str = "n") -> None:
-        """Counts ``rows`` engine sequences against the queue bound until ``release``; 429 when full, 400 naming
-        ``param`` (the field that asked for them) when they can never fit."""
+    def reserve(self, rows: int, param: str = "n") -> Reservation:
+        """Counts ``rows`` engine sequences against the queue bound until the returned reservation is released
+        (the handler drops its hold when its response ends, the engine work when it is over); 429 when full,
+        400 naming ``param`` (the field that asked for them) when they can never fit."""
         if self.driver.failure is not None:
             raise APIError(503, f"the engine failed: {self.driver.failure!r}", type="server_error")
         if rows > self.capacity:
@@ -73,8 +74,9 @@ class Server:
             raise APIError(429, f"the server is at capacity ({self.in_flight} of {self.capacity} sequences running "
                                 "or queued); retry later", type="rate_limit_error", code="queue_full")
         self.in_flight += rows
+        return Reservation(lambda: self._release(rows))
 
-    def release(self, rows: int) -> None:
+    def _release(self, rows: int) -> None:
         self.in_flight -= rows
 
     def decode(self, tokens) -> str:
@@ -281,12 +283,12 @@ async def _generate(server: Server, request: Request, body, count: int, tokenize
     stops = body.stop_strings()
     seed = body.seed if body.seed is not None else secrets.randbits(31)
     rows = count * body.n
-    server.reserve(rows)
+    held = server.reserve(rows)
     try:
         prompts = await asyncio.to_thread(tokenize)
         knobs = _knobs(server, body, prompts)
     except BaseException:
-        server.release(rows)
+        held.drop()
         raise
     meta = _meta(server, "chat.completion" if chat else "text_completion")
     usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
@@ -294,7 +296,7 @@ async def _generate(server: Server, request: Request, body, count: int, tokenize
 
     def events(disconnected=None):
         return generate_choices(server.driver, prompts, body.n, knobs=knobs, seed=seed, stops=stops,
-                                decode=server.decode, disconnected=disconnected, timing=timing)
+                                decode=server.decode, disconnected=disconnected, timing=timing, reservation=held)
 
     def answered(used: list[int]) -> None:
         """Fills in the usage from each choice's tokens and records the request's metrics."""
@@ -302,7 +304,7 @@ async def _generate(server: Server, request: Request, body, count: int, tokenize
         server.metrics.answered(usage, timing, max(used))
 
     if body.stream:
-        return _sse(server, rows, _stream_choices(events(), meta, usage, chat, rows, body.include_usage(), answered))
+        return _sse(held, _stream_choices(events(), meta, usage, chat, rows, body.include_usage(), answered))
     gone = _Disconnect(request)
     try:
         texts, finish, used = [""] * rows, [None] * rows, [0] * rows
@@ -313,7 +315,7 @@ async def _generate(server: Server, request: Request, body, count: int, tokenize
         return JSONResponse({}, status_code=499)
     finally:
         gone.close()
-        server.release(rows)
+        held.drop()
     answered(used)
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
@@ -340,9 +342,10 @@ async def _stream_choices(events, meta: dict, usage: dict, chat: bool, rows: int
         yield dict(chunk, choices=[], usage=_usage(usage))
 
 
-def _sse(server: Server, rows: int, chunks: AsyncIterator[dict]) -> StreamingResponse:
-    """Server-sent events of ``chunks``, then ``data: [DONE]``; the rows are released when the response
-    ends, however it ends (a client that disconnects cancels ``chunks`` and so its engine requests)."""
+def _sse(held: Reservation, chunks: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-sent events of ``chunks``, then ``data: [DONE]``; the handler's hold on the rows is dropped when
+    the response ends, however it ends (a client that disconnects cancels ``chunks`` and so its engine
+    requests, whose own hold lasts until the engine has finished them)."""
     async def body():
         try:
             async for chunk in chunks:
@@ -351,7 +354,7 @@ def _sse(server: Server, rows: int, chunks: AsyncIterator[dict]) -> StreamingRes
             yield f"data: {json.dumps(e.body())}\n\n"
         yield "data: [DONE]\n\n"
 
-    return _Stream(body(), lambda: server.release(rows))
+    return _Stream(body(), held.drop)
 
 
 class _Disconnect:
@@ -458,7 +461,7 @@ def _rsa_content(result) -> tuple[str, str]:
 
 async def _rsa(server: Server, request: Request, body: ChatRequest):
     search, settings, prompt_tokens = await asyncio.to_thread(_rsa_search, server, body)
-    server.reserve(search.population, param="rsa.population")
+    held = server.reserve(search.population, param="rsa.population")
     meta = _meta(server, "chat.completion")
     timing = Timing(request.state.received)
 
@@ -470,7 +473,7 @@ async def _rsa(server: Server, request: Request, body: ChatRequest):
     if body.stream:
         async def chunks():
             chunk = dict(meta, object="chat.completion.chunk")
-            async for kind, value in run_rsa(server.driver, search):
+            async for kind, value in run_rsa(server.driver, search, reservation=held):
                 if kind == "round":
                     t, rnd = value
                     yield dict(chunk, choices=[], rsa_progress={
@@ -484,16 +487,16 @@ async def _rsa(server: Server, request: Request, body: ChatRequest):
                 if body.include_usage():
                     yield dict(chunk, choices=[], usage=usage)
 
-        return _sse(server, search.population, chunks())
+        return _sse(held, chunks())
     gone = _Disconnect(request)
     try:
-        async for kind, value in run_rsa(server.driver, search, gone):
+        async for kind, value in run_rsa(server.driver, search, gone, reservation=held):
             result = value
     except ClientGone:
         return JSONResponse({}, status_code=499)
     finally:
         gone.close()
-        server.release(search.population)
+        held.drop()
     content, finish, usage = final(result)
     return {**meta, "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
                                  "finish_reason": finish}], "usage": usage, "rsa": _rsa_extension(result, settings)}
