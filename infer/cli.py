@@ -9,7 +9,8 @@ import os
 import sys
 import time
 
-from zaya_jax.cli import add_model_args, is_demo_model, model_setting, parse_ids, resolve_model, seed_arg
+from zaya_jax.cli import add_model_args, model_setting, parse_ids, resolve_model, seed_arg
+from zaya_jax.demo import is_demo_model
 from zaya_jax.jsonl import iter_objects
 from zaya_jax.outputs import OutputLock, check_outputs
 

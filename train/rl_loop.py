@@ -46,6 +46,7 @@ from zaya_jax import dtypes
 from zaya_jax.config import ZayaConfig
 from zaya_jax.infer.engine import Engine
 from zaya_jax.infer.rsa import markov_rsa
+from zaya_jax.infer.rsa_config import RSAConfig
 from zaya_jax.model import cast_params
 
 from . import checkpoints, grpo, loss, rollout
@@ -158,7 +159,7 @@ def step_problems(n: int, rcfg: RLConfig, step: int) -> list[int]:
 
 
 def step_seed(rcfg: RLConfig, step: int) -> int:
-    """An int seed of its own for each step (``markov_rsa`` takes ints)."""
+    """An int seed of its own for each step (``RSAConfig.seed`` is an int)."""
     return int(np.random.default_rng([rcfg.seed, step, 0x52534147]).integers(2 ** 31))
 
 
@@ -169,10 +170,11 @@ def make_rollouts(engine: Engine, task: Task, rcfg: RLConfig, step: int):
     if rcfg.task == "solve":
         prompts, answers = [task.round0_prompt(i) for i in ids], [task.answers[i] for i in ids]
     else:
-        search = markov_rsa(engine.params, engine.config, [task.questions[i] for i in ids], population=rcfg.population,
-                            tails=rcfg.tails, rounds=1, budget=rcfg.max_new_tokens, tail_tokens=rcfg.tail_tokens,
-                            final_budget=1, temperature=rcfg.temperature, seed=step_seed(rcfg, step),
-                            template=task.template, stop_token_ids=task.stop_token_ids, engine=engine)
+        rsa = RSAConfig(population=rcfg.population, tails=rcfg.tails, rounds=1, budget=rcfg.max_new_tokens,
+                        tail_tokens=rcfg.tail_tokens, final_budget=1, temperature=rcfg.temperature,
+                        seed=step_seed(rcfg, step), stop_token_ids=task.stop_token_ids)
+        search = markov_rsa(engine.params, engine.config, [task.questions[i] for i in ids], rsa,
+                            template=task.template, engine=engine)
         # Only round 1's prompts are used: they are built from the policy's own round-0 samples.
         round0 = np.array([[task.verify(task.decode(c), task.answers[i]) > 0 for c in cands]
                            for i, cands in zip(ids, search.rounds[0].candidates)])
