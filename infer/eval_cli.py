@@ -93,6 +93,8 @@ def run(params, config, model_dir: str, problems, settings: dict, *, source: str
     read from); ``progress``: a tqdm bar on stderr. Returns (summary, table)."""
     from tqdm import tqdm
 
+    from zaya_jax.validate import is_integer
+
     from .eval_output import RunDir
     from .evaluate import Grader, apply_prompt_template, check_context, format_table, score_problem, summarize
     from .rsa import check_questions, markov_rsa
@@ -112,7 +114,7 @@ def run(params, config, model_dir: str, problems, settings: dict, *, source: str
             raise ValueError(f"{source}:{p.line}: {e}") from None
     # Every setting is checked before the run directory is touched: a refused run leaves nothing behind.
     check_questions(config, ids)
-    if slots is not None and (not isinstance(slots, int) or slots < 1):
+    if slots is not None and (not is_integer(slots) or slots < 1):
         raise ValueError(f"--slots must be a positive integer, got {slots!r}")
     check_context(problems, ids, template, rsa, config.max_position_embeddings, source)
     run_dir = RunDir(out, settings, resume=resume, force=force, inputs=inputs) if out else None

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import time
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,7 @@ from tqdm.auto import tqdm
 from zaya_jax import dtypes
 from zaya_jax.config import ZayaConfig
 from zaya_jax.infer.engine import Engine
-from zaya_jax.infer.rsa import markov_rsa
+from zaya_jax.infer.rsa import TokenTemplate, markov_rsa
 from zaya_jax.infer.rsa_config import RSAConfig
 from zaya_jax.model import cast_params
 
@@ -127,9 +128,9 @@ class Task:
 
     questions: list[list[int]]
     answers: list[str]
-    template: object
-    decode: object
-    verify: object
+    template: TokenTemplate
+    decode: Callable[[Sequence[int]], str]
+    verify: Callable[[str, str], float]
     stop_token_ids: tuple[int, ...] | None = None
 
     def round0_prompt(self, i: int) -> list[int]:
