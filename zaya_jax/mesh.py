@@ -17,6 +17,8 @@ import math
 import jax
 from jax.sharding import AxisType, Mesh
 
+from .validate import is_integer
+
 AXES = ("data", "fsdp", "expert", "tensor")
 # The mesh axes that split token rows (the others replicate them).
 TOKEN_AXES = ("data", "fsdp")
@@ -34,7 +36,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *,
     """
     sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
     for name, size in sizes.items():
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        if not is_integer(size) or size < 1:
             raise ShardingError(f"mesh axis {name!r} must be a positive integer, got {size!r}")
     devices = list(jax.devices() if devices is None else devices)
     if math.prod(sizes.values()) != len(devices):

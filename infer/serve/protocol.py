@@ -1,4 +1,5 @@
-"""The OpenAI request bodies the server accepts (pydantic) and its error object.
+"""The OpenAI request bodies the server accepts and the response bodies it sends (pydantic), and its
+error object.
 
 Values must have the JSON type of their field (strict: no "5" for 5, no true for 1). Unknown fields are
 ignored, as OpenAI-compatible servers do; fields we know but cannot honour
@@ -8,10 +9,10 @@ ignored, as OpenAI-compatible servers do; fields we know but cannot honour
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from ..penalties import PENALTY_LIMIT
 from ..sampling import SEED_MAX, SEED_MIN
@@ -155,3 +156,110 @@ def parse(model: type[BaseModel], body: bytes, limit: int):
         raise APIError(400, f"invalid `{param}`: {first['msg']}" if param else first["msg"], param=param) from None
     request.check_supported()
     return request
+
+
+# ---------------------------------------------------------------------------------------------- responses
+class _Response(BaseModel):
+    """A response body: ``model_dump()`` is the JSON sent. Fields named in ``OMIT_IF_NONE`` are left out
+    when None (OpenAI's optional members); every other field is always sent, null included."""
+
+    model_config = ConfigDict(extra="forbid")
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit(self, handler):
+        return {k: v for k, v in handler(self).items() if not (v is None and k in self.OMIT_IF_NONE)}
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Response):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class Delta(_Response):
+    OMIT_IF_NONE = ("role", "content")
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: Delta
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class RSARoundInfo(_Response):
+    round: int
+    generated_tokens: int
+    seconds: float
+
+
+class RSAProgress(RSARoundInfo):
+    """A streamed rsa request's event as each round ends."""
+
+    rounds: int
+
+
+class RSAExtension(_Response):
+    """The Markov RSA result a chat completion with ``rsa`` carries beside its choice."""
+
+    answer: str | None
+    share: float
+    answers: list[str | None]
+    texts: list[str]
+    generated_tokens: int
+    settings: dict[str, int]
+    rounds: list[RSARoundInfo]
+
+
+class Completion(_Response):
+    """A (chat) completion, or one chunk of a streamed one (``object`` says which)."""
+
+    OMIT_IF_NONE = ("usage", "rsa", "rsa_progress")
+    id: str
+    object: Literal["text_completion", "chat.completion", "chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[CompletionChoice] | list[ChatChoice] | list[ChatChunkChoice]
+    usage: Usage | None = None
+    rsa: RSAExtension | None = None  # extension: the search's result
+    rsa_progress: RSAProgress | None = None  # extension: a streamed search's round
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
