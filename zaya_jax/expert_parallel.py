@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from . import moe, quant
-from .mesh import ShardingError, token_axes
+from .mesh import ShardingError, token_axes, varying
 
 
 def _tensor_swiglu(h: jax.Array, tensor: int) -> jax.Array:
@@ -32,12 +32,6 @@ def _tensor_swiglu(h: jax.Array, tensor: int) -> jax.Array:
     g = jax.lax.dynamic_slice_in_dim(full, start, width, axis=-1)
     u = jax.lax.dynamic_slice_in_dim(full, ffn + start, width, axis=-1)
     return jax.nn.silu(g) * u
-
-
-def _varying(a: jax.Array, axes) -> jax.Array:
-    """``a`` (inside ``shard_map``) marked varying over those of ``axes`` it is not yet varying over."""
-    missing = tuple(n for n in axes if n not in jax.typeof(a).manual_axis_type.varying)
-    return jax.lax.pcast(a, missing, to="varying") if missing else a
 
 
 def experts(x, idx, gate, skip_scale, gate_up, down, impl: str = "auto", mesh=None):
@@ -69,7 +63,7 @@ def experts(x, idx, gate, skip_scale, gate_up, down, impl: str = "auto", mesh=No
         # then disagree on entering it and the all-reduce never completes (XLA:CPU aborts in its
         # rendezvous). Made varying here, that psum runs once per layer, outside the dispatch.
         axes = (*(rows or ()), "expert", "tensor")
-        x, local_idx, gate, gate_up, down = (jax.tree.map(lambda a: _varying(a, axes), a)
+        x, local_idx, gate, gate_up, down = (jax.tree.map(lambda a: varying(a, axes), a)
                                              for a in (x, local_idx, gate, gate_up, down))
         y = moe.experts(x, local_idx, gate, jnp.zeros_like(gate), gate_up, down, impl, act=act)
         return jax.lax.psum(y, ("expert", "tensor"))

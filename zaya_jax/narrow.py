@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from . import backend, quant
+from .mesh import varying, varying_axes
 
 CONVERT_BLOCK_BYTES = 8 << 20
 MAX_ROWS = 64  # rows of ``x`` up to which the blocked form is used (decode steps, not prefill)
@@ -66,7 +67,9 @@ def blocked_matmul(x, weights, lead: tuple = ()):
             w = (w.reshape(s.shape[0], -1, N) * s).reshape(block, N)
         return acc + jnp.dot(xb[i], w)
 
-    y = jax.lax.fori_loop(0, K // block, add_block, jnp.zeros((*x.shape[:-1], N), jnp.float32))
+    # Inside shard_map the loop's carry must vary over the mesh axes its body's products vary over.
+    acc = varying(jnp.zeros((*x.shape[:-1], N), jnp.float32), varying_axes(x) | varying_axes(values))
+    y = jax.lax.fori_loop(0, K // block, add_block, acc)
     if quantized and not grouped:
         y = y * jax.lax.dynamic_slice(weights.scales, tuple(lead) + (0, 0), ones + (1, N)).reshape(N)
     return y
@@ -80,7 +83,7 @@ def blocked_matmul_t(x, weights):
     xf = x.astype(jnp.float32)
 
     def one_block(i, out):
-        rows = quant.QuantizedArray(*(jax.lax.dynamic_slice_in_dim(a, i * block, block) for a in (weights.values, weights.scales)))
+        rows = weights.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i * block, block))
         y = jnp.einsum("...k,nk->...n", xf, quant.dequantize(rows, jnp.float32))
         return jax.lax.dynamic_update_slice_in_dim(out, y, i * block, axis=out.ndim - 1)
 

@@ -72,34 +72,36 @@ def scheme(name: str | Scheme | None) -> Scheme | None:
     return SCHEMES[name]
 
 
-def _tree_flatten(q):
-    return ((jax.tree_util.DictKey("values"), q.values), (jax.tree_util.DictKey("scales"), q.scales)), None
-
-
 @jax.tree_util.register_pytree_with_keys_class
 @dataclasses.dataclass(frozen=True)
 class QuantizedArray:
     """values: integers, the weight's shape; scales: float32, the weight's shape but 1 or ``K / group`` on
-    the contracting axis."""
+    the contracting axis; scheme: the ``SCHEMES`` name it was quantized with (static)."""
 
     values: Any
     scales: Any
+    scheme: str
 
     shape = property(lambda self: self.values.shape)
     ndim = property(lambda self: self.values.ndim)
     dtype = property(lambda self: self.values.dtype)  # narrow.use_blocks reads the bytes per value
-    T = property(lambda self: QuantizedArray(self.values.T, self.scales.T))
+    T = property(lambda self: self.map(lambda a: a.T))
+
+    def map(self, fn) -> QuantizedArray:
+        """``fn`` applied to values and scales alike (an index or slice of leading axes, a transpose)."""
+        return QuantizedArray(fn(self.values), fn(self.scales), self.scheme)
 
     def __getitem__(self, index) -> QuantizedArray:
         """Indexes leading axes (where scales are full-size) of values and scales alike."""
-        return QuantizedArray(self.values[index], self.scales[index])
+        return self.map(lambda a: a[index])
 
     def tree_flatten_with_keys(self):
-        return _tree_flatten(self)
+        keys = jax.tree_util.DictKey("values"), jax.tree_util.DictKey("scales")
+        return tuple(zip(keys, (self.values, self.scales))), self.scheme
 
     @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(*children)
+    def tree_unflatten(cls, scheme, children):
+        return cls(*children, scheme)
 
 
 def is_quantized(x) -> bool:
@@ -157,7 +159,7 @@ def quantize_host(w: np.ndarray, axis: int, s: Scheme) -> tuple[np.ndarray, np.n
 
 def quantize(w, axis: int, s: Scheme) -> QuantizedArray:
     """A jax (or abstract) weight -> QuantizedArray along ``axis``."""
-    return QuantizedArray(*_quantize_block(w, axis, s, jnp))
+    return QuantizedArray(*_quantize_block(w, axis, s, jnp), s.name)
 
 
 def dequantize(q, dtype=jnp.float32):
@@ -225,15 +227,25 @@ def quantize_params(params: dict, s: Scheme | str) -> dict:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def quantized_params(params: dict) -> bool:
-    """Whether a param pytree holds quantized weights (the experts' leaf tells)."""
-    return is_quantized(params["layers"]["experts"]["gate_up"])
+def scheme_of(params: dict) -> str | None:
+    """The ``SCHEMES`` name a param pytree was quantized with, or None for float params."""
+    w = params["layers"]["experts"]["gate_up"]
+    return w.scheme if is_quantized(w) else None
 
 
 def require_float(params: dict, what: str) -> None:
     """Refuses quantized params (ValueError) where only float weights work (training)."""
-    if quantized_params(params):
-        raise ValueError(f"{what} needs float weights, and these are quantized: start from the unquantized checkpoint")
+    name = scheme_of(params)
+    if name is not None:
+        raise ValueError(f"{what} needs float weights; these are quantized ({name}): start from the unquantized "
+                         "checkpoint")
+
+
+def from_stored(tree: dict, scheme_name: str | None) -> dict:
+    """A param tree as stored (each quantized leaf a ``{"values", "scales"}`` dict) -> with QuantizedArrays."""
+    if set(tree) == {"values", "scales"}:
+        return QuantizedArray(tree["values"], tree["scales"], scheme_name)
+    return {k: from_stored(v, scheme_name) if isinstance(v, dict) else v for k, v in tree.items()}
 
 
 def scale_spec(spec, q: QuantizedArray):
@@ -246,4 +258,4 @@ def scale_spec(spec, q: QuantizedArray):
 
 def specs_like(spec, w):
     """A spec for ``w``: ``spec`` itself for a float weight, a QuantizedArray of specs for a quantized one."""
-    return QuantizedArray(spec, scale_spec(spec, w)) if is_quantized(w) else spec
+    return QuantizedArray(spec, scale_spec(spec, w), w.scheme) if is_quantized(w) else spec
