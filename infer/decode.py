@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from zaya_jax import backend
 from zaya_jax.cache import KVCache, from_bits, to_bits
 from zaya_jax.config import ZayaConfig
-from zaya_jax.model import INFERENCE_COMPILER_OPTIONS, apply, cached_context, head_kernel
+from zaya_jax.model import INFERENCE_COMPILER_OPTIONS, apply, cached_context, lm_logits
 
 from . import penalties as pen
 from .sampling import SamplingParams, mask_tokens, sample, step_keys, token_logprobs
@@ -134,8 +134,7 @@ def prefill_chunk(params, config: ZayaConfig, cache: KVCache, tokens: Array, new
     end = jnp.maximum(new_len - 1, 0)[:, None, None]
     h = jnp.take_along_axis(hidden, end, axis=1)[:, 0]  # [G, D]
     with jax.named_scope("lm_head"):
-        logits = jnp.einsum("gd,dv->gv", h, head_kernel(params, config).astype(h.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = lm_logits(params, config, h)
     last = jnp.where(new_len[:, None] > 0, logits, last)
     out = (last, cache)
     if record:

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from zaya_jax import checkpoint, dtypes
+from zaya_jax import checkpoint, dtypes, quant
 from zaya_jax.config import ZayaConfig
 from zaya_jax.memory import check_fits
 from zaya_jax.model import cast_params
@@ -226,6 +226,7 @@ def train(config: ZayaConfig, params: dict, batches: Batches, tcfg: TrainConfig,
     Returns the final state; with ``save_model`` the trained params are written to ``out/model`` in the
     dtype ``params`` came in, with the tokenizer files of the model directory ``assets_from``.
     """
+    quant.require_float(params, "training")
     settings = {"train": dataclasses.asdict(tcfg), "run": {k: v for k, v in dataclasses.asdict(run).items()
                                                            if k not in ("save_every", "keep")},
                 "data": data_settings or {}}

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from zaya_jax import dtypes
+from zaya_jax import dtypes, quant
 from zaya_jax.config import ZayaConfig
 from zaya_jax.infer.engine import Engine
 from zaya_jax.infer.rsa import TokenTemplate, markov_rsa
@@ -246,6 +246,7 @@ def train_rl(config: ZayaConfig, params: dict, task: Task, tcfg: TrainConfig, rc
     if (rcfg.batch_size // rcfg.minibatches) % tcfg.grad_accum:
         raise ValueError(f"minibatches of {rcfg.batch_size // rcfg.minibatches} rollouts do not split into "
                          f"{tcfg.grad_accum} micro-batches")
+    quant.require_float(params, "RL training")
     settings = {"train": dataclasses.asdict(tcfg), "grpo": dataclasses.asdict(objective),
                 "rl": {k: v for k, v in dataclasses.asdict(rcfg).items() if k not in ("save_every", "keep", "slots")},
                 "data": data_settings or {}}

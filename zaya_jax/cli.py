@@ -40,6 +40,7 @@ def model_setting(path: str, description: str) -> str:
 
 
 DTYPES = ("float32", "bfloat16")  # what --dtype (weights as stored) and --compute-dtype offer
+QUANTIZATIONS = ("int8", "int4")  # what --quantize offers (zaya_jax.quant.SCHEMES)
 
 
 class DeprecatedAlias(argparse.Action):

@@ -78,3 +78,14 @@ def token_axes(mesh, tokens: int) -> tuple[str, ...]:
     (those of size > 1), or none (tokens replicated) when ``tokens`` is not divisible by their product."""
     axes = tuple(a for a in TOKEN_AXES if mesh.shape.get(a, 1) > 1)
     return axes if tokens % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+
+def varying(a: jax.Array, axes) -> jax.Array:
+    """``a`` (inside ``shard_map``) marked varying over those of ``axes`` it is not yet varying over."""
+    missing = tuple(n for n in axes if n not in varying_axes(a))
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+
+def varying_axes(a: jax.Array) -> frozenset:
+    """The manual mesh axes ``a`` varies over inside ``shard_map`` (none outside)."""
+    return frozenset(jax.typeof(a).manual_axis_type.varying)
