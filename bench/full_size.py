@@ -232,6 +232,7 @@ def compare(jax_logits: np.ndarray, hf_logits: np.ndarray, ids: list[int]) -> di
         "top1_excluding_input_token_agreement": float((a2.argmax(-1) == b2.argmax(-1)).mean()),
         "top5_overlap": float(np.mean([len(set(np.argsort(-x)[:5]) & set(np.argsort(-y)[:5])) / 5 for x, y in zip(a, b)])),
         "max_abs_logit_diff": float(np.abs(a - b).max()),
+        "mean_abs_logit_diff": float(np.abs(a - b).mean()),
         "logit_std": float(b.std()),
         "max_abs_logit": float(np.abs(b).max()),
         "mean_kl_jax_vs_hf": float((pa * (la - lb)).sum(-1).mean()),
