@@ -1,13 +1,14 @@
 """Logit error of quantized demo models against the unquantized one, on a fixed batch of demo prompts.
 
-    zaya convert zaya_jax/demo/model WORK/demo-int8 --quantize int8     # and int4
-    python bench/quant_logits.py WORK/demo-int8 WORK/demo-int4 [--problems 64] [--json]
+    zaya convert zaya_jax/demo/model work/q/demo-int8 --quantize int8     # and int4
+    python bench/quant_logits.py work/q/demo-int8 work/q/demo-int4 [--problems 64] [--json]
 
 The batch: the first ``--problems`` held-out problems (the ones ``zaya demo`` scores), each as a solving
 chat (question, gold solution) and as a Markov RSA aggregation chat (question plus 4 candidate tails,
 the boxed answer as the reply; ``zaya_jax.demo.data``, seed 0), left-padded into one batch. Every
 model runs the same forward in its stored dtype; the figures are ``full_size.compare``'s over every
-real position, and again over the positions that predict a reply token (what the model is asked to write).
+real position, and again over the positions that predict a reply token (what the model is asked to write),
+with the median and 99th percentile of each position's max abs difference.
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ def logits_of(model: str, ids: np.ndarray, attention: np.ndarray) -> np.ndarray:
     return np.asarray(forward(params, config, ids, attention))
 
 
+def figures(logits: np.ndarray, reference: np.ndarray, ids: np.ndarray) -> dict:
+    """``compare``'s figures for ``[P, V]`` logits, plus quantiles of each position's max abs difference
+    (how many positions a max abs figure speaks for)."""
+    per_position = np.abs(logits - reference).max(-1)
+    return {**compare(logits, reference, ids.tolist()),
+            **{f"position_max_abs_p{q}": float(np.quantile(per_position, q / 100)) for q in (50, 99)}}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help="quantized model directories (zaya convert --quantize)")
@@ -66,8 +75,8 @@ def main(argv=None) -> int:
     for model in args.models:
         logits = logits_of(model, ids, attention)
         results[model] = {
-            "all": compare(logits[real], reference[real], ids[real].tolist()),
-            "reply": compare(logits[answer], reference[answer], ids[answer].tolist()),
+            "all": figures(logits[real], reference[real], ids[real]),
+            "reply": figures(logits[answer], reference[answer], ids[answer]),
         }
     if args.json:
         print(json.dumps(results, indent=1))
@@ -77,8 +86,8 @@ def main(argv=None) -> int:
         for part in ("all", "reply"):
             c = results[model][part]
             print(f"{model} [{part}]: max abs {c['max_abs_logit_diff']:.4f}, mean abs {c['mean_abs_logit_diff']:.4f}, "
-                  f"top-1 agreement {c['top1_agreement']:.4f}, KL {c['mean_kl_jax_vs_hf']:.2e} "
-                  f"(logit std {c['logit_std']:.2f})")
+                  f"top-1 agreement {c['top1_agreement']:.4f}, KL {c['mean_kl_jax_vs_hf']:.2e}; per-position max abs "
+                  f"median {c['position_max_abs_p50']:.3f}, p99 {c['position_max_abs_p99']:.3f} (logit std {c['logit_std']:.2f})")
     return 0
 
 
