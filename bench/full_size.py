@@ -2,7 +2,7 @@
 loaded and run in bfloat16, with each step's peak memory measured in its own process.
 
     # everything, in order, on a fresh work directory (about 45 GB of disk at 40 layers):
-    python bench/full_size.py all --workdir /work/big/zaya-full
+    python bench/full_size.py all --workdir work/zaya-full
     # or one step at a time:
     python bench/full_size.py write DIR [--layers 40] [--legacy] [--seed 0]
     python bench/full_size.py all --workdir DIR --steps write,convert,verify,load,run,hf,compare
