@@ -26,10 +26,12 @@ from starlette.exceptions import HTTPException
 
 from zaya_jax.cli import is_demo_model
 
+from ..logprobs import check_count
 from ..sampling import check_knobs
 from ..tokenizer import Tokenizer, TokenizerError
 from .driver import Driver
-from .jobs import ClientGone, Timing, generate_choices, run_rsa
+from .jobs import ChoiceEvent, ClientGone, Timing, generate_choices, run_rsa
+from .logprob_json import CompletionLogprobs, chat_logprobs
 from .metrics import Metrics, RequestCounter
 from .protocol import APIError, ChatRequest, CompletionRequest, Message, RSAOptions, parse
 from .text import FINISH
@@ -79,6 +81,10 @@ class Server:
 
     def decode(self, tokens) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def token_text(self, token: int) -> str:
+        """One token's own string, special tokens spelled out (as log-probs name tokens)."""
+        return self.tokenizer.decode([token])
 
     def encode(self, text: str, what: str, param: str, **kwargs) -> list[int]:
         """``text``'s token ids, refused by its length before tokenizing when it cannot fit the context;
@@ -167,7 +173,7 @@ def create_app(server: Server) -> FastAPI:
         body = await _read(server, request, CompletionRequest)
         prompts = _completion_list(body.prompt)
         return await _generate(server, request, body, len(prompts), lambda: _completion_prompts(server, prompts),
-                               chat=False)
+                               chat=False, echo=prompts if body.echo else None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -254,7 +260,9 @@ def _check_sampling(body) -> None:
 
 def _knobs(server: Server, body, prompts: list[list[int]]) -> dict:
     """The engine's keyword arguments for ``body``; 400s name what is wrong."""
-    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    max_tokens = getattr(body, "max_completion_tokens", None)
+    if max_tokens is None:
+        max_tokens = body.max_tokens
     room = server.engine.max_len - max(len(p) for p in prompts)
     if max_tokens is not None and max_tokens > room:
         raise APIError(400, f"max_tokens={max_tokens} is beyond the context: the prompt has "
@@ -269,15 +277,65 @@ def _knobs(server: Server, body, prompts: list[list[int]]) -> dict:
     except ValueError as e:
         eos = "" if body.ignore_eos else f" (the EOS ids {list(server.engine.config.eos_token_id)} included)"
         raise APIError(400, f"stop_token_ids: {e}{eos}", param="stop_token_ids") from None
-    return dict(max_new_tokens=max_tokens or room, temperature=body.temperature, top_k=max(body.top_k, 0),
-                top_p=body.top_p, min_p=body.min_p, stop_token_ids=stop_ids)
+    return dict(max_new_tokens=room if max_tokens is None else max_tokens, temperature=body.temperature,
+                top_k=max(body.top_k, 0), top_p=body.top_p, min_p=body.min_p, stop_token_ids=stop_ids,
+                **_reports(server, body))
+
+
+def _reports(server: Server, body) -> dict:
+    """The engine's ``logprobs`` and ``prompt_logprobs`` for ``body``: chat's ``top_logprobs`` (with
+    ``logprobs``), a completion's ``logprobs``, and with ``echo`` the same for the prompt (also without
+    ``logprobs`` when ``max_tokens`` is 0: the engine scores the prompt and emits nothing)."""
+    if isinstance(body, ChatRequest):
+        asked = {"top_logprobs": (body.top_logprobs or 0) if body.logprobs else None}
+        prompt = None
+    else:
+        asked = {"logprobs": body.logprobs}
+        prompt = None
+        if body.echo and (body.logprobs is not None or body.max_tokens == 0):
+            prompt = body.logprobs or 0
+    for name, value in asked.items():
+        try:
+            check_count(name, value, server.engine.config.vocab_size)
+        except ValueError as e:
+            raise APIError(400, str(e), param=name) from None
+    return dict(logprobs=next(iter(asked.values())), prompt_logprobs=prompt)
+
+
+class _Rendering:
+    """What a generation request's ``ChoiceEvent``s become in OpenAI's objects: each choice's text (after
+    its echoed prompt: the text as given, token ids decoded) and ``logprobs`` (None when not asked)."""
+
+    def __init__(self, server: Server, body, prompts: list[list[int]], echo: list | None, chat: bool):
+        self.server, self.prompts, self.n, self.chat = server, prompts, body.n, chat
+        self.asked = bool(body.logprobs) if chat else body.logprobs is not None
+        self.echo = None if echo is None else [p if isinstance(p, str) else server.decode(ids)
+                                               for p, ids in zip(echo, prompts)]
+        self.opened: set[int] = set()
+        self.completion = [CompletionLogprobs(server.token_text) for _ in range(len(prompts) * body.n)]
+
+    def text(self, event: ChoiceEvent) -> str:
+        """The event's text, after the echoed prompt on a choice's first event."""
+        first = event.index not in self.opened
+        self.opened.add(event.index)
+        return (self.echo[event.index // self.n] if self.echo is not None and first else "") + event.text
+
+    def logprobs(self, event: ChoiceEvent) -> dict | None:
+        if not self.asked:
+            return None
+        if self.chat:
+            return chat_logprobs(event.logprobs, self.server.token_text)
+        items = [(e.token, e) for e in event.logprobs]
+        if self.echo is not None and event.prompt_logprobs is not None:
+            items = list(zip(self.prompts[event.index // self.n], event.prompt_logprobs)) + items
+        return self.completion[event.index].piece(items)
 
 
 # ------------------------------------------------------------------------------------------------ generation
 async def _generate(server: Server, request: Request, body, count: int, tokenize: Callable[[], list[list[int]]], *,
-                    chat: bool):
+                    chat: bool, echo: list | None = None):
     """Runs ``count`` prompts x ``body.n``: their rows are reserved first, then ``tokenize()`` gives the
-    prompts' token ids on a worker thread."""
+    prompts' token ids on a worker thread. ``echo``: the prompts as given, to start each choice's text."""
     stops = body.stop_strings()
     seed = body.seed if body.seed is not None else secrets.randbits(31)
     rows = count * body.n
@@ -291,6 +349,7 @@ async def _generate(server: Server, request: Request, body, count: int, tokenize
     meta = _meta(server, "chat.completion" if chat else "text_completion")
     usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
     timing = Timing(request.state.received)
+    rendering = _Rendering(server, body, prompts, echo, chat)
 
     def events(disconnected=None):
         return generate_choices(server.driver, prompts, body.n, knobs=knobs, seed=seed, stops=stops,
@@ -302,13 +361,17 @@ async def _generate(server: Server, request: Request, body, count: int, tokenize
         server.metrics.answered(usage, timing, max(used))
 
     if body.stream:
-        return _sse(server, rows, _stream_choices(events(), meta, usage, chat, rows, body.include_usage(), answered))
+        return _sse(server, rows, _stream_choices(events(), meta, usage, chat, rows, body.include_usage(), answered,
+                                                  rendering))
     gone = _Disconnect(request)
     try:
-        texts, finish, used = [""] * rows, [None] * rows, [0] * rows
-        async for i, delta, reason, tokens in events(gone):
-            texts[i] += delta
-            finish[i], used[i] = reason, tokens
+        texts, finish, used, logprobs = [""] * rows, [None] * rows, [0] * rows, [None] * rows
+        async for event in events(gone):
+            i = event.index
+            texts[i] += rendering.text(event)
+            finish[i], used[i] = event.finish_reason, event.tokens_used
+            piece = rendering.logprobs(event)
+            logprobs[i] = piece if logprobs[i] is None else {k: logprobs[i][k] + piece[k] for k in piece}
     except ClientGone:
         return JSONResponse({}, status_code=499)
     finally:
@@ -316,25 +379,28 @@ async def _generate(server: Server, request: Request, body, count: int, tokenize
         server.release(rows)
     answered(used)
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": logprobs[i],
                     "finish_reason": finish[i]} for i in range(rows)]
     else:
-        choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": finish[i]} for i in range(rows)]
+        choices = [{"index": i, "text": texts[i], "logprobs": logprobs[i], "finish_reason": finish[i]}
+                   for i in range(rows)]
     return {**meta, "choices": choices, "usage": _usage(usage)}
 
 
 async def _stream_choices(events, meta: dict, usage: dict, chat: bool, rows: int, include_usage: bool,
-                          answered: Callable[[list[int]], None]):
+                          answered: Callable[[list[int]], None], rendering: _Rendering):
     chunk = dict(meta, object="chat.completion.chunk" if chat else "text_completion")
     if chat:  # OpenAI opens every choice with its role
         for i in range(rows):
             yield dict(chunk, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}])
     used = [0] * rows
-    async for i, delta, reason, tokens in events:
-        used[i] = tokens
-        piece = {"delta": {"content": delta} if delta else {}} if chat else {"text": delta}
-        yield dict(chunk, choices=[{"index": i, **piece, "logprobs": None, "finish_reason": reason}])
+    async for event in events:
+        used[event.index] = event.tokens_used
+        text = rendering.text(event)
+        piece = {"delta": {"content": text} if text else {}} if chat else {"text": text}
+        yield dict(chunk, choices=[{"index": event.index, **piece, "logprobs": rendering.logprobs(event),
+                                    "finish_reason": event.finish_reason}])
     answered(used)
     if include_usage:
         yield dict(chunk, choices=[], usage=_usage(usage))
@@ -416,6 +482,8 @@ def _rsa_search(server: Server, body: ChatRequest):
         if getattr(body, name):
             raise APIError(400, f"`{name}` does not apply to an rsa request (use rsa.budget / rsa.final_budget)",
                            param=name)
+    if body.logprobs:
+        raise APIError(400, "`logprobs` does not apply to an rsa request", param="logprobs")
     if body.n != 1:
         raise APIError(400, "an rsa request returns one choice (n=1)", param="n")
     _check_sampling(body)

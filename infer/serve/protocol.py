@@ -2,7 +2,7 @@
 
 Values must have the JSON type of their field (strict: no "5" for 5, no true for 1). Unknown fields are
 ignored, as OpenAI-compatible servers do; fields we know but cannot honour
-(penalties, logit bias, logprobs, echo, ...) get a 400 naming them unless they hold their neutral value.
+(penalties, logit bias, ...) get a 400 naming them unless they hold their neutral value.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any, Literal, Union
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..logprobs import TOP_LOGPROBS
 from ..sampling import SEED_MAX, SEED_MIN
 from ..tokenizer import CHAT_ROLES
 
@@ -20,8 +21,7 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_N = 64
 MAX_RSA_ROUNDS = 32  # a search past its client runs its rounds out (each submitted, then cancelled)
 # Fields we know but do not implement: a request may send them only with their neutral value.
-UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "echo", "logprobs", "top_logprobs", "best_of",
-               "suffix", "tools", "response_format")
+UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "best_of", "suffix", "tools", "response_format")
 
 
 class APIError(Exception):
@@ -78,10 +78,17 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo: score the prompt alone
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=TOP_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens=0 generates nothing: it needs echo=true (the prompt, scored with "
+                                "logprobs)", param="max_tokens")
 
 
 class ContentPart(BaseModel):
@@ -118,10 +125,15 @@ class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=TOP_LOGPROBS)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
     rsa: RSAOptions | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
 
 
 def parse(model: type[BaseModel], body: bytes, limit: int):
