@@ -27,6 +27,10 @@ recorded in results.json and the others still run):
 - ``hf``       transformers' ``ZayaForCausalLM.from_pretrained(..., dtype=torch.bfloat16)`` on the same
                checkpoint, same 64 tokens, in its own process: logits saved.
 - ``compare``  top-1 agreement over the 64 positions (target >= 99%), plus stricter figures.
+- ``quantize`` ``zaya convert --quantize int8`` (``--quantize``) of the HF checkpoint: peak RSS, MB/s.
+- ``quantized_run`` the ``run`` step on the HF checkpoint in bf16, then on the quantized one: decode
+               s/token of each and their ratio, and the quantized prefill logits against bf16's.
+- ``quantized_generate`` the ``generate`` step on the quantized checkpoint: peak RSS.
 - ``bandwidth`` host memory read bandwidth (median of repeats; the faster of a numpy and an XLA
                reduction) -> the decode floor: bytes read per token / bandwidth.
 
@@ -288,8 +292,9 @@ def _cli(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- all
-BIG_STEPS = ("run", "hf", "load", "generate")  # hold the whole model in memory
-STEPS = ("bandwidth", "write", "convert", "run", "hf", "compare", "verify", "load", "generate")
+BIG_STEPS = ("run", "hf", "load", "generate", "quantized_run", "quantized_generate")  # hold the whole model in memory
+STEPS = ("bandwidth", "write", "convert", "run", "hf", "compare", "verify", "load", "generate",
+         "quantize", "quantized_run", "quantized_generate")
 
 
 def run_all(args) -> dict:
@@ -306,6 +311,7 @@ def run_all(args) -> dict:
     conv = {n: os.path.join(work, f"converted-{n}") for n in sizes}
     big = args.layers
     jax_logits, hf_logits = os.path.join(work, "jax_logits.npy"), os.path.join(work, "hf_logits.npy")
+    quantized = os.path.join(work, f"{args.quantize}-{big}")
 
     def record(key, value):
         results[key] = value
@@ -354,6 +360,23 @@ def run_all(args) -> dict:
         elif step == "compare":
             ids = prompt_ids(LOGIT_TOKENS, full_config(big).vocab_size)
             record(f"compare_{big}", compare(np.load(jax_logits), np.load(hf_logits), ids))
+        elif step == "quantize":
+            record(f"convert_{args.quantize}_{big}", child("cli", "convert", hf[big], quantized, "--quantize", args.quantize,
+                                                           "--json", "--no-progress", "--force"))
+        elif step == "quantized_run":  # bf16 (from the HF directory) and quantized, one after the other
+            logits = {kind: os.path.join(work, f"{kind}_logits.npy") for kind in ("bfloat16", args.quantize)}
+            bf16 = child("run", hf[big], "--logits", logits["bfloat16"], "--repeats", str(args.repeats))
+            record(f"run_bf16_hf_{big}", bf16)
+            q = child("run", quantized, "--logits", logits[args.quantize], "--repeats", str(args.repeats))
+            q["decode_over_bf16"] = q["decode_seconds_per_token"] / bf16["decode_seconds_per_token"]
+            record(f"run_{args.quantize}_{big}", q)
+            ids = prompt_ids(LOGIT_TOKENS, full_config(big).vocab_size)
+            record(f"compare_{args.quantize}_vs_bf16_{big}",
+                   compare(np.load(logits[args.quantize]), np.load(logits["bfloat16"]), ids))
+        elif step == "quantized_generate":
+            ids = ",".join(map(str, prompt_ids(PROMPT_LEN, full_config(big).vocab_size)))
+            record(f"zaya_generate_{args.quantize}_{big}", child("cli", "generate", quantized, "--compute-dtype", "bfloat16",
+                                                                 "--prompt-ids", ids, "--max-new-tokens", str(NEW_TOKENS), "--json"))
 
 
     def available() -> int:
@@ -484,6 +507,8 @@ def main(argv=None) -> int:
     a.add_argument("--legacy", action="store_true", help="write the checkpoints in the legacy layout")
     a.add_argument("--steps", default=None, help=f"comma-separated subset of {','.join(STEPS)}")
     a.add_argument("--repeats", type=int, default=3)
+    a.add_argument("--quantize", choices=("int8", "int4"), default="int8",
+                   help="the quantize / quantized_run / quantized_generate steps' scheme (default int8)")
     a.add_argument("--verify-sample-layers", type=int, default=None, help="check this many layers per leaf (default all)")
     a.add_argument("--clean", action="store_true", help="delete the checkpoints at the end")
     a.add_argument("--min-available-gib", type=float, default=None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from zaya_jax.cli import DTYPES, add_non_finite_arg, bounded_arg
+from zaya_jax.cli import DTYPES, QUANTIZATIONS, add_non_finite_arg, bounded_arg
 
 
 def _quiet_orbax() -> None:
@@ -28,8 +28,8 @@ def _convert_command(args) -> int:
     from .pipeline import convert
 
     _quiet_orbax()
-    summary = convert(args.src, args.dst, dtype=args.dtype, force=args.force, progress=not args.no_progress,
-                      allow_non_finite=args.allow_non_finite)
+    summary = convert(args.src, args.dst, dtype=args.dtype, quantize=args.quantize, force=args.force,
+                      progress=not args.no_progress, allow_non_finite=args.allow_non_finite)
     return _report(args, "converted", summary)
 
 
@@ -38,7 +38,7 @@ def _export_command(args) -> int:
 
     _quiet_orbax()
     summary = export(args.src, args.dst, force=args.force, max_shard_bytes=int(args.max_shard_size * 2**30),
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, dequantize=args.dequantize)
     return _report(args, "exported", summary)
 
 
@@ -57,6 +57,9 @@ def register(subparsers) -> None:
     p.add_argument("dst", help="output directory (written to a temporary directory, renamed at the end)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="stored dtype of the params (default: the checkpoint's; balancing biases stay float32)")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                   help="store the expert, attention, router and embedding matrices quantized: int8 (a scale per "
+                        "output channel) or int4 (a scale per 128 input rows); the other params in --dtype")
     add_non_finite_arg(p)
     _common(p)
     p.set_defaults(func=_convert_command)
@@ -69,5 +72,8 @@ def register(subparsers) -> None:
     p.add_argument("dst", help="output directory")
     p.add_argument("--max-shard-size", type=bounded_arg(0, kind=float, above=True), default=1.0,
                    help="largest shard in GiB (default 1)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="export a quantized directory's weights dequantized (in its float dtype); without it, "
+                        "quantized directories are refused")
     _common(p)
     p.set_defaults(func=_export_command)

@@ -18,13 +18,13 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from zaya_jax import dtypes
+from zaya_jax import dtypes, quant
 from zaya_jax.config import ZayaConfig
 from zaya_jax.finite import check_tensor
 from zaya_jax.formats import layout
 from zaya_jax.formats.converted import PARAMS_DIR, is_converted
 from zaya_jax.formats.hf_reader import CheckpointError, HFCheckpoint, resolve_dtype
-from zaya_jax.formats.orbax_store import OrbaxReader, OrbaxWriter, save_tree
+from zaya_jax.formats.orbax_store import QUANTIZATION_KEY, OrbaxReader, OrbaxWriter, save_tree
 from zaya_jax.formats.tree import TreeReader
 from zaya_jax.memory import peak_rss_bytes
 
@@ -84,9 +84,14 @@ def _check_paths(src: str, dst: str) -> None:
         raise CheckpointError(f"destination {dst} must lie outside the source {src} (and not contain it)")
 
 
-def _write_config(directory: str, config: ZayaConfig, dtype: np.dtype) -> None:
+def _write_config(directory: str, config: ZayaConfig, dtype: np.dtype, quantization: str | None = None) -> None:
+    """config.json: the native schema, the float params' ``dtype`` and, for quantized weights, their scheme."""
+    data = dict(config.to_hf_dict(), dtype=np.dtype(dtype).name)
+    data.pop(QUANTIZATION_KEY, None)
+    if quantization is not None:
+        data[QUANTIZATION_KEY] = quantization
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(dict(config.to_hf_dict(), dtype=np.dtype(dtype).name), f, indent=2)
+        json.dump(data, f, indent=2)
 
 
 def copy_assets(src: str | None, dst: str) -> list[str]:
@@ -111,14 +116,17 @@ def _fill(ckpt: HFCheckpoint, writer, meter: _Meter, allow_non_finite: bool = Tr
     return meter.close()
 
 
-def convert(src: str, dst: str, *, dtype=None, force: bool = False, progress: bool = True,
-            allow_non_finite: bool = False) -> Summary:
+def convert(src: str, dst: str, *, dtype=None, quantize: str | None = None, force: bool = False,
+            progress: bool = True, allow_non_finite: bool = False) -> Summary:
     """HF checkpoint directory (native or legacy layout) -> converted directory ``dst``.
 
     Streams tensor by tensor into the orbax checkpoint: memory stays at about one source tensor
     whatever the model size. ``dtype`` default: the stored one (``balancing_biases``: float32).
+    ``quantize`` (``"int8"`` / ``"int4"``, ``zaya_jax.quant``): the ``quant.QUANTIZED`` weights are stored
+    quantized, each tensor's scales computed from that tensor alone; the other leaves in ``dtype``.
     A tensor holding NaN or Inf is refused (CheckpointError naming it) unless ``allow_non_finite``.
     """
+    scheme = quant.scheme(quantize)
     src, dst = os.fspath(src), os.fspath(dst)
     _check_paths(src, dst)
     config = ZayaConfig.from_pretrained(src)
@@ -126,23 +134,23 @@ def convert(src: str, dst: str, *, dtype=None, force: bool = False, progress: bo
     target = resolve_dtype(dtype) or ckpt.stored_dtype
     with staged(dst, force) as tmp:
         meter = _Meter(ckpt.nbytes, "converting", progress)
-        writer = OrbaxWriter(os.path.join(tmp, PARAMS_DIR), config, target)
+        writer = OrbaxWriter(os.path.join(tmp, PARAMS_DIR), config, target, scheme)
         summary = _fill(ckpt, writer, meter, allow_non_finite)
-        _write_config(tmp, config, target)
+        _write_config(tmp, config, target, quantize)
         assets = copy_assets(src, tmp)
         manifest = {"source": os.path.abspath(src), "layout": "legacy" if ckpt.legacy else "native",
-                    "dtype": target.name, "assets": assets, **dataclasses.asdict(summary)}
+                    "dtype": target.name, QUANTIZATION_KEY: quantize, "assets": assets, **dataclasses.asdict(summary)}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
     return summary
 
 
 def save(params: dict, config: ZayaConfig, dst: str, *, force: bool = False) -> None:
-    """Saves an in-memory param pytree as a converted directory (orbax + config.json)."""
-    dtype = np.dtype(layout.get_path(params, layout.ENTRIES[0].path).dtype)
+    """Saves an in-memory param pytree (float or quantized) as a converted directory (orbax + config.json)."""
+    dtype = np.dtype(layout.get_path(params, layout.DTYPE_PATH).dtype)
     with staged(os.fspath(dst), force) as tmp:
         save_tree(os.path.join(tmp, PARAMS_DIR), params)
-        _write_config(tmp, config, dtype)
+        _write_config(tmp, config, dtype, quant.scheme_of(params))
 
 
 def _param_tensors(reader, config: ZayaConfig) -> list[Tensor]:
@@ -167,17 +175,22 @@ def _write_hf(tensors: list[Tensor], config: ZayaConfig, dtype: np.dtype, dst: s
 
 
 def export(src: str, dst: str, *, force: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-           progress: bool = True) -> Summary:
+           progress: bool = True, dequantize: bool = False) -> Summary:
     """A converted directory (or any HF checkpoint, legacy included) -> native HF checkpoint ``dst``.
 
     Sharded safetensors (``max_shard_bytes`` each) + index + config.json, loadable by
-    ``transformers.ZayaForCausalLM.from_pretrained``. Memory: one shard.
+    ``transformers.ZayaForCausalLM.from_pretrained``. Memory: one shard. A quantized directory is refused
+    (CheckpointError) unless ``dequantize``: its weights are then written dequantized, in its float dtype.
     """
     src, dst = os.fspath(src), os.fspath(dst)
     _check_paths(src, dst)
     config = ZayaConfig.from_pretrained(src)
     if is_converted(src):
         reader = OrbaxReader(os.path.join(src, PARAMS_DIR), config)
+        if reader.scheme is not None and not dequantize:
+            raise CheckpointError(f"{src} holds {reader.scheme.name}-quantized weights, which transformers cannot "
+                                  f"load; pass --dequantize (dequantize=True) to export them dequantized to "
+                                  f"{reader.dtype.name}")
         tensors, dtype = _param_tensors(reader, config), reader.dtype
     else:
         ckpt = HFCheckpoint(src, config)
@@ -188,7 +201,8 @@ def export(src: str, dst: str, *, force: bool = False, max_shard_bytes: int = DE
 
 def save_hf(params: dict, config: ZayaConfig, dst: str, *, force: bool = False,
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Summary:
-    """An in-memory param pytree -> native HF checkpoint ``dst`` (as ``export``)."""
+    """An in-memory float param pytree -> native HF checkpoint ``dst`` (as ``export``)."""
+    quant.require_float(params, "save_hf")
     reader = TreeReader(params, config)
     return _write_hf(_param_tensors(reader, config), config, reader.dtype, os.fspath(dst), None, force,
                      max_shard_bytes, progress=False)

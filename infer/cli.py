@@ -9,9 +9,11 @@ import os
 import sys
 import time
 
-from zaya_jax.cli import add_model_args, is_demo_model, model_setting, parse_ids, resolve_model, seed_arg
+from zaya_jax.cli import add_model_args, model_setting, parse_ids, resolve_model, seed_arg
+from zaya_jax.demo import is_demo_model
 from zaya_jax.jsonl import iter_objects
 from zaya_jax.outputs import OutputLock, check_outputs
+from zaya_jax.validate import is_integer
 
 KNOBS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p")
 LINE_KEYS = ("prompt", "prompt_ids", "messages")
@@ -341,7 +343,7 @@ def _parse_line(obj: dict, where: str, tokenizer, chat: bool, template_kwargs: d
         raise ValueError(f"{where}: a text prompt needs the model's tokenizer.json; the model has none (give prompt_ids)")
     knobs = {k: obj.get(k, defaults[k]) for k in KNOBS}
     for k in ("max_new_tokens", "top_k"):
-        if type(knobs[k]) is not int:
+        if not is_integer(knobs[k]):
             raise ValueError(f"{where}: {k} must be an integer, got {knobs[k]!r}")
     for k in ("temperature", "top_p", "min_p"):
         if isinstance(knobs[k], bool) or not isinstance(knobs[k], (int, float)):

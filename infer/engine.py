@@ -23,6 +23,7 @@ import collections
 import contextlib
 import dataclasses
 import itertools
+import logging
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -37,14 +38,16 @@ from zaya_jax.memory import check_fits
 from zaya_jax.model import compute_dtype
 from zaya_jax.validate import is_integer
 
-from . import decode
+from . import constraints, decode
 from . import logprobs as lps
-from .sampling import SamplingParams, check_knobs, seed_key
+from . import penalties as pen
+from .sampling import SamplingParams, check_knobs, per_row, seed_key
 from .scheduler import (
     MIN_PROMPT_BUCKET,
     PREFIX_BLOCK,
     DecodeBatch,
     Group,
+    PenaltyKnobs,
     PoolSizes,
     Request,
     SamplingKnobs,
@@ -52,6 +55,8 @@ from .scheduler import (
     StopReason,
     bucket,
 )
+
+log = logging.getLogger("zaya.engine")
 
 
 def request_keys(seed: int, indices) -> np.ndarray:
@@ -88,12 +93,15 @@ class PoolShape(PoolSizes):
     @classmethod
     def of(cls, config: ZayaConfig, *, slots: int = 64, max_len: int | None = None, decode_steps: int = 16,
            prefill_chunk: int = 512, prefill_tokens: int = 4096, max_stop_ids: int = 16,
-           record: bool = False) -> PoolShape:
+           record: bool = False, penalties: bool = True,
+           max_logit_bias: int = pen.MAX_LOGIT_BIAS) -> PoolShape:
         """The pool ``Engine(params, config, **these)`` builds; ValueError naming a bad setting."""
         for name, value in (("slots", slots), ("decode_steps", decode_steps), ("prefill_chunk", prefill_chunk),
                             ("prefill_tokens", prefill_tokens), ("max_stop_ids", max_stop_ids)):
             if not is_integer(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not is_integer(max_logit_bias) or max_logit_bias < 0:
+            raise ValueError(f"max_logit_bias must be an integer >= 0, got {max_logit_bias!r}")
         context = config.max_position_embeddings
         if max_len is None:
             max_len = context
@@ -107,11 +115,13 @@ class PoolShape(PoolSizes):
         return cls(slots=int(slots), max_len=max_len, cache_len=cache_len,
                    decode_steps=min(int(decode_steps), cache_len), prefill_chunk=chunk,
                    prefill_tokens=max(int(prefill_tokens), chunk), max_stop_ids=int(max_stop_ids),
-                   record=bool(record))
+                   record=bool(record), penalties=bool(penalties),
+                   max_logit_bias=int(max_logit_bias) if penalties else 0)
 
     def new_state(self, config: ZayaConfig, dtype) -> decode.SlotState:
         """An idle pool of ``dtype`` cache values (call under ``jax.eval_shape`` for its shapes alone)."""
-        return decode.init_slots(init_cache(config, self.slots, self.cache_len, dtype), self.max_stop_ids, self.record)
+        return decode.init_slots(init_cache(config, self.slots, self.cache_len, dtype), self.max_stop_ids, self.record,
+                                 (config.vocab_size, self.max_logit_bias) if self.penalties else None)
 
     def state_bytes(self, config: ZayaConfig, dtype) -> int:
         """Bytes of the pool, from two one- and two-slot shapes (every leaf has a slot axis: a + b x slots)."""
@@ -129,7 +139,9 @@ class Engine:
     as the params are sharded); without one, a mesh set with ``jax.set_mesh`` applies as to any jit; prefill_chunk: prompt tokens per
     prefill call and row; prefill_tokens: tokens (rows x chunk) per prefill call at most; max_stop_ids:
     stop tokens a request may have; record: keep every request's routing and sampled tokens'
-    log-probs (``Request.routes`` / ``.logprobs``; RL rollouts replay and score them); prefix_cache: keep
+    log-probs (``Request.routes`` / ``.logprobs``; RL rollouts replay and score them); penalties: keep the
+    state presence / frequency penalties and logit bias need (``penalties.py``: ``slots x vocab`` int32
+    counts), max_logit_bias: logit-bias entries a request may have; prefix_cache: keep
     prompts' keys, values and CCA states in blocks of ``PREFIX_BLOCK`` tokens, so a prompt that starts
     like an earlier one prefills only the rest (``scheduler.PrefixCache``; off on a recording engine or
     a mesh); prefix_cache_tokens: its size in tokens, evicted least recently used (default: a quarter of
@@ -139,10 +151,11 @@ class Engine:
     def __init__(self, params, config: ZayaConfig, *, slots: int = 64, max_len: int | None = None,
                  decode_steps: int = 16, moe_impl: str = "auto", mesh=None, prefill_chunk: int = 512,
                  prefill_tokens: int = 4096, max_stop_ids: int = 16, record: bool = False, prefix_cache: bool = True,
-                 prefix_cache_tokens: int | None = None):
+                 prefix_cache_tokens: int | None = None, penalties: bool = True,
+                 max_logit_bias: int = pen.MAX_LOGIT_BIAS):
         pool = PoolShape.of(config, slots=slots, max_len=max_len, decode_steps=decode_steps,
                             prefill_chunk=prefill_chunk, prefill_tokens=prefill_tokens, max_stop_ids=max_stop_ids,
-                            record=record)
+                            record=record, penalties=penalties, max_logit_bias=max_logit_bias)
         self.pool, self.params, self.config = pool, params, config
         self.slots, self.max_len, self.decode_steps = pool.slots, pool.max_len, pool.decode_steps
         self.prefill_chunk, self.prefill_tokens = pool.prefill_chunk, pool.prefill_tokens
@@ -174,13 +187,18 @@ class Engine:
     # ------------------------------------------------------------------------------------------ requests
     def submit(self, prompt: Sequence[int], *, max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0,
                min_p=0.0, stop_token_ids=None, seed: int = 0, index: int = 0, key: np.ndarray | None = None,
-               on_update: Callable[[Request, list[int]], None] | None = None, logprobs: int | None = None,
-               prompt_logprobs: int | None = None) -> Request:
+               on_update: Callable[[Request, list[int]], None] | None = None, presence_penalty=0.0,
+               frequency_penalty=0.0, logit_bias=None, grammar: constraints.Grammar | None = None,
+               logprobs: int | None = None, prompt_logprobs: int | None = None) -> Request:
         """Queues one request; returns its ``Request`` (filled in as ``step`` runs).
 
         Its key is ``fold_in(key(seed), index)`` unless ``key`` (key data ``[2]`` uint32) is given.
         ``on_update(request, new_tokens)`` is called from ``step`` whenever it emits tokens or stops.
         ``max_new_tokens`` is clamped to what ``max_len`` leaves ("cache_full" says where).
+        ``presence_penalty`` and ``frequency_penalty`` (in [-2, 2]) and ``logit_bias`` ({token id: bias in
+        [-100, 100]}, at most ``max_logit_bias`` entries) act as OpenAI's (``penalties.py``). ``grammar``
+        (``constraints.GrammarVocabulary.compile``) restricts each token to those that keep the output
+        inside it; its end-of-sequence ids must be stop tokens of the request.
         ``logprobs`` / ``prompt_logprobs`` (None, or 0 to ``logprobs.TOP_LOGPROBS`` alternatives per token):
         fill ``Request.token_logprobs`` / ``.prompt_logprobs`` with the model's log-probs; with
         ``prompt_logprobs``, ``max_new_tokens`` may be 0 (score the prompt, emit nothing).
@@ -193,12 +211,16 @@ class Engine:
         knobs = SamplingKnobs(**{k: v[0] for k, v in check_knobs(1, temperature=temperature, top_k=top_k,
                                                                  top_p=top_p, min_p=min_p).items()},
                               logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        penalty = self.check_penalties(presence_penalty, frequency_penalty, logit_bias)
+        stop_ids = self.stop_id_row(stop_token_ids)
+        self.check_grammar(grammar, stop_ids)
         if key is None:
             if not is_integer(index) or not 0 <= index <= 2**32 - 1:
                 raise ValueError(f"index must be an integer in [0, {2**32 - 1}], got {index!r}")
             key = request_keys(seed, [index])[0]
         request = Request(id=next(self._ids), prompt=prompt, max_new_tokens=max_new, sampling=knobs,
-                          stop_ids=self.stop_id_row(stop_token_ids), key=check_key_data(key), on_update=on_update)
+                          stop_ids=stop_ids, key=check_key_data(key), on_update=on_update, penalties=penalty,
+                          matcher=None if grammar is None else grammar.matcher())
         self._scheduler.add(request)
         return request
 
@@ -253,14 +275,20 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ batch API
     def submit_batch(self, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                     stop_token_ids=None, seed: int = 0, on_update=None, logprobs: int | None = None,
+                     stop_token_ids=None, seed: int = 0, on_update=None, presence_penalty=0.0, frequency_penalty=0.0,
+                     logit_bias=None, grammar: constraints.Grammar | None = None, logprobs: int | None = None,
                      prompt_logprobs: int | None = None) -> list[Request]:
         """Queues ``prompts`` as requests ``0 .. n-1`` (keyed as ``generate``'s rows); every knob is a scalar
-        or one value per prompt (``logprobs`` and ``prompt_logprobs``, as ``submit``'s, apply to all). All
-        are validated before any is queued."""
+        or one value per prompt (``logit_bias``, ``grammar``, ``logprobs`` and ``prompt_logprobs``: one for
+        all). All are validated before any is queued."""
         prompts = [self.check_prompt(p, f"prompt {i}") for i, p in enumerate(check_prompt_list(prompts))]
         n = len(prompts)
         knobs = check_knobs(n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        presence = per_row("presence_penalty", presence_penalty, n, np.float64)
+        frequency = per_row("frequency_penalty", frequency_penalty, n, np.float64)
+        for p, f in zip(presence, frequency):
+            self.check_penalties(p, f, logit_bias)
+        self.check_grammar(grammar, self.stop_id_row(stop_token_ids))
         V = self.config.vocab_size
         reports = dict(logprobs=lps.check_count("logprobs", logprobs, V),
                        prompt_logprobs=lps.check_count("prompt_logprobs", prompt_logprobs, V))
@@ -273,7 +301,8 @@ class Engine:
         self.stop_id_row(stop_token_ids)
         keys = request_keys(seed, np.arange(n))
         return [self.submit(p, max_new_tokens=max_new[i], stop_token_ids=stop_token_ids, key=keys[i],
-                            on_update=on_update, **reports, **{k: v[i] for k, v in knobs.items()})
+                            on_update=on_update, presence_penalty=presence[i], frequency_penalty=frequency[i],
+                            logit_bias=logit_bias, grammar=grammar, **reports, **{k: v[i] for k, v in knobs.items()})
                 for i, p in enumerate(prompts)]
 
     def stream(self, prompts, **kwargs) -> Iterator[tuple[int, list[int], str]]:
@@ -324,6 +353,34 @@ class Engine:
             raise ValueError(f"{what} has {ids.size} tokens; the maximum length (prompt + new tokens) is "
                              f"{self.max_len}, which leaves no room to generate")
         return ids.tolist()
+
+    def check_penalties(self, presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None) -> PenaltyKnobs:
+        """The penalty knobs of one request; ValueError naming a bad one (or any, on an engine without
+        penalties)."""
+        knobs = PenaltyKnobs(presence=pen.check_penalty("presence_penalty", presence_penalty),
+                             frequency=pen.check_penalty("frequency_penalty", frequency_penalty),
+                             logit_bias=pen.check_logit_bias(logit_bias, self.config.vocab_size,
+                                                             self.pool.max_logit_bias if self.pool.penalties else 0))
+        if knobs != PenaltyKnobs() and not self.pool.penalties:
+            raise ValueError("this engine has no penalty state (Engine(penalties=False)): presence_penalty, "
+                             "frequency_penalty and logit_bias must be left at 0 / None")
+        return knobs
+
+    def check_grammar(self, grammar, stop_ids: np.ndarray) -> None:
+        """ValueError unless ``grammar`` is None or a ``constraints.Grammar`` for this vocabulary whose
+        end-of-sequence ids are all among ``stop_ids`` (the grammar ends the output on one of them)."""
+        if grammar is None:
+            return
+        if not isinstance(grammar, constraints.Grammar):
+            raise ValueError(f"grammar must be a constraints.Grammar (GrammarVocabulary.compile), got "
+                             f"{type(grammar).__name__}")
+        if grammar.vocab_size != self.config.vocab_size:
+            raise ValueError(f"the grammar was compiled for a vocabulary of {grammar.vocab_size} tokens; the model "
+                             f"has {self.config.vocab_size}")
+        missing = sorted(set(grammar.eos_ids) - set(stop_ids.tolist()))
+        if missing:
+            raise ValueError(f"a grammar ends its output with an end-of-sequence token: {missing} must be among "
+                             "the request's stop token ids")
 
     def stop_id_row(self, stop_token_ids=None) -> np.ndarray:
         """Stop ids ``[max_stop_ids]`` int32 padded with -1; None means the config's EOS ids. Each given id
@@ -413,7 +470,7 @@ class Engine:
                 jax.random.wrap_key_data(keys),
                 SamplingParams(**{k: jnp.asarray(v) for k, v in knobs.items()}), jnp.asarray(max_new),
                 jnp.asarray(limit), jnp.asarray(stop_ids), None if routes is None else jnp.asarray(routes),
-                jnp.asarray(wanted))
+                self._penalty_rows(group.requests, n), self._token_masks(group.requests, n), jnp.asarray(wanted))
         first, reason = to_host(first), to_host(reason)
         first_lp = jax.tree.map(to_host, first_lp) if wanted else None
         if scored is not None:
@@ -453,14 +510,43 @@ class Engine:
                 error = error or e
         return error
 
+    def _penalty_rows(self, requests: list[Request], n: int) -> pen.Penalties | None:
+        """The penalty knobs of ``requests`` as ``[n]`` rows (padding neutral), on a pool with penalties."""
+        if not self.pool.penalties:
+            return None
+        K = self.pool.max_logit_bias
+        presence, frequency = np.zeros((n,), np.float32), np.zeros((n,), np.float32)
+        bias_ids, bias = np.full((n, K), -1, np.int32), np.zeros((n, K), np.float32)
+        for i, r in enumerate(requests):
+            presence[i], frequency[i] = r.penalties.presence, r.penalties.frequency
+            if r.penalties.logit_bias:
+                ids, values = zip(*r.penalties.logit_bias)
+                bias_ids[i, : len(ids)], bias[i, : len(ids)] = ids, values
+        return pen.Penalties(presence=jnp.asarray(presence), frequency=jnp.asarray(frequency),
+                             bias_ids=jnp.asarray(bias_ids), bias=jnp.asarray(bias))
+
+    def _token_masks(self, requests: list[Request | None], n: int) -> jax.Array | None:
+        """``[n, ceil(V / 32)]`` int32 next-token masks, row i from ``requests[i]``'s grammar (all tokens for
+        rows without one); None when no request has a grammar."""
+        rows = [(r.matcher, i) for i, r in enumerate(requests) if r is not None and r.matcher is not None]
+        if not rows:
+            return None
+        masks = np.full((n, constraints.mask_width(self.config.vocab_size)), -1, np.int32)
+        constraints.fill_masks(rows, masks)
+        return jnp.asarray(masks)
+
     def _decode(self, batch: DecodeBatch) -> Exception | None:
         cancel = np.zeros((self.slots,), bool)
         cancel[batch.cancel] = True
         wanted = any(r.sampling.logprobs is not None for r in self._scheduler.running.values())
+        # A grammar's mask depends on the token before: while a constrained request runs, one step per call.
+        running = self._scheduler.running
+        masks = self._token_masks([running.get(slot) for slot in range(self.slots)], self.slots)
         with self._mesh_context():
-            self._state, out, lp = decode.decode_compiled(self.params, self.config, self._state, jnp.asarray(cancel),
-                                                          jnp.asarray(wanted), steps=self.decode_steps,
-                                                          active=batch.active, span=batch.span, moe_impl=self.moe_impl)
+            self._state, out, lp = decode.decode_compiled(
+                self.params, self.config, self._state, jnp.asarray(cancel), masks, jnp.asarray(wanted),
+                steps=1 if masks is not None else self.decode_steps, active=batch.active, span=batch.span,
+                moe_impl=self.moe_impl)
         out, reason = to_host(out), to_host(self._state.reason)
         lp = jax.tree.map(to_host, lp) if wanted else None  # transferred only when some row asks
         emitted = out >= 0
@@ -468,10 +554,10 @@ class Engine:
                             decode_tokens=int(emitted.sum()))
         updates = []
         for slot, r in list(self._scheduler.running.items()):
-            mask, entries = emitted[slot], None
-            new = out[slot][mask].tolist()
+            kept, entries = emitted[slot], None
+            new = out[slot][kept].tolist()
             if r.sampling.logprobs is not None:
-                entries = lps.entries(new, lp.chosen[slot][mask], lp.top_ids[slot][mask], lp.top_values[slot][mask],
+                entries = lps.entries(new, lp.chosen[slot][kept], lp.top_ids[slot][kept], lp.top_values[slot][kept],
                                       r.sampling.logprobs)
             updates.append((r, new, int(reason[slot]), entries))
         return self._advance_all(updates)
@@ -480,6 +566,11 @@ class Engine:
         request.tokens += new
         if entries:
             request.token_logprobs += entries
+        if request.matcher is not None and not all(request.matcher.consume_token(t) for t in new):
+            # The mask allows only tokens the grammar accepts; this is a bug, and the request cannot go on.
+            log.error("request %d: its grammar refused a token it allowed: %s", request.id, request.matcher.get_error())
+            if reason == StopReason.RUNNING:
+                self._scheduler.cancel(request)
         if reason != StopReason.RUNNING and self.record:
             n, P = len(request.tokens), len(request.prompt)
             request.routes = to_host(self._state.routes[request.slot, : P + n])

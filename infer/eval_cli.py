@@ -11,12 +11,14 @@ import os
 import sys
 import time
 
-from zaya_jax.cli import add_model_args, model_setting, resolve_model, seed_arg
+from zaya_jax.cli import add_model_args, model_setting, resolve_model
 
-from .rsa_cli import add_search_args, mode_template
-from .rsa_cli import settings as preset_settings
+from .rsa_cli import add_search_args, config_from_args
+from .rsa_config import KNOBS, RSAConfig
+from .rsa_modes import mode_template
 
-KNOBS = ("population", "tails", "rounds", "budget", "tail_tokens", "final_budget")
+# The RSAConfig fields a run records in run.json (beside the model, data, grader and templates).
+SEARCH_FIELDS = KNOBS + ("final_budget", "temperature", "top_p", "seed")
 
 
 def add_output_args(p, *, required: bool) -> None:
@@ -43,9 +45,6 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, help="JSONL file of problems")
     add_output_args(p, required=True)
     add_search_args(p)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--limit", type=int, help="only the first LIMIT problems")
     p.add_argument("--grader", choices=("math", "exact"), default="math",
                    help="math: math-verify equivalence (default); exact: string equality")
@@ -54,43 +53,36 @@ def register(subparsers) -> None:
     p.set_defaults(func=_eval_command)
 
 
-def run_settings(knobs: dict, *, model: str, data: str, temperature: float, top_p: float, seed: int, grader: str,
-                 template: str, prompt_template: str | None = None, limit: int | None = None) -> dict:
-    """Everything the scores depend on: what run.json records and ``--resume`` compares."""
-    final_budget = knobs.get("final_budget")
-    knobs = dict(knobs, final_budget=knobs["budget"] if final_budget is None else final_budget)
-    return dict(knobs, model=model, data=data, temperature=temperature, top_p=top_p, seed=seed, grader=grader,
+def run_settings(rsa: RSAConfig, *, model: str, data: str, grader: str, template: str,
+                 prompt_template: str | None = None, limit: int | None = None) -> dict:
+    """Everything the scores depend on: what run.json records and ``--resume`` compares (the search's
+    settings with ``final_budget`` resolved, so that an unset one and the budget compare equal)."""
+    search = {name: getattr(rsa, name) for name in SEARCH_FIELDS}
+    return dict(search, final_budget=rsa.round_budget(rsa.rounds), model=model, data=data, grader=grader,
                 aggregation_template=template, prompt_template=prompt_template, limit=limit)
+
+
+def search_of(settings: dict) -> RSAConfig:
+    """The ``RSAConfig`` a run's ``settings`` (``run_settings``) record."""
+    return RSAConfig(**{name: settings[name] for name in SEARCH_FIELDS})
 
 
 def _eval_command(args) -> int:
     from .evaluate import read_dataset
 
     problems = read_dataset(args.data, args.limit)
+    rsa = config_from_args(args)
     config, params, desc = resolve_model(args.model, args.compute_dtype, args.allow_non_finite)
-    knobs = dict(preset_settings(args), final_budget=args.final_budget)
     with open(args.data, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    settings = run_settings(knobs, model=model_setting(args.model, desc), data=f"{os.path.basename(args.data)} sha256:{digest}",
-                            temperature=args.temperature, top_p=args.top_p, seed=args.seed, grader=args.grader,
-                            template=mode_template(args),
+    recorded = run_settings(rsa, model=model_setting(args.model, desc), data=f"{os.path.basename(args.data)} "
+                            f"sha256:{digest}", grader=args.grader, template=mode_template(args.model, args.mode),
                             prompt_template=args.prompt_template, limit=args.limit)
-    _, table = run(params, config, args.model, problems, settings, source=args.data, out=args.out,
+    _, table = run(params, config, args.model, problems, recorded, source=args.data, out=args.out,
                    inputs={"--data": args.data}, resume=args.resume, force=args.force, slots=args.slots, save_texts=args.save_texts,
                    progress=not args.no_progress)
     print(table)
     return 0
-
-
-def token_template(kind: str, tails: int, tokenizer):
-    """The run's ``rsa.TokenTemplate``: the demo model's own aggregation template (``kind`` "demo") or
-    the default one, inside ``tokenizer``'s chat template."""
-    from zaya_jax.demo import data as demo_data
-
-    from .rsa import AggregationTemplate, TokenTemplate
-
-    text_template = demo_data.TEMPLATE if kind == "demo" else AggregationTemplate.default(tails)
-    return TokenTemplate.from_tokenizer(text_template, tails, tokenizer)
 
 
 def run(params, config, model_dir: str, problems, settings: dict, *, source: str, out: str | None = None,
@@ -101,14 +93,18 @@ def run(params, config, model_dir: str, problems, settings: dict, *, source: str
     read from); ``progress``: a tqdm bar on stderr. Returns (summary, table)."""
     from tqdm import tqdm
 
+    from zaya_jax.validate import is_integer
+
     from .eval_output import RunDir
     from .evaluate import Grader, apply_prompt_template, check_context, format_table, score_problem, summarize
-    from .rsa import check_search, markov_rsa
+    from .rsa import check_questions, markov_rsa
+    from .rsa_modes import token_template
     from .tokenizer import Tokenizer
 
+    rsa = search_of(settings)
     grader = Grader(settings["grader"])
     tokenizer = Tokenizer.from_dir(model_dir)
-    template = token_template(settings["aggregation_template"], settings["tails"], tokenizer)
+    template = token_template(settings["aggregation_template"], rsa.tails, tokenizer)
     ids = []
     for p in problems:
         text = apply_prompt_template(settings["prompt_template"], p.question)
@@ -117,11 +113,10 @@ def run(params, config, model_dir: str, problems, settings: dict, *, source: str
         except ValueError as e:
             raise ValueError(f"{source}:{p.line}: {e}") from None
     # Every setting is checked before the run directory is touched: a refused run leaves nothing behind.
-    check_search(config, ids, **{k: settings[k] for k in KNOBS}, temperature=settings["temperature"],
-                 top_p=settings["top_p"])
-    if slots is not None and (not isinstance(slots, int) or slots < 1):
+    check_questions(config, ids)
+    if slots is not None and (not is_integer(slots) or slots < 1):
         raise ValueError(f"--slots must be a positive integer, got {slots!r}")
-    check_context(problems, ids, template, settings, config.max_position_embeddings, source)
+    check_context(problems, ids, template, rsa, config.max_position_embeddings, source)
     run_dir = RunDir(out, settings, resume=resume, force=force, inputs=inputs) if out else None
     records = dict(run_dir.records) if run_dir else {}
     todo = [i for i, p in enumerate(problems) if p.index not in records]
@@ -146,10 +141,8 @@ def run(params, config, model_dir: str, problems, settings: dict, *, source: str
     try:
         if todo:
             engine_stats = markov_rsa(
-                params, config, [ids[i] for i in todo], **{k: settings[k] for k in KNOBS},
-                temperature=settings["temperature"], top_p=settings["top_p"], seed=settings["seed"], template=template,
-                on_problem=on_problem, slots=slots,
-                progress=lambda t, rnd: bar.set_description(f"round {t}/{settings['rounds']} done")).engine_stats
+                params, config, [ids[i] for i in todo], rsa, template=template, on_problem=on_problem, slots=slots,
+                progress=lambda t, rnd: bar.set_description(f"round {t}/{rsa.rounds} done")).engine_stats
         bar.close()
         seconds = time.perf_counter() - start
         summary = summarize([records[p.index] for p in problems], settings)

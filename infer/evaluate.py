@@ -204,17 +204,15 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def check_context(problems: Sequence[Problem], question_ids: Sequence[Sequence[int]], template, knobs: dict,
+def check_context(problems: Sequence[Problem], question_ids: Sequence[Sequence[int]], template, rsa,
                   max_len: int, source: str) -> None:
     """Raises, naming the line and the overshoot, when a problem's prompts plus new tokens exceed ``max_len``
-    (``rsa.context_needs``: the sizes Markov RSA itself checks). ``template`` is the run's ``rsa.TokenTemplate``;
-    ``knobs`` holds the search's settings (``run_settings``)."""
+    (``rsa.context_needs``: the sizes Markov RSA itself checks). ``template`` is the run's ``rsa.TokenTemplate``,
+    ``rsa`` its ``RSAConfig``."""
     from .rsa import context_needs
 
     for p, q in zip(problems, question_ids):
-        for what, prompt, new in context_needs(template, len(q), tails=knobs["tails"], rounds=knobs["rounds"],
-                                               budget=knobs["budget"], final_budget=knobs["final_budget"],
-                                               tail_tokens=knobs["tail_tokens"]):
+        for what, prompt, new in context_needs(template, len(q), rsa):
             if prompt + new > max_len:
                 raise ValueError(f"{source}:{p.line}: {what} is {prompt} tokens; with {new} new tokens that is "
                                  f"{prompt + new - max_len} more than the model's context of {max_len}")

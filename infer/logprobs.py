@@ -1,7 +1,8 @@
 """Log-probabilities of tokens under the model, for the tokens a request emits and for its prompt.
 
-A log-prob here is the model's own: ``log_softmax(logits)`` in float32 at temperature 1, before any
-sampling filter (temperature, top-k, top-p, min-p), as OpenAI documents and vLLM returns by default. So
+A log-prob here is the model's own: ``log_softmax(logits)`` in float32 at temperature 1, before penalties,
+logit bias, a grammar's mask and the sampling filters (temperature, top-k, top-p, min-p), as OpenAI
+documents and vLLM returns by default. So
 a token's log-prob is what ``zaya_jax.forward``'s log-softmax gives at its position, whatever knobs
 sampled it. The device programs compute, per row, the chosen token's log-prob and the ``TOP_LOGPROBS``
 most likely tokens (a static width, so a request's ``k`` never recompiles); the host keeps the first
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 import flax.struct
 import jax
@@ -74,17 +76,17 @@ def of_logits_if(wanted: Array, logits: Array, tokens: Array, k: int) -> Logprob
     return jax.lax.cond(wanted, lambda: of_logits(logits, tokens, k), lambda: empty(tokens.shape, k))
 
 
-def of_hidden(hidden: Array, kernel: Array, tokens: Array, k: int, block: int = 64) -> Logprobs:
+def of_hidden(hidden: Array, head: Callable[[Array], Array], tokens: Array, k: int, block: int = 64) -> Logprobs:
     """Log-probs of ``tokens [G, C]`` after final hidden states ``hidden [G, C, D]`` through the LM head
-    ``kernel [D, V]``, ``block`` positions at a time: [G, block, V] logits live at once, not [G, C, V]."""
+    (``head``: [N, D] -> [N, V] float32 logits), ``block`` positions at a time: [G, block, V] logits live at
+    once, not [G, C, V]."""
     G, C, D = hidden.shape
     block = math.gcd(block, C)
     blocks = lambda a: jnp.moveaxis(a.reshape((G, C // block, block) + a.shape[2:]), 1, 0)  # noqa: E731
 
     def one(args):
         h, t = args
-        logits = jnp.einsum("gcd,dv->gcv", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
-        return of_logits(logits, t, k)
+        return of_logits(head(h.reshape(G * block, D)).reshape(G, block, -1), t, k)
 
     out = jax.lax.map(one, (blocks(hidden), blocks(tokens)))
     return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1).reshape((G, C) + a.shape[3:]), out)

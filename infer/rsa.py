@@ -11,7 +11,8 @@ jitted, vmapped function, and every member is a request on the engine's slot poo
 problems interleave, each advancing to its next round as soon as its own round is done. Only answer
 extraction and the result bookkeeping run on the host.
 
-Shapes: P problems, N population, C tails per prompt, tau tail tokens.
+The settings are an ``RSAConfig`` (``zaya_jax.infer.rsa_config``: the ZAYA1 report's presets as named
+constructors). Shapes: P problems, N population, C tails per prompt, tau tail tokens.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ import numpy as np
 from zaya_jax.config import ZayaConfig
 
 from .decode import inference_jit
-from .engine import Engine, bucket, request_keys, token_id_list
-from .sampling import check_knobs, seed_key
+from .engine import Engine, Request, bucket, request_keys, token_id_list
+from .rsa_config import RSAConfig
+from .sampling import seed_key
 
 _ROUND_SALT, _SUBSET_SALT = 0x52534147, 0x53554253  # "RSAG", "SUBS": key streams disjoint from row keys
 
@@ -256,18 +258,17 @@ def _round_keys(seed: int, round_index: int, members: int) -> np.ndarray:
     return np.asarray(jax.random.key_data(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.arange(members))))
 
 
-def markov_rsa(params, config: ZayaConfig, prompt_ids, *, population: int, tails: int, rounds: int, budget: int,
-               tail_tokens: int, final_budget: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
-               seed: int = 0, template: TokenTemplate | None = None, tokenizer=None,
-               extract: Callable[[str], str | None] = extract_boxed, stop_token_ids=None,
-               max_cache_len: int | None = None, moe_impl: str = "auto",
-               progress: Callable[[int, RSARound], None] | None = None,
+def markov_rsa(params, config: ZayaConfig, prompt_ids, rsa: RSAConfig | None = None, *,
+               template: TokenTemplate | None = None, tokenizer=None,
+               extract: Callable[[str], str | None] = extract_boxed, max_cache_len: int | None = None,
+               moe_impl: str = "auto", progress: Callable[[int, RSARound], None] | None = None,
                on_problem: Callable[[int, "RSAResult"], None] | None = None, slots: int | None = None,
-               engine: Engine | None = None) -> RSAResult:
+               engine: Engine | None = None, **settings) -> RSAResult:
     """Runs Markov RSA on one question (``prompt_ids``: the question's token ids) or several (a list of them).
 
-    ``budget`` caps the tokens each candidate generates in rounds 0..T-1, ``final_budget`` (default
-    ``budget``) in round T. ``template`` is a TokenTemplate; by default it is built from
+    ``rsa`` holds the search's settings (``RSAConfig``, e.g. ``RSAConfig.report_light()``); its fields may
+    also be given, or overridden, as keywords (``population=16, tails=4, rounds=2, budget=8192,
+    tail_tokens=4096, ...``). ``template`` is a TokenTemplate; by default it is built from
     ``AggregationTemplate.default(tails)`` and ``tokenizer`` (a ``zaya_jax.infer.tokenizer.Tokenizer``),
     whose ``decode`` then feeds ``extract``.
 
@@ -278,11 +279,9 @@ def markov_rsa(params, config: ZayaConfig, prompt_ids, *, population: int, tails
     as problem ``p`` finishes, with its part alone; ``progress(t, round)`` once round ``t`` of every
     problem is done, with that round over all problems.
     """
-    search = RSASearch(config, prompt_ids, population=population, tails=tails, rounds=rounds, budget=budget,
-                       tail_tokens=tail_tokens, final_budget=final_budget, temperature=temperature, top_p=top_p,
-                       seed=seed, template=template, tokenizer=tokenizer, extract=extract,
-                       stop_token_ids=stop_token_ids, max_cache_len=max_cache_len, progress=progress,
-                       on_problem=on_problem)
+    rsa = RSAConfig(**settings) if rsa is None else dataclasses.replace(rsa, **settings)
+    search = RSASearch(config, prompt_ids, rsa, template=template, tokenizer=tokenizer, extract=extract,
+                       max_cache_len=max_cache_len, progress=progress, on_problem=on_problem)
     if engine is None:
         engine = Engine(params, config, slots=min(bucket(search.rows), 64) if slots is None else slots,
                         max_len=search.max_len, moe_impl=moe_impl)
@@ -292,65 +291,84 @@ def markov_rsa(params, config: ZayaConfig, prompt_ids, *, population: int, tails
     return dataclasses.replace(search.result, engine_stats=engine.stats())
 
 
+@dataclasses.dataclass
+class RoundState:
+    """One problem's round in flight: its members' prompts ``[N][L]`` and subsets ``[N][C]`` (None in
+    round 0), the engine requests running them and how many are not finished yet."""
+
+    t: int
+    prompts: list[list[int]]
+    subsets: list[list[int]] | None
+    left: int
+    start: float  # time.perf_counter() at submission
+    requests: list[Request] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ProblemState:
+    """One problem of a search: its question's token ids, its finished rounds, its result once done."""
+
+    question: list[int]
+    rounds: list[RSARound] = dataclasses.field(default_factory=list)
+    result: RSAResult | None = None
+
+
 class RSASearch:
     """Markov RSA over several problems as a graph of engine requests, driven by the engine's callbacks.
 
     ``start(engine)`` submits every problem's round 0; each time a problem's round is complete, its next
     round's aggregation prompts are built (one compiled, vmapped program) and submitted. Whoever steps
     the engine (``markov_rsa``, or a server's loop) drives it; ``done`` / ``result`` say when it is over.
-    Arguments as ``markov_rsa``.
+    Arguments as ``markov_rsa``; ``rsa`` is an ``RSAConfig``.
     """
 
-    def __init__(self, config: ZayaConfig, prompt_ids, *, population, tails, rounds, budget, tail_tokens,
-                 final_budget=None, temperature=1.0, top_p=1.0, seed=0, template=None, tokenizer=None,
-                 extract=extract_boxed, stop_token_ids=None, max_cache_len=None, progress=None, on_problem=None):
+    def __init__(self, config: ZayaConfig, prompt_ids, rsa: RSAConfig, *, template: TokenTemplate | None = None,
+                 tokenizer=None, extract: Callable[[str], str | None] = extract_boxed,
+                 max_cache_len: int | None = None, progress: Callable[[int, RSARound], None] | None = None,
+                 on_problem: Callable[[int, RSAResult], None] | None = None):
         if isinstance(prompt_ids, (str, bytes)):
             raise ValueError("prompt_ids must be token ids, not text: encode the question with a tokenizer")
+        if not isinstance(rsa, RSAConfig):
+            raise TypeError(f"rsa must be an RSAConfig, got {type(rsa).__name__}")
         single = len(prompt_ids) > 0 and np.ndim(prompt_ids[0]) == 0
         questions = [token_id_list(prompt_ids, "a question")] if single else [
             token_id_list(q, "a question") for q in prompt_ids]
-        final_budget = budget if final_budget is None else final_budget
-        check_search(config, questions, population=population, tails=tails, rounds=rounds, budget=budget,
-                     final_budget=final_budget, tail_tokens=tail_tokens, temperature=temperature, top_p=top_p)
+        check_questions(config, questions)
         if template is None:
             if tokenizer is None:
                 raise ValueError("markov_rsa needs a `template` (TokenTemplate) or a `tokenizer` to build the default one")
-            template = TokenTemplate.from_tokenizer(AggregationTemplate.default(tails), tails, tokenizer)
-        if len(template.headers) != tails:
-            raise ValueError(f"template has {len(template.headers)} candidate headers but tails={tails}")
-        self.config, self.questions, self.template = config, questions, template
+            template = TokenTemplate.from_tokenizer(AggregationTemplate.default(rsa.tails), rsa.tails, tokenizer)
+        if len(template.headers) != rsa.tails:
+            raise ValueError(f"template has {len(template.headers)} candidate headers but tails={rsa.tails}")
+        self.config, self.rsa, self.template = config, rsa, template
         # A tail is at most a whole candidate: tail_tokens >= budget is full-chain RSA, with tails no wider.
-        self.population, self.tails, self.rounds = population, tails, rounds
-        self.tail_tokens = min(tail_tokens, budget)
-        self.budget, self.final_budget = budget, final_budget
-        self.knobs = dict(temperature=temperature, top_p=top_p, stop_token_ids=stop_token_ids)
-        self.seed, self.tokenizer, self.extract = seed, tokenizer, extract
+        self.tail_tokens = min(rsa.tail_tokens, rsa.budget)
+        self.knobs = dict(temperature=rsa.temperature, top_p=rsa.top_p, stop_token_ids=rsa.stop_token_ids)
+        self.tokenizer, self.extract = tokenizer, extract
         self.progress, self.on_problem = progress, on_problem
-        self.rows = len(questions) * population
+        self.problems = [ProblemState(q) for q in questions]
+        self.rows = len(questions) * rsa.population
 
         context = config.max_position_embeddings if max_cache_len is None else min(max_cache_len,
                                                                                    config.max_position_embeddings)
-        self._pieces = _pieces(template, tails)
-        what, prompt, new = max((n for q in questions for n in context_needs(
-            template, len(q), tails=tails, rounds=rounds, budget=budget, final_budget=final_budget,
-            tail_tokens=tail_tokens)), key=lambda n: n[1] + n[2])
+        self._pieces = _pieces(template, rsa.tails)
+        what, prompt, new = max((n for q in questions for n in context_needs(template, len(q), rsa)),
+                                key=lambda n: n[1] + n[2])
         need = prompt + new
         if need > context:
             raise ValueError(f"budget beyond the context: {what} plus the new tokens need {need} tokens, more than "
-                             f"the maximum length {context} (budget={budget}, final_budget={final_budget}, "
-                             f"tail_tokens={tail_tokens}, tails={tails})")
+                             f"the maximum length {context} (budget={rsa.budget}, final_budget={rsa.final_budget}, "
+                             f"tail_tokens={rsa.tail_tokens}, tails={rsa.tails})")
         self.max_len = min(context, bucket(need, 16))
         self.need = need  # tokens the longest prompt and its new tokens take
-        self._problems: list[dict] = []
         # Per round, filled as rounds run (never sized by ``rounds`` up front): problems done, their parts.
         self._round_done: dict[int, int] = {}
         self._round_parts: dict[int, list[RSARound | None]] = {}
         self._t0 = self._last = 0.0
-        self.results: list[RSAResult | None] = [None] * len(questions)
 
     @property
     def done(self) -> bool:
-        return all(r is not None for r in self.results)
+        return all(p.result is not None for p in self.problems)
 
     def start(self, engine: Engine) -> None:
         if engine.max_len < self.need:  # refused now, not by a submit inside a later round's callback
@@ -358,66 +376,59 @@ class RSASearch:
                              f"engine's max_len is {engine.max_len}")
         self._engine, self._t0 = engine, time.perf_counter()
         self._last = self._t0
-        for p, q in enumerate(self.questions):
-            prompt = list(self.template.round0_prefix) + q + list(self.template.round0_suffix)
-            self._problems.append({"rounds": []})
-            self._submit(p, 0, [prompt] * self.population, None)
+        for p, problem in enumerate(self.problems):
+            prompt = list(self.template.round0_prefix) + problem.question + list(self.template.round0_suffix)
+            self._submit(p, 0, [prompt] * self.rsa.population, None)
 
     def _submit(self, p: int, t: int, prompts: list[list[int]], subsets) -> None:
-        state = {"t": t, "prompts": prompts, "subsets": subsets, "left": self.population,
-                 "start": time.perf_counter(), "requests": []}
-        self._problems[p]["current"] = state
-        keys = _round_keys(self.seed, t, self.population)
+        state = RoundState(t=t, prompts=prompts, subsets=subsets, left=self.rsa.population, start=time.perf_counter())
+        keys = _round_keys(self.rsa.seed, t, self.rsa.population)
         for i, prompt in enumerate(prompts):
-            state["requests"].append(self._engine.submit(
-                prompt, max_new_tokens=self._budget(t), key=keys[i],
+            state.requests.append(self._engine.submit(
+                prompt, max_new_tokens=self.rsa.round_budget(t), key=keys[i],
                 on_update=lambda r, _, p=p, state=state: r.done and self._member_done(p, state), **self.knobs))
 
-    def _member_done(self, p: int, state: dict) -> None:
-        state["left"] -= 1
-        if state["left"]:
+    def _member_done(self, p: int, state: RoundState) -> None:
+        state.left -= 1
+        if state.left:
             return
-        t, reqs = state["t"], state["requests"]
+        t, reqs, population = state.t, state.requests, self.rsa.population
         gen = [r.tokens[:-1] if r.stop_reason == "stop_token" else r.tokens for r in reqs]
-        width = bucket(self._budget(t), 16)
-        tokens = np.zeros((1, self.population, width), np.int32)
+        width = bucket(self.rsa.round_budget(t), 16)
+        tokens = np.zeros((1, population, width), np.int32)
         for i, g in enumerate(gen):
             tokens[0, i, : len(g)] = g
         gen_len = np.array([[len(g) for g in gen]], np.int32)
         tail_tok, tail_len = (np.asarray(a) for a in extract_tails(
             jnp.asarray(tokens[0]), jnp.asarray(gen_len[0]), self.tail_tokens))
         rnd = RSARound(candidates=[gen], stop_reasons=[[r.stop_reason for r in reqs]],
-                       tails=[[tail_tok[i, : tail_len[i]].tolist() for i in range(self.population)]],
-                       subsets=state["subsets"], prompts=[state["prompts"]],
-                       generated_tokens=sum(len(r.tokens) for r in reqs), seconds=time.perf_counter() - state["start"])
-        self._problems[p]["rounds"].append(rnd)
+                       tails=[[tail_tok[i, : tail_len[i]].tolist() for i in range(population)]],
+                       subsets=state.subsets, prompts=[state.prompts],
+                       generated_tokens=sum(len(r.tokens) for r in reqs), seconds=time.perf_counter() - state.start)
+        self.problems[p].rounds.append(rnd)
         self._round_finished(p, t, rnd)
-        if t < self.rounds:
+        if t < self.rsa.rounds:
             self._submit(p, t + 1, *self._aggregation_prompts(p, t + 1, tokens, gen_len))
         else:
             self._problem_finished(p)
 
     def _aggregation_prompts(self, p: int, t: int, tokens: np.ndarray, gen_len: np.ndarray):
         """Round ``t``'s prompts for problem ``p`` from its previous round's outputs ``tokens [1, N, G]``."""
-        q = self.questions[p]
+        q = self.problems[p].question
         question = np.zeros((1, bucket(len(q))), np.int32)
         question[0, : len(q)] = q
-        key = jax.random.fold_in(jax.random.fold_in(seed_key(self.seed), _SUBSET_SALT), t)
+        key = jax.random.fold_in(jax.random.fold_in(seed_key(self.rsa.seed), _SUBSET_SALT), t)
         prompts, lengths, subsets, _, _ = _aggregate_compiled(
             self._pieces, jnp.asarray(tokens), jnp.asarray(gen_len), jnp.asarray(question),
-            jnp.asarray([len(q)], jnp.int32), key, tau=self.tail_tokens, tails=self.tails)
+            jnp.asarray([len(q)], jnp.int32), key, tau=self.tail_tokens, tails=self.rsa.tails)
         rows, lens = np.asarray(prompts), np.asarray(lengths)
         L = rows.shape[1]
-        return [rows[i, L - lens[i]:].tolist() for i in range(self.population)], [np.asarray(subsets)[0].tolist()]
-
-    def _budget(self, t: int) -> int:
-        """New tokens per member in round ``t``."""
-        return self.final_budget if t == self.rounds else self.budget
+        return [rows[i, L - lens[i]:].tolist() for i in range(self.rsa.population)], [np.asarray(subsets)[0].tolist()]
 
     def _round_finished(self, p: int, t: int, rnd: RSARound) -> None:
-        self._round_parts.setdefault(t, [None] * len(self.questions))[p] = rnd
+        self._round_parts.setdefault(t, [None] * len(self.problems))[p] = rnd
         self._round_done[t] = self._round_done.get(t, 0) + 1
-        if self._round_done[t] == len(self.questions):
+        if self._round_done[t] == len(self.problems):
             parts = self._round_parts.pop(t)
             if self.progress is not None:
                 now = time.perf_counter()
@@ -425,23 +436,23 @@ class RSASearch:
                 self._last = now
 
     def _problem_finished(self, p: int) -> None:
-        rounds = self._problems[p]["rounds"]
-        final = rounds[-1].candidates[0]
+        problem = self.problems[p]
+        final = problem.rounds[-1].candidates[0]
         texts = [self.tokenizer.decode(c) for c in final] if self.tokenizer is not None else None
         answers = [self.extract(x) for x in (texts if texts is not None else final)]
-        self.results[p] = RSAResult(rounds=rounds, answers=[answers], majority=[majority(answers)],
-                                    texts=None if texts is None else [texts])
+        problem.result = RSAResult(rounds=problem.rounds, answers=[answers], majority=[majority(answers)],
+                                   texts=None if texts is None else [texts])
         if self.on_problem is not None:
-            self.on_problem(p, self.results[p])
+            self.on_problem(p, problem.result)
 
     @property
     def result(self) -> RSAResult:
         """Every problem's result together (problems in input order)."""
         if not self.done:
             raise RuntimeError("the search is still running: step its engine until `done`")
-        parts = self.results
+        parts = [p.result for p in self.problems]
         rounds = [_merge_rounds([r.rounds[t] for r in parts], sum(r.rounds[t].seconds for r in parts))
-                  for t in range(self.rounds + 1)]
+                  for t in range(self.rsa.rounds + 1)]
         texts = None if parts[0].texts is None else [r.texts[0] for r in parts]
         return RSAResult(rounds=rounds, answers=[r.answers[0] for r in parts],
                          majority=[r.majority[0] for r in parts], texts=texts)
@@ -456,19 +467,20 @@ def _merge_rounds(parts: list[RSARound], seconds: float) -> RSARound:
                     seconds=seconds)
 
 
-def context_needs(template: TokenTemplate, question_len: int, *, tails: int, rounds: int, budget: int,
-                  final_budget: int, tail_tokens: int) -> list[tuple[str, int, int]]:
+def context_needs(template: TokenTemplate, question_len: int, rsa: RSAConfig) -> list[tuple[str, int, int]]:
     """(what, prompt tokens, new tokens) at most of a question of ``question_len`` tokens: its round-0 prompt
     and, with rounds, its aggregation prompts as assembled (question and headers padded to their widths;
     tails of ``min(tail_tokens, budget)`` tokens: a tail is at most a whole candidate)."""
+    final = rsa.round_budget(rsa.rounds)
     needs = [("round 0's prompt", len(template.round0_prefix) + question_len + len(template.round0_suffix),
-              final_budget if rounds == 0 else budget)]
-    if rounds:
-        tau = min(tail_tokens, budget)
+              rsa.round_budget(0))]
+    if rsa.rounds:
+        tau = min(rsa.tail_tokens, rsa.budget)
         fixed = len(template.agg_prefix) + len(template.agg_middle) + len(template.agg_suffix) \
-            + tails * (_header_width(template) + len(template.separator))
-        needs.append((f"an aggregation prompt (question, template and {tails} tails of up to {tau} tokens)",
-                      fixed + bucket(question_len) + tails * tau, final_budget if rounds == 1 else max(budget, final_budget)))
+            + rsa.tails * (_header_width(template) + len(template.separator))
+        needs.append((f"an aggregation prompt (question, template and {rsa.tails} tails of up to {tau} tokens)",
+                      fixed + bucket(question_len) + rsa.tails * tau,
+                      final if rsa.rounds == 1 else max(rsa.budget, final)))
     return needs
 
 
@@ -492,20 +504,11 @@ def _pieces(template: TokenTemplate, tails: int) -> dict:
     return pieces
 
 
-def check_search(config, questions, *, population, tails, rounds, budget, final_budget, tail_tokens, temperature,
-                 top_p) -> None:
-    """Raises ValueError naming the first bad setting of a search over ``questions`` (token-id lists)."""
-    check_knobs(1, temperature=temperature, top_p=top_p)
+def check_questions(config: ZayaConfig, questions: Sequence[Sequence[int]]) -> None:
+    """Raises ValueError naming the first question (token-id list) a search cannot run: empty, or holding
+    ids outside the vocabulary. The settings are ``RSAConfig``'s to check."""
     if not questions or any(len(q) == 0 for q in questions):
         raise ValueError("every question needs at least one token")
     bad = sorted({t for q in questions for t in q if not 0 <= t < config.vocab_size})
     if bad:
         raise ValueError(f"question token id(s) {bad[:8]} outside the vocabulary [0, {config.vocab_size})")
-    for name, value in (("population", population), ("tails", tails), ("budget", budget),
-                        ("final_budget", final_budget), ("tail_tokens", tail_tokens)):
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not isinstance(rounds, (int, np.integer)) or rounds < 0:
-        raise ValueError(f"rounds must be a non-negative integer, got {rounds!r}")
-    if tails > population:
-        raise ValueError(f"tails ({tails}) cannot exceed population ({population}): tails are drawn without replacement")

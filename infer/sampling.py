@@ -157,3 +157,13 @@ def sample(logits: Array, params: SamplingParams, keys: Array) -> Array:
     drawn = jax.lax.cond(jnp.any(hot), draw, lambda: greedy)
     return jnp.where(hot, drawn, greedy)
 
+
+
+def mask_tokens(logits: Array, bitmask: Array) -> Array:
+    """``logits`` [B, V] with the tokens ``bitmask`` [B, ceil(V / 32)] int32 disallows set to -inf: token ``v``
+    is allowed when bit ``v % 32`` of word ``v // 32`` is set (the layout grammar libraries fill; -1 words
+    allow all)."""
+    V = logits.shape[-1]
+    v = jnp.arange(V)
+    allowed = (jnp.right_shift(bitmask[:, v // 32], v % 32) & 1).astype(bool)
+    return jnp.where(allowed, logits, -jnp.inf)

@@ -93,6 +93,16 @@ class SamplingKnobs:
     prompt_logprobs: int | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class PenaltyKnobs:
+    """One request's presence and frequency penalties and logit bias, as (token id, bias) pairs (validated by
+    ``penalties.check_penalty`` and ``check_logit_bias``)."""
+
+    presence: float = 0.0
+    frequency: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+
 @dataclasses.dataclass(eq=False)
 class Request:
     """One generation request and its output so far.
@@ -106,6 +116,8 @@ class Request:
     (the model's log-probs, see ``zaya_jax.infer.logprobs``). With ``sampling.prompt_logprobs``:
     prompt_logprobs, set once prefilled, None for the first prompt token and a ``TokenLogprob`` for each
     other. max_new_tokens may be 0 with prompt_logprobs: the prompt is scored and nothing emitted.
+    penalties: its presence / frequency penalties and logit bias; matcher: the parser of its grammar
+    (``constraints.Grammar.matcher()``), which decides the tokens it may emit next, or None.
     """
 
     id: int
@@ -122,6 +134,8 @@ class Request:
     routes: np.ndarray | None = None
     token_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    penalties: PenaltyKnobs = PenaltyKnobs()
+    matcher: object | None = None
 
     @property
     def done(self) -> bool:
@@ -146,6 +160,8 @@ class PoolSizes:
     prefill_tokens: int
     max_stop_ids: int
     record: bool
+    penalties: bool = False  # the pool keeps penalty knobs and generated-token counts
+    max_logit_bias: int = 0  # logit-bias entries per request (with penalties)
 
     def prompt_bucket(self, n: int) -> int:
         """The prefill cache length of an ``n``-token prompt."""

@@ -290,11 +290,9 @@ def test_resume_after_kill_gives_the_same_summary(tmp_path):
 def test_aggregation_template_follows_the_demo_model_or_mode(tmp_path):
     """A model trained from the demo model (zaya rl's output) aggregates with the demo template under
     --mode demo; any other model with the default one."""
-    import argparse
+    from zaya_jax.infer.rsa_modes import mode_template, template_kind
 
-    from zaya_jax.infer.rsa_cli import mode_template, template_kind
-
-    kind = lambda model, mode: mode_template(argparse.Namespace(model=model, mode=mode))  # noqa: E731
+    kind = mode_template
     assert kind(DEFAULT_MODEL_DIR, None) == "demo" and kind(DEFAULT_MODEL_DIR, "light") == "demo"
     assert kind(str(tmp_path / "rl" / "model"), "demo") == "demo"
     assert kind(str(tmp_path / "rl" / "model"), None) == "default" and kind(str(tmp_path), "light") == "default"

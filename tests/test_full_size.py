@@ -19,7 +19,7 @@ import torch
 import transformers
 
 import zaya_jax
-from zaya_jax import convert, host, synthetic
+from zaya_jax import convert, host, narrow, quant, synthetic
 from zaya_jax.formats.checksums import verify
 from zaya_jax.infer import decode
 
@@ -88,11 +88,20 @@ def test_aligned_host_buffer_becomes_jax_array_without_copy():
         assert out.unsafe_buffer_pointer() == buf.ctypes.data
 
 
-def test_inference_programs_do_not_hoist_float32_weight_copies():
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_inference_programs_do_not_hoist_float32_weight_copies(quantize, monkeypatch):
     """XLA:CPU upcasts bf16 dots to f32; hoisted out of the layer scan / decode loop, those converts
-    would hold a float32 copy of the weights (2x their bf16 bytes) for the whole program."""
+    would hold a float32 copy of the weights (2x their bf16 bytes, 4x their int8 bytes) for the whole
+    program. Quantized weights are dequantized inside each step the same way. Row blocks of 1 MiB: the
+    default 8 MiB block of float32 would hold this small model's whole (int8) embedding at once."""
+    monkeypatch.setattr(narrow, "CONVERT_BLOCK_BYTES", 1 << 20)
     config = SMALL.replace(vocab_size=8192, hidden_size=256, moe_intermediate_size=256, num_experts=8)
-    params = jax.eval_shape(lambda: zaya_jax.init(config, jax.random.key(0), jnp.bfloat16))
+
+    def make():
+        params = zaya_jax.init(config, jax.random.key(0), jnp.bfloat16)
+        return quant.quantize_params(params, quantize) if quantize else params
+
+    params = jax.eval_shape(make)
     B, S, T = 1, 16, 32
     cache = jax.eval_shape(lambda: zaya_jax.init_cache(config, B, S, jnp.bfloat16))
     prefill = decode.prefill_chunk_compiled.lower(params, config, cache, jnp.zeros((B, S), jnp.int32),

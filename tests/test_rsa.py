@@ -1,5 +1,6 @@
 """Markov RSA on a small random model: structure, reproducibility, accounting, special cases, errors."""
 
+import dataclasses
 import tracemalloc
 
 import jax
@@ -69,8 +70,9 @@ def test_token_accounting(run):
 
 
 def test_same_seed_reproduces(params, run):
-    again = rsa.markov_rsa(params, CONFIG, QUESTIONS, population=N, tails=C, rounds=T, budget=BUDGET,
-                           tail_tokens=TAU, template=TEMPLATE, seed=11)
+    """The same search again, its settings as an RSAConfig (the keyword form above is the stable one)."""
+    settings = rsa.RSAConfig(population=N, tails=C, rounds=T, budget=BUDGET, tail_tokens=TAU, seed=11)
+    again = rsa.markov_rsa(params, CONFIG, QUESTIONS, settings, template=TEMPLATE)
     assert [r.candidates for r in again.rounds] == [r.candidates for r in run.rounds]
     assert [r.subsets for r in again.rounds] == [r.subsets for r in run.rounds]
     other = rsa.markov_rsa(params, CONFIG, QUESTIONS, population=N, tails=C, rounds=T, budget=BUDGET,
@@ -114,6 +116,26 @@ def test_impossible_settings(params, kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         rsa.markov_rsa(params, CONFIG, QUESTIONS[0], **args)
+
+
+def test_rsa_config_presets_and_checks():
+    """The report's APEX presets (Table XIII) by constructor and by name, overrides, and refusals naming the
+    field: a bool is not an integer (``population=True`` once ran a population of one)."""
+    light, high, extra = rsa.RSAConfig.report_light(), rsa.RSAConfig.report_high(), rsa.RSAConfig.report_extra_high()
+    assert light.knobs == dict(population=16, tails=4, rounds=2, budget=8192, tail_tokens=4096)
+    assert high.knobs == dict(population=16, tails=4, rounds=8, budget=16384, tail_tokens=4096)
+    assert extra.knobs == dict(population=32, tails=4, rounds=8, budget=32768, tail_tokens=4096)
+    assert rsa.RSAConfig.preset("light", budget=512) == dataclasses.replace(light, budget=512)
+    assert light.round_budget(2) == 8192 and rsa.RSAConfig.report_light(final_budget=5).round_budget(2) == 5
+    assert rsa.RSAConfig.report_light(stop_token_ids=[3, 4]).stop_token_ids == (3, 4)
+    with pytest.raises(ValueError, match="unknown rsa mode 'medium'"):
+        rsa.RSAConfig.preset("medium")
+    for field, value in [("population", True), ("tails", 2.0), ("rounds", False), ("rounds", -1), ("budget", 0),
+                         ("tail_tokens", None), ("final_budget", True), ("seed", True), ("seed", 2**63),
+                         ("temperature", float("nan")), ("top_p", 0.0), ("stop_token_ids", "34"),
+                         ("stop_token_ids", [3, -1])]:
+        with pytest.raises(ValueError, match=field):
+            rsa.RSAConfig.report_light(**{field: value})
 
 
 def test_questions_and_engine_checked_before_any_round(params):
@@ -216,18 +238,18 @@ def test_full_chain_tails_and_budget_messages(params):
         rsa.markov_rsa(params, CONFIG, QUESTIONS[0], tail_tokens=4, final_budget=10**9, **args)
     # zaya eval's check (which names the data line) sizes prompts as the search does: it accepts what ran above.
     problem = Problem(index=0, id="0", question="q", answer="1", line=7)
-    knobs = dict(tails=3, rounds=1, budget=6, final_budget=6, tail_tokens=10**6)
-    check_context([problem], [QUESTIONS[0]], TEMPLATE, knobs, CONFIG.max_position_embeddings, "f.jsonl")
+    ran = rsa.RSAConfig(population=4, tails=3, rounds=1, budget=6, tail_tokens=10**6)
+    check_context([problem], [QUESTIONS[0]], TEMPLATE, ran, CONFIG.max_position_embeddings, "f.jsonl")
     with pytest.raises(ValueError, match="f.jsonl:7: an aggregation prompt .* more than the model's context"):
-        check_context([problem], [QUESTIONS[0]], TEMPLATE, dict(knobs, final_budget=10**9),
+        check_context([problem], [QUESTIONS[0]], TEMPLATE, dataclasses.replace(ran, final_budget=10**9),
                       CONFIG.max_position_embeddings, "f.jsonl")
 
 
 def test_rounds_are_not_allocated_up_front():
     """Per-round state grows as rounds run: a search of 10**7 rounds starts in the memory of one (it took ~1 GB)."""
     tracemalloc.start()
-    search = rsa.RSASearch(CONFIG, QUESTIONS[0], population=4, tails=3, rounds=10**7, budget=6, tail_tokens=4,
-                           template=TEMPLATE)
+    search = rsa.RSASearch(CONFIG, QUESTIONS[0], rsa.RSAConfig(population=4, tails=3, rounds=10**7, budget=6,
+                                                               tail_tokens=4), template=TEMPLATE)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert search.rounds == 10**7 and peak < 10 * 2**20
+    assert search.rsa.rounds == 10**7 and peak < 10 * 2**20

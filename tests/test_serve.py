@@ -1,8 +1,10 @@
-"""`zaya serve` through the official openai client: outputs equal `generate` / `markov_rsa`, streaming,
-n samples, stop strings, concurrency, and a client that disconnects mid-stream."""
+"""`zaya serve` through the official openai client: outputs equal `generate` / `markov_rsa` / the engine,
+streaming, n samples, stop strings, penalties and logit bias, structured output (every text valid against
+its schema), concurrency, and a client that disconnects mid-stream."""
 
 import concurrent.futures
 import json
+import re
 
 import httpx
 import pytest
@@ -14,12 +16,15 @@ from serve_util import demo_server, wait_for  # noqa: E402
 
 from zaya_jax import load  # noqa: E402
 from zaya_jax.demo import DEFAULT_MODEL_DIR, arith, data  # noqa: E402
-from zaya_jax.infer import generate, markov_rsa  # noqa: E402
+from zaya_jax.infer import Engine, generate, markov_rsa  # noqa: E402
 from zaya_jax.infer.rsa import TokenTemplate  # noqa: E402
 from zaya_jax.infer.tokenizer import Tokenizer  # noqa: E402
 
 SLOTS = 8
 MODEL = "zaya-demo"
+SCHEMA = {"type": "object", "properties": {"sum": {"type": "integer", "minimum": 0, "maximum": 999},
+                                           "unit": {"enum": ["cm", "km"]}},
+          "required": ["sum", "unit"], "additionalProperties": False}
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +120,71 @@ def test_stop_strings_cut_the_text_as_openai_does(client):
     assert stopped.choices[0].text == out.choices[0].text[: out.choices[0].text.index(cut)]
 
 
+def text_and_finish(client, question, stream, **kwargs) -> list[tuple[str, str]]:
+    """Each choice's (text, finish_reason) of a chat request, streamed (deltas joined) or not."""
+    if not stream:
+        return [(c.message.content, c.finish_reason) for c in ask(client, question, **kwargs).choices]
+    texts, finish = {}, {}
+    for chunk in ask(client, question, stream=True, **kwargs):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            finish[c.index] = c.finish_reason or finish.get(c.index)
+    return [(texts[i], finish[i]) for i in sorted(texts)]
+
+
+def test_penalties_and_logit_bias_equal_the_engine(client, model):
+    config, params, tok = model
+    equals = tok.tokenizer.token_to_id("=")
+    knobs = dict(presence_penalty=1.5, frequency_penalty=0.5, logit_bias={equals: -100})
+    engine = Engine(params, config, slots=1, max_len=128, decode_steps=8)
+    out = engine.generate([chat_ids(tok, "47+85+26")], max_new_tokens=40, **knobs)
+    want = tok.decode(out.tokens[0][:-1] if out.stop_reasons[0] == "stop_token" else out.tokens[0],
+                      skip_special_tokens=True)
+    assert "=" not in want
+    for stream in (False, True):
+        body = dict(knobs, logit_bias={str(equals): -100})
+        got = text_and_finish(client, "47+85+26", stream, max_tokens=40, temperature=0, **body)
+        assert got[0][0] == want
+        forced = text_and_finish(client, "47+85+26", stream, max_tokens=8, temperature=1.0,
+                                 logit_bias={str(tok.tokenizer.token_to_id("7")): 100})
+        assert forced == [("7" * 8, "length")]
+
+
+def test_response_format_outputs_validate_against_the_schema(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema_format = {"type": "json_schema", "json_schema": {"name": "sum", "schema": SCHEMA, "strict": True}}
+    for stream in (False, True):
+        choices = text_and_finish(client, "47+85+26", stream, n=3, seed=1, temperature=1.0, max_tokens=64,
+                                  response_format=schema_format)
+        assert len(choices) == 3 and {f for _, f in choices} == {"stop"}
+        for text, _ in choices:
+            jsonschema.validate(json.loads(text), SCHEMA)
+        (text, finish), = text_and_finish(client, "12+34", stream, temperature=0, max_tokens=64,
+                                          response_format={"type": "json_object"})
+        assert finish == "stop" and isinstance(json.loads(text), dict)
+    # Cut by max_tokens: "length", and the text is the start of what the schema allows.
+    (text, finish), = text_and_finish(client, "47+85+26", False, temperature=0, max_tokens=3,
+                                      response_format=schema_format)
+    assert (text, finish) == ('{"s', "length")
+
+
+@pytest.mark.parametrize("kwargs, param, message", [
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "look", "schema": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=x)y"}}}}}),
+     "response_format", "cannot compile the schema 'look'"),
+    (dict(response_format={"type": "json_object"}, extra_body={"ignore_eos": True}), "ignore_eos", "ignore_eos"),
+    (dict(presence_penalty=2.5), "presence_penalty", "less than or equal to 2"),
+    (dict(logit_bias={"x": 1}), "logit_bias", "token ids"),
+    (dict(logit_bias={"5": 150}), "logit_bias", r"logit_bias of token 5 must be a number in \[-100, 100\]"),
+    (dict(logit_bias={"5000": 1}), "logit_bias", "not a token id in the vocabulary"),
+])
+def test_bad_penalties_and_formats_are_400s_naming_them(client, kwargs, param, message):
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "1+2", max_tokens=4, **kwargs)
+    assert e.value.status_code == 400 and e.value.body["param"] == param
+    assert re.search(message, e.value.body["message"])
+
+
 def _health(url):
     return httpx.get(f"{url}/health", timeout=10).json()
 
@@ -141,7 +211,7 @@ def test_disconnect_frees_slots_and_64_concurrent_requests_equal_each_alone(url,
             s.__exit__(None, None, None)
     # The slots are freed at once, by cancelling. Under load a stream may reach its 900 tokens before its client
     # leaves (each was read only until its first text); every request is still accounted for exactly once.
-    assert wait_for(lambda: _idle(_health(url)), timeout=15)
+    assert wait_for(lambda: _idle(_health(url)), timeout=60)
     after = _health(url)["finished"]
     ended = {reason: n - before.get(reason, 0) for reason, n in after.items() if n != before.get(reason, 0)}
     assert ended.get("cancelled", 0) >= 1 and sum(ended.values()) == SLOTS, ended

@@ -1,5 +1,6 @@
 """The serve driver thread and the jobs on it, against scripted engines: what /health's load says while a
-step runs, a failing engine, and work that fails to start without stopping the driver."""
+step runs, a failing engine, work that fails to start without stopping the driver, and the rows a
+disconnected request holds until the engine has finished its work."""
 
 import asyncio
 import threading
@@ -9,7 +10,7 @@ import pytest
 from serve_util import wait_for
 
 from zaya_jax.infer.serve.driver import Driver, Steppable
-from zaya_jax.infer.serve.jobs import generate_choices, run_rsa
+from zaya_jax.infer.serve.jobs import ClientGone, Reservation, generate_choices, run_rsa
 from zaya_jax.infer.serve.protocol import APIError
 
 
@@ -147,4 +148,111 @@ def test_an_rsa_search_that_fails_to_start_is_a_400_and_the_driver_lives_on():
         _drain(driver)
         assert driver.failure is None
     finally:
+        driver.close()
+
+
+class SteppedEngine:
+    """Requests run until cancelled, and a cancel takes effect at the next step (as ``Engine.cancel`` of a
+    running request); each step waits for a go from the test."""
+
+    waiting = 0
+
+    def __init__(self):
+        self.live, self.cancels, self.stepping, self.go = [], [], threading.Semaphore(0), threading.Semaphore(0)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.cancels)
+
+    @property
+    def running(self) -> int:
+        return len(self.live)
+
+    def stats(self) -> dict:
+        return {}
+
+    def submit(self, prompt, *, on_update, **knobs):
+        request = types.SimpleNamespace(done=False, stop_reason=None, on_update=on_update)
+        self.live.append(request)
+        return request
+
+    def cancel(self, request) -> None:
+        self.cancels.append(request)
+
+    def step(self) -> None:
+        self.stepping.release()
+        assert self.go.acquire(timeout=30)
+        cancels, self.cancels = self.cancels, []
+        for request in cancels:
+            self.live.remove(request)
+            request.done, request.stop_reason = True, "cancelled"
+            request.on_update(request, [])
+
+
+class TwoRoundSearch:
+    """What ``run_rsa`` needs of an ``RSASearch``: round 1 is submitted once round 0 is over, however it
+    ended (as a cancelled search runs its rounds out)."""
+
+    progress = on_problem = None
+
+    def __init__(self, population: int = 2):
+        self.population, self.round, self.done = population, 0, False
+
+    def start(self, engine) -> None:
+        self.engine = engine
+        self.submit_round()
+
+    def submit_round(self) -> None:
+        self.left = self.population
+        for _ in range(self.population):
+            self.engine.submit([5, 6], on_update=self.member_done)
+
+    def member_done(self, request, new) -> None:
+        if not request.done:
+            return
+        self.left -= 1
+        if self.left == 0 and self.round == 0:
+            self.round = 1
+            self.submit_round()
+        elif self.left == 0:
+            self.done = True
+            self.on_problem(0, "result")
+
+
+@pytest.mark.parametrize("job", ["generate", "rsa"])
+def test_a_disconnected_request_holds_its_rows_until_the_engine_has_finished_them(job):
+    """The server's in_flight (the reservation) stays counted while the engine still runs a request whose client
+    left: a running request's cancel takes effect at the next step, and a cancelled search submits its next round
+    (cancelled in turn) at that step."""
+    engine = SteppedEngine()
+    driver = Driver(engine)
+    driver.start()
+
+    async def scenario():
+        released = asyncio.Event()
+        held = Reservation(released.set)
+
+        async def gone():
+            return bool(engine.live)  # the client leaves once its requests are in the engine
+
+        events = (generate_choices(driver, [[5, 6]], 2, knobs={}, seed=0, stops=[], decode=str, disconnected=gone,
+                                   reservation=held) if job == "generate" else
+                  run_rsa(driver, TwoRoundSearch(), gone, reservation=held))
+        with pytest.raises(ClientGone):
+            async for _ in events:
+                pass
+        held.drop()  # the handler's response has ended
+        for _ in range(2 if job == "rsa" else 1):  # rsa: round 1, submitted at the first step, ends at the second
+            assert await asyncio.to_thread(engine.stepping.acquire, timeout=10)
+            await asyncio.sleep(0.05)  # time for a release the driver might have handed the loop
+            assert not released.is_set() and engine.live
+            engine.go.release()
+        await asyncio.wait_for(released.wait(), timeout=10)
+        assert not engine.live
+
+    try:
+        asyncio.run(scenario())
+        assert driver.failure is None
+    finally:
+        engine.go.release(8)
         driver.close()

@@ -1,5 +1,5 @@
-"""`zaya train` and what it finds: an --out holding other outputs, a changed data file on
---resume, text data with the default model, a --seq-len beyond the context."""
+"""`zaya train` and what it finds: an --out holding other outputs or written by another run, a changed
+data file on --resume, text data with the default model, a --seq-len beyond the context."""
 
 import dataclasses
 import json
@@ -12,6 +12,7 @@ import time
 import pytest
 
 from zaya_jax.cli import main
+from zaya_jax.outputs import OutputLock
 from zaya_jax.train import loop
 
 
@@ -62,6 +63,26 @@ def test_out_never_holds_the_runs_data_or_model(tmp_path, capsys, command):
     assert main(argv) == 2
     assert f"is the same directory as --model {out / 'model'}" in capsys.readouterr().err
     assert data.exists() and (out / "model" / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("command", ["train", "rl"])
+def test_one_run_writes_an_out_at_a_time(tmp_path, capsys, command):
+    """Another run's lock on --out refuses the command before anything is written, and a run holds the lock
+    (``loop.open_out``) until it ends, ``--resume`` included."""
+    out, data = tmp_path / "out", tmp_path / "data.jsonl"
+    out.mkdir()
+    data.write_text(json.dumps({"question": "1+1", "answer": "2", "text": "1+1=2"}) + "\n")
+    with OutputLock(str(out), "--out"):  # another process's run, as far as flock goes
+        assert main([command, "--data", str(data), "--out", str(out), "--steps", "1", "--no-progress"]) == 2
+    assert f"--out {out} is being written by another run (it holds the lock): one writer per output" in \
+        capsys.readouterr().err
+    assert os.listdir(out) == []
+    settings = {"data": {"data": str(data)}}
+    with loop.open_out(str(out), settings, resume=False):
+        assert os.listdir(out) == ["run.json"]
+        with pytest.raises(ValueError, match="being written by another run"):
+            loop.open_out(str(out), settings, resume=True)
+    loop.open_out(str(out), settings, resume=True).close()  # the run is over: the directory is free
 
 
 def test_ctrl_c_ends_a_run_with_130_and_no_traceback(tmp_path, text_data):

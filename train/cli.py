@@ -30,14 +30,17 @@ def from_args(cls, args, **given):
 
 
 def check_run_out(args) -> None:
-    """Refuses an ``--out`` where a run would write (or ``--force`` delete) its ``--data`` or ``--model``."""
+    """Refuses an ``--out`` where a run would write (or ``--force`` delete) its ``--data`` or ``--model``, and
+    one that another run is writing (before the model loads; the run itself holds the lock, ``loop.open_out``)."""
     from zaya_jax.demo import DEFAULT_MODEL_DIR
-    from zaya_jax.outputs import check_outputs
+    from zaya_jax.outputs import OutputLock, check_outputs
 
     from .loop import OUTPUTS
 
     check_outputs({f"--out's {name}": os.path.join(args.out, name) for name in OUTPUTS},
                   {"--data": args.data, "--model": args.model or DEFAULT_MODEL_DIR})
+    if os.path.isdir(args.out):
+        OutputLock(args.out, "--out").close()
 
 
 def closing_figure(value, digits: int = 4) -> str:

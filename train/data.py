@@ -96,19 +96,16 @@ def text_example(text: str, tokenizer: Tokenizer, eos: int | None) -> Example:
     return Example(np.asarray(ids, np.int32), np.ones(len(ids), np.int32))
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON true/false are not ids
-
 
 def ids_example(record: dict, vocab_size: int) -> Example:
     ids = record["input_ids"]
     mask = record.get("loss_mask", [1] * len(ids) if isinstance(ids, list) else None)
-    if not (isinstance(ids, list) and all(_is_int(i) for i in ids)):
+    if not (isinstance(ids, list) and all(is_integer(i) for i in ids)):
         raise DataError("'input_ids' must be a list of integers")
     bad = next((i for i in ids if not 0 <= i < vocab_size), None)
     if bad is not None:
         raise DataError(f"token id {bad} outside the vocabulary [0, {vocab_size})")
-    if not (isinstance(mask, list) and len(mask) == len(ids) and all(_is_int(v) and v in (0, 1) for v in mask)):
+    if not (isinstance(mask, list) and len(mask) == len(ids) and all(is_integer(v) and v in (0, 1) for v in mask)):
         raise DataError("'loss_mask' must be a list of 0/1 as long as 'input_ids'")
     return Example(np.asarray(ids, np.int32), np.asarray(mask, np.int32))
 

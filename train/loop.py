@@ -3,6 +3,9 @@
 Output directory::
 
     run.json          the run's settings; a resume must match them exactly
+
+A run holds an exclusive lock on the directory (``zaya_jax.outputs.OutputLock``) from its first check of
+it to its end: a second run on the same directory is refused, ``--resume`` and ``--force`` included.
     checkpoints/      orbax CheckpointManager steps (state + data position)
     metrics.jsonl     one line per step
     model/            the trained model, a `zaya convert`-style directory (zaya_jax.load / zaya export)
@@ -24,10 +27,11 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from zaya_jax import checkpoint, dtypes
+from zaya_jax import checkpoint, dtypes, quant
 from zaya_jax.config import ZayaConfig
 from zaya_jax.memory import check_fits
 from zaya_jax.model import cast_params
+from zaya_jax.outputs import OutputLock
 
 from . import checkpoints
 from .data import Batches
@@ -152,6 +156,23 @@ def prepare_out(out: str, settings: dict, resume: bool, force: bool = False, def
         json.dump(settings, f, indent=2)
 
 
+def open_out(out: str, settings: dict, resume: bool, force: bool = False, defaults: dict | None = None
+             ) -> OutputLock:
+    """``prepare_out`` under an exclusive lock on ``out``, returned held (release it when the run ends):
+    one run writes a directory at a time. A missing ``out`` is made first, unless resuming (which needs
+    the run's directory, and so is refused by ``prepare_out`` with nothing made)."""
+    if resume and not os.path.isdir(out):
+        prepare_out(out, settings, resume, force, defaults)
+    os.makedirs(out, exist_ok=True)
+    lock = OutputLock(out, "--out")
+    try:
+        prepare_out(out, settings, resume, force, defaults)
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
 def truncate_log(file: str, last_step: int) -> None:
     """Keeps the log lines of steps up to ``last_step`` (those a resumed run does not redo); a line this
     program did not write is refused by file:line, before anything is rewritten."""
@@ -205,65 +226,66 @@ def train(config: ZayaConfig, params: dict, batches: Batches, tcfg: TrainConfig,
     Returns the final state; with ``save_model`` the trained params are written to ``out/model`` in the
     dtype ``params`` came in, with the tokenizer files of the model directory ``assets_from``.
     """
+    quant.require_float(params, "training")
     settings = {"train": dataclasses.asdict(tcfg), "run": {k: v for k, v in dataclasses.asdict(run).items()
                                                            if k not in ("save_every", "keep")},
                 "data": data_settings or {}}
     check_fits(step_memory_floor(config, tcfg, run), jax.devices() if mesh is None else mesh.devices.flat,
                f"a train step of {run.batch_size:,} x {run.seq_len:,} tokens")
-    prepare_out(out, settings, resume, force, setting_defaults(train=TrainConfig, run=RunConfig))
-    model_dtype = params["embed"].dtype
-    state = init_state(params, tcfg)
-    del params
-    shard = Sharded(mesh, config, state, tcfg, run.batch_size) if mesh is not None else None
-    if shard is not None:
-        state = jax.device_put(state, shard.state)
+    with open_out(out, settings, resume, force, setting_defaults(train=TrainConfig, run=RunConfig)):
+        model_dtype = params["embed"].dtype
+        state = init_state(params, tcfg)
+        del params
+        shard = Sharded(mesh, config, state, tcfg, run.batch_size) if mesh is not None else None
+        if shard is not None:
+            state = jax.device_put(state, shard.state)
 
-    mngr = checkpoints.manager(os.path.join(out, "checkpoints"), save_every=run.save_every, keep=run.keep,
-                               asynchronous=mesh is None or mesh.size == 1)
-    start = 0
-    log_file = os.path.join(out, "metrics.jsonl")
-    if resume:
-        state, data_state, start = checkpoints.restore(mngr, state)
-        batches.restore(data_state)
-        truncate_log(log_file, start)
+        mngr = checkpoints.manager(os.path.join(out, "checkpoints"), save_every=run.save_every, keep=run.keep,
+                                   asynchronous=mesh is None or mesh.size == 1)
+        start = 0
+        log_file = os.path.join(out, "metrics.jsonl")
+        if resume:
+            state, data_state, start = checkpoints.restore(mngr, state)
+            batches.restore(data_state)
+            truncate_log(log_file, start)
 
-    step_fn = (make_train_step(config, tcfg) if shard is None else
-               make_train_step(config, tcfg, state_sharding=shard.state, batch_sharding=shard.batch,
-                               metrics_sharding=shard.metrics))
-    bar = tqdm(total=run.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    pending = None  # (step, metrics) dispatched but not yet read
-    with open(log_file, "a") as log, (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
-        last = time.perf_counter()
+        step_fn = (make_train_step(config, tcfg) if shard is None else
+                   make_train_step(config, tcfg, state_sharding=shard.state, batch_sharding=shard.batch,
+                                   metrics_sharding=shard.metrics))
+        bar = tqdm(total=run.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+        pending = None  # (step, metrics) dispatched but not yet read
+        with open(log_file, "a") as log, (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+            last = time.perf_counter()
 
-        def flush():
-            nonlocal last
-            step_no, metrics = pending
-            jax.block_until_ready(metrics)
-            now = time.perf_counter()
-            record = _metrics_record(step_no, metrics, now - last)
-            last = now
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                            tok_s=f"{record['tokens_per_s']:.0f}")
+            def flush():
+                nonlocal last
+                step_no, metrics = pending
+                jax.block_until_ready(metrics)
+                now = time.perf_counter()
+                record = _metrics_record(step_no, metrics, now - last)
+                last = now
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
 
-        for step_no in range(start + 1, run.steps + 1):
-            batch = next(batches)
-            if shard is not None:
-                batch = jax.device_put(batch, shard.batch)
-            state, metrics = step_fn(state, batch)
+            for step_no in range(start + 1, run.steps + 1):
+                batch = next(batches)
+                if shard is not None:
+                    batch = jax.device_put(batch, shard.batch)
+                state, metrics = step_fn(state, batch)
+                if pending is not None:
+                    flush()
+                pending = (step_no, metrics)
+                if shard is not None and mngr.should_save(step_no):
+                    jax.block_until_ready(state)  # see checkpoints.manager: no collectives in flight during a save
+                checkpoints.save(mngr, step_no, state, batches.state(), force=step_no == run.steps)
             if pending is not None:
                 flush()
-            pending = (step_no, metrics)
-            if shard is not None and mngr.should_save(step_no):
-                jax.block_until_ready(state)  # see checkpoints.manager: no collectives in flight during a save
-            checkpoints.save(mngr, step_no, state, batches.state(), force=step_no == run.steps)
-        if pending is not None:
-            flush()
-    bar.close()
-    finish(mngr, config, state, model_dtype, out, save_model, assets_from)
-    return state
+        bar.close()
+        finish(mngr, config, state, model_dtype, out, save_model, assets_from)
+        return state
 
 
 def finish(mngr, config: ZayaConfig, state: TrainState, model_dtype, out: str, save_model: bool,

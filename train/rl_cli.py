@@ -19,9 +19,8 @@ RL_OPTIMIZER = {"learning_rate": 1e-6, "warmup_steps": 0, "final_lr_ratio": 1.0,
 def _rl_command(args) -> int:
     from zaya_jax.cli import resolve_model
     from zaya_jax.demo import DEFAULT_MODEL_DIR
-    from zaya_jax.infer.eval_cli import token_template
     from zaya_jax.infer.evaluate import apply_prompt_template, read_dataset
-    from zaya_jax.infer.rsa_cli import template_kind
+    from zaya_jax.infer.rsa_modes import template_kind, token_template
     from zaya_jax.infer.tokenizer import Tokenizer
 
     from . import data, loop, rewards, rl_loop

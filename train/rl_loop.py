@@ -36,20 +36,22 @@ import json
 import math
 import os
 import time
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from zaya_jax import dtypes
+from zaya_jax import dtypes, quant
 from zaya_jax.config import ZayaConfig
 from zaya_jax.infer.engine import Engine
-from zaya_jax.infer.rsa import markov_rsa
+from zaya_jax.infer.rsa import TokenTemplate, markov_rsa
+from zaya_jax.infer.rsa_config import RSAConfig
 from zaya_jax.model import cast_params
 
 from . import checkpoints, grpo, loss, rollout
-from .loop import Sharded, finish, prepare_out, setting_defaults, truncate_log
+from .loop import Sharded, finish, open_out, setting_defaults, truncate_log
 from .step import TrainConfig, full_params, init_state, make_train_step
 
 TASKS = ("solve", "aggregate")
@@ -126,9 +128,9 @@ class Task:
 
     questions: list[list[int]]
     answers: list[str]
-    template: object
-    decode: object
-    verify: object
+    template: TokenTemplate
+    decode: Callable[[Sequence[int]], str]
+    verify: Callable[[str, str], float]
     stop_token_ids: tuple[int, ...] | None = None
 
     def round0_prompt(self, i: int) -> list[int]:
@@ -158,7 +160,7 @@ def step_problems(n: int, rcfg: RLConfig, step: int) -> list[int]:
 
 
 def step_seed(rcfg: RLConfig, step: int) -> int:
-    """An int seed of its own for each step (``markov_rsa`` takes ints)."""
+    """An int seed of its own for each step (``RSAConfig.seed`` is an int)."""
     return int(np.random.default_rng([rcfg.seed, step, 0x52534147]).integers(2 ** 31))
 
 
@@ -169,10 +171,11 @@ def make_rollouts(engine: Engine, task: Task, rcfg: RLConfig, step: int):
     if rcfg.task == "solve":
         prompts, answers = [task.round0_prompt(i) for i in ids], [task.answers[i] for i in ids]
     else:
-        search = markov_rsa(engine.params, engine.config, [task.questions[i] for i in ids], population=rcfg.population,
-                            tails=rcfg.tails, rounds=1, budget=rcfg.max_new_tokens, tail_tokens=rcfg.tail_tokens,
-                            final_budget=1, temperature=rcfg.temperature, seed=step_seed(rcfg, step),
-                            template=task.template, stop_token_ids=task.stop_token_ids, engine=engine)
+        rsa = RSAConfig(population=rcfg.population, tails=rcfg.tails, rounds=1, budget=rcfg.max_new_tokens,
+                        tail_tokens=rcfg.tail_tokens, final_budget=1, temperature=rcfg.temperature,
+                        seed=step_seed(rcfg, step), stop_token_ids=task.stop_token_ids)
+        search = markov_rsa(engine.params, engine.config, [task.questions[i] for i in ids], rsa,
+                            template=task.template, engine=engine)
         # Only round 1's prompts are used: they are built from the policy's own round-0 samples.
         round0 = np.array([[task.verify(task.decode(c), task.answers[i]) > 0 for c in cands]
                            for i, cands in zip(ids, search.rounds[0].candidates)])
@@ -243,87 +246,89 @@ def train_rl(config: ZayaConfig, params: dict, task: Task, tcfg: TrainConfig, rc
     if (rcfg.batch_size // rcfg.minibatches) % tcfg.grad_accum:
         raise ValueError(f"minibatches of {rcfg.batch_size // rcfg.minibatches} rollouts do not split into "
                          f"{tcfg.grad_accum} micro-batches")
+    quant.require_float(params, "RL training")
     settings = {"train": dataclasses.asdict(tcfg), "grpo": dataclasses.asdict(objective),
                 "rl": {k: v for k, v in dataclasses.asdict(rcfg).items() if k not in ("save_every", "keep", "slots")},
                 "data": data_settings or {}}
-    prepare_out(out, settings, resume, force, setting_defaults(train=TrainConfig, grpo=grpo.GRPOObjective, rl=RLConfig))
-    model_dtype, dtype = params["embed"].dtype, dtypes.resolve(tcfg.compute_dtype)
-    # The frozen reference: the starting model (a copy: the state may share the params' buffers, and is donated).
-    ref = jax.tree.map(jnp.copy, cast_params(params, dtype)) if objective.kl_coef else None
-    state = init_state(params, tcfg)
-    del params
-    width = seq_len(task, rcfg)
-    minibatch = rcfg.batch_size // rcfg.minibatches
-    shard = Sharded(mesh, config, state, tcfg, minibatch) if mesh is not None else None
-    if shard is not None:
-        state = jax.device_put(state, shard.state)
+    with open_out(out, settings, resume, force,
+                  setting_defaults(train=TrainConfig, grpo=grpo.GRPOObjective, rl=RLConfig)):
+        model_dtype, dtype = params["embed"].dtype, dtypes.resolve(tcfg.compute_dtype)
+        # The frozen reference: the starting model (a copy: the state may share the params' buffers, and is donated).
+        ref = jax.tree.map(jnp.copy, cast_params(params, dtype)) if objective.kl_coef else None
+        state = init_state(params, tcfg)
+        del params
+        width = seq_len(task, rcfg)
+        minibatch = rcfg.batch_size // rcfg.minibatches
+        shard = Sharded(mesh, config, state, tcfg, minibatch) if mesh is not None else None
+        if shard is not None:
+            state = jax.device_put(state, shard.state)
 
-    mngr = checkpoints.manager(os.path.join(out, "checkpoints"), save_every=rcfg.save_every, keep=rcfg.keep,
-                               asynchronous=mesh is None or mesh.size == 1)
-    start, log_file = 0, os.path.join(out, "metrics.jsonl")
-    if resume:
-        if mngr.latest_step() is not None:  # killed before its first checkpoint: start over
-            state, data_state, _ = checkpoints.restore(mngr, state)
-            start = data_state["rl_step"]
-        truncate_log(log_file, start)
-    step_fns = {}  # update rows -> (compiled step, batch sharding): one unless skip_tied pads to smaller buckets
+        mngr = checkpoints.manager(os.path.join(out, "checkpoints"), save_every=rcfg.save_every, keep=rcfg.keep,
+                                   asynchronous=mesh is None or mesh.size == 1)
+        start, log_file = 0, os.path.join(out, "metrics.jsonl")
+        if resume:
+            if mngr.latest_step() is not None:  # killed before its first checkpoint: start over
+                state, data_state, _ = checkpoints.restore(mngr, state)
+                start = data_state["rl_step"]
+            truncate_log(log_file, start)
+        step_fns = {}  # update rows -> (compiled step, batch sharding): one unless skip_tied pads to smaller buckets
 
-    def step_fn(state, mb):
-        size = len(mb["tokens"])
-        if size not in step_fns:
-            if shard is None:
-                step_fns[size] = (make_train_step(config, tcfg, objective=objective), None)
-            else:
-                placed = shard.batch_for(size)
-                step_fns[size] = (make_train_step(config, tcfg, objective=objective, state_sharding=shard.state,
-                                                  batch_sharding=placed, metrics_sharding=shard.metrics), placed)
-        run, placed = step_fns[size]
-        return run(state, mb if placed is None else jax.device_put(mb, placed))
+        def step_fn(state, mb):
+            size = len(mb["tokens"])
+            if size not in step_fns:
+                if shard is None:
+                    step_fns[size] = (make_train_step(config, tcfg, objective=objective), None)
+                else:
+                    placed = shard.batch_for(size)
+                    step_fns[size] = (make_train_step(config, tcfg, objective=objective, state_sharding=shard.state,
+                                                      batch_sharding=placed, metrics_sharding=shard.metrics), placed)
+            run, placed = step_fns[size]
+            return run(state, mb if placed is None else jax.device_put(mb, placed))
 
-    ref_fn = jax.jit(lambda p, tokens, mask: loss.next_token_logprobs(
-        p, config, tokens, mask, chunk=tcfg.loss_chunk, moe_impl=tcfg.moe_impl,
-        temperature=rcfg.temperature)[0]) if ref is not None else None
+        ref_fn = jax.jit(lambda p, tokens, mask: loss.next_token_logprobs(
+            p, config, tokens, mask, chunk=tcfg.loss_chunk, moe_impl=tcfg.moe_impl,
+            temperature=rcfg.temperature)[0]) if ref is not None else None
 
-    bar = tqdm(total=rcfg.steps, initial=start, desc="rl", unit="step", disable=not progress, dynamic_ncols=True)
-    with open(log_file, "a") as log, (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
-        for step_no in range(start + 1, rcfg.steps + 1):
-            t0 = time.perf_counter()
-            engine = Engine(cast_params(full_params(state), dtype), config, slots=rcfg.slots, max_len=width,
-                            moe_impl=tcfg.moe_impl, mesh=mesh, record=True)
-            rolls, answers, extra = make_rollouts(engine, task, rcfg, step_no)
-            del engine  # it holds the state's buffers, which the train step donates
-            rewards = np.array([task.verify(task.decode(t), a) for t, a in zip(rolls.tokens, answers)], np.float32)
-            advantages = grpo.group_advantages(rewards, rcfg.group)
-            if rcfg.mix_solve:  # the solve groups come last
-                extra["solve_accuracy"] = float(np.mean(rewards[-rcfg.prompts * rcfg.group:] > 0))
-            batch = rollout.to_batch(rolls, advantages, width, replay=rcfg.replay)
-            live = np.arange(rcfg.batch_size)
-            if rcfg.skip_tied:
-                live = live[np.repeat(~tied_groups(advantages, rcfg.group), rcfg.group)]
-            if ref_fn is not None and len(live):
-                batch["ref_logprobs"] = np.asarray(ref_fn(ref, batch["tokens"], batch["mask"]))
-            t1 = time.perf_counter()
-            updates = []
-            size = update_size(-(-len(live) // rcfg.minibatches), minibatch, rcfg.group, tcfg.grad_accum)
-            for epoch in range(rcfg.epochs):
-                order = live[np.random.default_rng([rcfg.seed, step_no, epoch]).permutation(len(live))]
-                for mb in minibatches(batch, order, rcfg.minibatches, size):
-                    state, metrics = step_fn(state, mb)
-                    updates.append(metrics)
-            updates = jax.device_get(updates)
-            t2 = time.perf_counter()
-            record = _record(step_no, rewards, advantages, rolls, updates, t0, t1, t2, extra, rcfg.group)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.update(1)
-            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", gap=f"{record.get('logprob_gap', 0):.1e}",
-                            tok_s=f"{record['rollout_tokens_per_s']:.0f}")
-            if shard is not None and mngr.should_save(step_no):
-                jax.block_until_ready(state)  # see checkpoints.manager: no collectives in flight during a save
-            checkpoints.save(mngr, step_no, state, {"rl_step": step_no}, force=step_no == rcfg.steps)
-    bar.close()
-    finish(mngr, config, state, model_dtype, out, save_model, assets_from)
-    return state
+        bar = tqdm(total=rcfg.steps, initial=start, desc="rl", unit="step", disable=not progress, dynamic_ncols=True)
+        with open(log_file, "a") as log, (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+            for step_no in range(start + 1, rcfg.steps + 1):
+                t0 = time.perf_counter()
+                engine = Engine(cast_params(full_params(state), dtype), config, slots=rcfg.slots, max_len=width,
+                                moe_impl=tcfg.moe_impl, mesh=mesh, record=True)
+                rolls, answers, extra = make_rollouts(engine, task, rcfg, step_no)
+                del engine  # it holds the state's buffers, which the train step donates
+                rewards = np.array([task.verify(task.decode(t), a) for t, a in zip(rolls.tokens, answers)], np.float32)
+                advantages = grpo.group_advantages(rewards, rcfg.group)
+                if rcfg.mix_solve:  # the solve groups come last
+                    extra["solve_accuracy"] = float(np.mean(rewards[-rcfg.prompts * rcfg.group:] > 0))
+                batch = rollout.to_batch(rolls, advantages, width, replay=rcfg.replay)
+                live = np.arange(rcfg.batch_size)
+                if rcfg.skip_tied:
+                    live = live[np.repeat(~tied_groups(advantages, rcfg.group), rcfg.group)]
+                if ref_fn is not None and len(live):
+                    batch["ref_logprobs"] = np.asarray(ref_fn(ref, batch["tokens"], batch["mask"]))
+                t1 = time.perf_counter()
+                updates = []
+                size = update_size(-(-len(live) // rcfg.minibatches), minibatch, rcfg.group, tcfg.grad_accum)
+                for epoch in range(rcfg.epochs):
+                    order = live[np.random.default_rng([rcfg.seed, step_no, epoch]).permutation(len(live))]
+                    for mb in minibatches(batch, order, rcfg.minibatches, size):
+                        state, metrics = step_fn(state, mb)
+                        updates.append(metrics)
+                updates = jax.device_get(updates)
+                t2 = time.perf_counter()
+                record = _record(step_no, rewards, advantages, rolls, updates, t0, t1, t2, extra, rcfg.group)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.update(1)
+                bar.set_postfix(reward=f"{record['reward_mean']:.3f}", gap=f"{record.get('logprob_gap', 0):.1e}",
+                                tok_s=f"{record['rollout_tokens_per_s']:.0f}")
+                if shard is not None and mngr.should_save(step_no):
+                    jax.block_until_ready(state)  # see checkpoints.manager: no collectives in flight during a save
+                checkpoints.save(mngr, step_no, state, {"rl_step": step_no}, force=step_no == rcfg.steps)
+        bar.close()
+        finish(mngr, config, state, model_dtype, out, save_model, assets_from)
+        return state
 
 
 def _record(step, rewards, advantages, rolls, updates, t0, t1, t2, extra, group) -> dict:

@@ -7,7 +7,7 @@ import os
 import jax
 import numpy as np
 
-from . import host
+from . import host, quant
 from .config import ZayaConfig
 from .finite import check_params
 from .formats import converted, layout, tree
@@ -46,22 +46,23 @@ def load(path: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
 
 
 def _restore_host(path: str, config: ZayaConfig, dtype) -> dict:
-    """A converted directory's params on the default device, held once: each leaf is preallocated in its
+    """A converted directory's params on the default device, held once: each array is preallocated in its
     final dtype (aligned, see ``host``), filled block by block from the orbax arrays (casting per block)
-    and handed to jax without a copy. Peak host memory: the params plus one block (a layer slice)."""
+    and handed to jax without a copy. Peak host memory: the params plus one block (a layer slice).
+    Quantized leaves keep their stored values and scales (``dtype`` casts the float leaves)."""
     reader = OrbaxReader(os.path.join(path, converted.PARAMS_DIR), config)  # validates shapes against config
     target = resolve_dtype(dtype) or reader.dtype
     params: dict = {}
-    for entry, shape, leaf_dtype in layout.leaves(config, target):
-        store = reader.arrays[entry.path]
+    for entry, array_path, shape, leaf_dtype in layout.stored_arrays(config, target, reader.scheme):
+        store = reader.arrays[array_path]
         buf = host.empty(shape, leaf_dtype)
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * store.dtype.numpy_dtype.itemsize
         step = 1 if entry.per_layer else max(1, BLOCK_BYTES // max(row_bytes, 1))
         for start in range(0, shape[0], step):
             stop = min(start + step, shape[0])  # tensorstore does not clip slices
             buf[start:stop] = store[start:stop].read().result()
-        layout.set_path(params, entry.path, host.to_device(buf))
-    return params
+        layout.set_path(params, array_path, host.to_device(buf))
+    return quant.from_stored(params, reader.scheme and reader.scheme.name)
 
 
 def save(path: str | os.PathLike, config: ZayaConfig, params: dict, *, force: bool = False) -> None:

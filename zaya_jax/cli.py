@@ -25,26 +25,22 @@ def resolve_model(path: str | None, dtype: str | None = None, allow_non_finite: 
 
     A weight holding NaN or Inf is refused (CheckpointError naming it) unless ``allow_non_finite``."""
     from . import checkpoint
-    from .demo import DEFAULT_MODEL_DIR
+    from .demo import DEFAULT_MODEL_DIR, is_demo_model
 
     path = path or DEFAULT_MODEL_DIR
     config, params = checkpoint.load(path, dtype=dtype, allow_non_finite=allow_non_finite)  # dtype: a name or None
     return config, params, "the shipped demo model (trained on multi-term addition)" if is_demo_model(path) else path
 
 
-def is_demo_model(path: str | None) -> bool:
-    """Whether ``path`` (None: no model given) is the shipped demo model."""
-    from .demo import DEFAULT_MODEL_DIR
-
-    return path is None or os.path.abspath(path) == os.path.abspath(DEFAULT_MODEL_DIR)
-
-
 def model_setting(path: str, description: str) -> str:
     """How a run's settings (eval's run.json, generate's run hash) name the model: the demo model by its description, others by absolute path."""
+    from .demo import is_demo_model
+
     return description if is_demo_model(path) else os.path.abspath(path)
 
 
 DTYPES = ("float32", "bfloat16")  # what --dtype (weights as stored) and --compute-dtype offer
+QUANTIZATIONS = ("int8", "int4")  # what --quantize offers (zaya_jax.quant.SCHEMES)
 
 
 class DeprecatedAlias(argparse.Action):

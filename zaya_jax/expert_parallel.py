@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from . import moe
-from .mesh import ShardingError, token_axes
+from . import moe, quant
+from .mesh import ShardingError, token_axes, varying
 
 
 def _tensor_swiglu(h: jax.Array, tensor: int) -> jax.Array:
@@ -34,16 +34,11 @@ def _tensor_swiglu(h: jax.Array, tensor: int) -> jax.Array:
     return jax.nn.silu(g) * u
 
 
-def _varying(a: jax.Array, axes) -> jax.Array:
-    """``a`` (inside ``shard_map``) marked varying over those of ``axes`` it is not yet varying over."""
-    missing = tuple(n for n in axes if n not in jax.typeof(a).manual_axis_type.varying)
-    return jax.lax.pcast(a, missing, to="varying") if missing else a
-
-
 def experts(x, idx, gate, skip_scale, gate_up, down, impl: str = "auto", mesh=None):
     """Same contract as ``moe.experts`` (``x [T, D] -> [T, D]``), run over ``mesh`` (default: the context mesh).
 
-    gate_up: [E, D, 2F] split ``P('expert', None, 'tensor')``; down: [E, F, D] split ``P('expert', 'tensor', None)``.
+    gate_up: [E, D, 2F] split ``P('expert', None, 'tensor')``; down: [E, F, D] split ``P('expert', 'tensor', None)``
+    (quantized: their scales alike, but for a per-channel down's single row of scales, replicated).
     """
     mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
     n_exp, n_ten = mesh.shape["expert"], mesh.shape["tensor"]
@@ -68,14 +63,16 @@ def experts(x, idx, gate, skip_scale, gate_up, down, impl: str = "auto", mesh=No
         # then disagree on entering it and the all-reduce never completes (XLA:CPU aborts in its
         # rendezvous). Made varying here, that psum runs once per layer, outside the dispatch.
         axes = (*(rows or ()), "expert", "tensor")
-        x, local_idx, gate, gate_up, down = (_varying(a, axes) for a in (x, local_idx, gate, gate_up, down))
+        x, local_idx, gate, gate_up, down = (jax.tree.map(lambda a: varying(a, axes), a)
+                                             for a in (x, local_idx, gate, gate_up, down))
         y = moe.experts(x, local_idx, gate, jnp.zeros_like(gate), gate_up, down, impl, act=act)
         return jax.lax.psum(y, ("expert", "tensor"))
 
     y = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(P(rows, None), P(rows), P(rows), P("expert", None, "tensor"), P("expert", "tensor", None)),
+        in_specs=(P(rows, None), P(rows), P(rows), quant.specs_like(P("expert", None, "tensor"), gate_up),
+                  quant.specs_like(P("expert", "tensor", None), down)),
         out_specs=P(rows, None),
     )(x, idx, gate, gate_up, down)
     return moe.add_skip(y, x, skip_scale)

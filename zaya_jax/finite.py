@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from . import quant
 from .config import ZayaConfig
 from .formats import layout
 from .formats.hf_reader import CheckpointError
@@ -51,14 +52,20 @@ def _finite_blocks(x: jax.Array, rows: int) -> jax.Array:
 
 @jax.jit(compiler_options=INFERENCE_COMPILER_OPTIONS)  # else XLA hoists a float32 copy of each leaf out of the loop
 def _finite(params: dict) -> dict:
-    """Per leaf, per layer for the stacked ``layers`` leaves: whether every value is finite."""
+    """Per leaf, per layer for the stacked ``layers`` leaves: whether every value is finite (a quantized
+    leaf's scales: its integer values always are, and a weight holding NaN or Inf gives a non-finite scale)."""
     def finite(path, leaf):
+        leaf = _checked(leaf)
         if path[0].key == "layers":
             return _finite_blocks(leaf, 1)
         row_bytes = math.prod(leaf.shape[1:]) * leaf.dtype.itemsize
         return jnp.all(_finite_blocks(leaf, max(1, min(leaf.shape[0], BLOCK_BYTES // row_bytes))))
 
-    return jax.tree_util.tree_map_with_path(finite, params)
+    return jax.tree_util.tree_map_with_path(finite, params, is_leaf=quant.is_quantized)
+
+
+def _checked(leaf):
+    return leaf.scales if quant.is_quantized(leaf) else leaf
 
 
 @jax.jit
@@ -77,7 +84,7 @@ def check_params(params: dict, config: ZayaConfig) -> None:
     for name, entry, layer in layout.expected_tensors(config):
         if layout.get_path(finite, entry.path)[layer if entry.per_layer else ()]:
             continue
-        leaf = layout.get_path(params, entry.path)
+        leaf = _checked(layout.get_path(params, entry.path))
         count = int(_gather(_count_non_finite(leaf[layer] if entry.per_layer else leaf)))
         where = f"param {'/'.join(entry.path)}" + (f", layer {layer}" if entry.per_layer else "")
         raise _refusal(f"{name!r} ({where})", count)

@@ -17,6 +17,8 @@ import math
 import jax
 from jax.sharding import AxisType, Mesh
 
+from .validate import is_integer
+
 AXES = ("data", "fsdp", "expert", "tensor")
 # The mesh axes that split token rows (the others replicate them).
 TOKEN_AXES = ("data", "fsdp")
@@ -34,7 +36,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *,
     """
     sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
     for name, size in sizes.items():
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        if not is_integer(size) or size < 1:
             raise ShardingError(f"mesh axis {name!r} must be a positive integer, got {size!r}")
     devices = list(jax.devices() if devices is None else devices)
     if math.prod(sizes.values()) != len(devices):
@@ -76,3 +78,14 @@ def token_axes(mesh, tokens: int) -> tuple[str, ...]:
     (those of size > 1), or none (tokens replicated) when ``tokens`` is not divisible by their product."""
     axes = tuple(a for a in TOKEN_AXES if mesh.shape.get(a, 1) > 1)
     return axes if tokens % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+
+def varying(a: jax.Array, axes) -> jax.Array:
+    """``a`` (inside ``shard_map``) marked varying over those of ``axes`` it is not yet varying over."""
+    missing = tuple(n for n in axes if n not in varying_axes(a))
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+
+def varying_axes(a: jax.Array) -> frozenset:
+    """The manual mesh axes ``a`` varies over inside ``shard_map`` (none outside)."""
+    return frozenset(jax.typeof(a).manual_axis_type.varying)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import backend, dtypes, expert_parallel, moe, narrow
+from . import backend, dtypes, expert_parallel, moe, narrow, quant
 from .cache import KVCache, from_bits, to_bits
 from .config import ZayaConfig
 from .mesh import active_mesh
@@ -114,7 +114,7 @@ class ResidualScale(nn.Module):
 
 
 class Dense(nn.Module):
-    """``x @ kernel (+ bias)`` with an in-features-first kernel ``[in, out]``."""
+    """``x @ kernel (+ bias)`` with an in-features-first kernel ``[in, out]`` (float or ``quant.QuantizedArray``)."""
 
     features: int
     axes: tuple[str | None, str | None]
@@ -124,12 +124,12 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = _param(self, "kernel", self.init, (x.shape[-1], self.features), self.axes).astype(self.dtype)
+        kernel = quant.astype(_param(self, "kernel", self.init, (x.shape[-1], self.features), self.axes), self.dtype)
         rows = math.prod(x.shape[:-1])
-        if narrow.use_blocks(kernel, rows):  # a decode step with bfloat16 weights on CPU
-            y = narrow.blocked_matmul(x, kernel).astype(jnp.result_type(x, kernel))
+        if narrow.use_blocks(kernel, rows):  # a decode step with bfloat16 or quantized weights on CPU
+            y = narrow.blocked_matmul(x, kernel).astype(quant.result_dtype(x, kernel))
         else:
-            y = x @ kernel
+            y = quant.matmul(x, kernel)
         if self.use_bias:
             y = y + _param(self, "bias", nn.initializers.zeros, (self.features,), (self.axes[1],)).astype(self.dtype)
         return y
@@ -388,16 +388,14 @@ class Experts(nn.Module):
         skip_scale = gate if c.mod_skip == "scaled_identity" else jnp.zeros_like(gate)
         skip_scale = jnp.where(route == E, skip_scale, 0.0)
         if stack is not None:  # the decode path: each token's expert is sliced straight out of the stack
-            return moe.experts(x, route, gate, skip_scale, stack["gate_up"].astype(self.dtype),
-                               stack["down"].astype(self.dtype), self.moe_impl, layer=layer)
-        gate_up = _param(self, "gate_up", _normal(c), (E, D, 2 * F), ("experts", "embed", "moe_ffw"))
-        down = _param(self, "down", _normal(c), (E, F, D), ("experts", "moe_ffw", "embed"))
+            return moe.experts(x, route, gate, skip_scale, quant.astype(stack["gate_up"], self.dtype),
+                               quant.astype(stack["down"], self.dtype), self.moe_impl, layer=layer)
+        gate_up = quant.astype(_param(self, "gate_up", _normal(c), (E, D, 2 * F), ("experts", "embed", "moe_ffw")), self.dtype)
+        down = quant.astype(_param(self, "down", _normal(c), (E, F, D), ("experts", "moe_ffw", "embed")), self.dtype)
         # Under a sharding mesh (jax.set_mesh) the MoE runs expert/tensor/data-parallel in a shard_map.
         if active_mesh() is not None:
-            return expert_parallel.experts(x, route, gate, skip_scale, gate_up.astype(self.dtype),
-                                           down.astype(self.dtype), self.moe_impl)
-        return moe.experts(x, route, gate, skip_scale, gate_up.astype(self.dtype), down.astype(self.dtype),
-                           self.moe_impl)
+            return expert_parallel.experts(x, route, gate, skip_scale, gate_up, down, self.moe_impl)
+        return moe.experts(x, route, gate, skip_scale, gate_up, down, self.moe_impl)
 
 
 class Block(nn.Module):
@@ -454,7 +452,7 @@ class ZayaModel(nn.Module):
         embedding = _param(self, "embed", _embed_init(c), (c.vocab_size, c.hidden_size), ("vocab", "embed"))
         in_scale = _param(self, "input_scale", nn.initializers.ones, (c.hidden_size,), ("embed",))
         in_bias = _param(self, "input_bias", nn.initializers.zeros, (c.hidden_size,), ("embed",))
-        e = embedding.astype(dt)[tokens]
+        e = quant.dequantize(embedding[tokens], dt)
         residual = ((e + in_bias.astype(dt)) * in_scale.astype(dt)).astype(jnp.float32)
         router_state = jnp.zeros(tokens.shape + (c.router_hidden_size,), jnp.float32)
 
@@ -485,11 +483,11 @@ class ZayaModel(nn.Module):
         if return_hidden:
             return h, new_cache, aux
         if c.tie_word_embeddings:
-            head = embedding.T
+            head = embedding
         else:
             head = _param(self, "lm_head", _normal(c), (c.hidden_size, c.vocab_size), ("embed", "vocab"))
         with jax.named_scope("lm_head"):
-            logits = jnp.einsum("bsd,dv->bsv", h, head.astype(dt), preferred_element_type=jnp.float32)
+            logits = head_logits(h, head, c.tie_word_embeddings)
         return logits, new_cache, aux
 
 
@@ -517,6 +515,26 @@ def layer_constants(config: ZayaConfig) -> tuple[Array, Array]:
 def head_kernel(params: dict, config: ZayaConfig) -> Array:
     """The LM head ``[D, V]``: the transposed embedding when tied."""
     return params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+
+
+def head_logits(h: Array, head, tied: bool) -> Array:
+    """Logits ``[..., V]`` float32 of final hidden states ``h [..., D]`` (in the compute dtype). ``head``: the
+    embedding ``[V, D]`` when ``tied``, else the LM head ``[D, V]``; float or quantized.
+
+    A quantized embedding on CPU is read in blocks of its rows (``narrow.blocked_matmul_t``): a whole
+    dequantized copy would be written and read back at every step. Under a mesh the vocabulary is split
+    and the plain product runs.
+    """
+    if quant.is_quantized(head) and tied and backend.platform() == "cpu" and active_mesh() is None:
+        return narrow.blocked_matmul_t(h, head)
+    w = head.T if tied else head
+    return quant.matmul(h, quant.astype(w, h.dtype), preferred_element_type=jnp.float32)
+
+
+def lm_logits(params: dict, config: ZayaConfig, h: Array) -> Array:
+    """``head_logits`` with the head of ``params``."""
+    tied = config.tie_word_embeddings
+    return head_logits(h, params["embed"] if tied else params["lm_head"], tied)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -554,8 +572,8 @@ def cached_context(cache: KVCache, num_new: int, new_len: Array | None = None, k
 
 
 def compute_dtype(params: dict):
-    """Matmuls run in the dtype the weights are stored in."""
-    return params["embed"].dtype
+    """Matmuls run in the dtype the float weights are stored in (the norms' are never quantized)."""
+    return params["final_norm"]["scale"].dtype
 
 
 def apply(params, config: ZayaConfig, tokens, ctx: AttentionContext, cache: KVCache | None = None, *,
@@ -630,8 +648,10 @@ def init(config: ZayaConfig, key, dtype=jnp.float32) -> dict:
 
 
 def cast_params(params: dict, dtype) -> dict:
-    """Casts every leaf to ``dtype`` except those that stay float32 (``zaya_jax.dtypes``)."""
-    return jax.tree_util.tree_map_with_path(lambda path, leaf: leaf.astype(dtypes.leaf_dtype(path, dtype)), params)
+    """Casts every float leaf to ``dtype`` except those that stay float32 (``zaya_jax.dtypes``); quantized
+    leaves stay as they are."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: quant.astype(leaf, dtypes.leaf_dtype(path, dtype)), params, is_leaf=quant.is_quantized)
 
 
 def logical_axes(config: ZayaConfig) -> dict:

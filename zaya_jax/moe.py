@@ -22,6 +22,9 @@ docs/benchmarks.md and docs/architecture.md). XLA:CPU: inference ``loop`` for a 
 tokens, then ``sorted`` on each layer's weights (``model.apply(stack_experts=False)``; forward + backward
 1.05-1.35x faster than ``tiled`` from 256 to 2048 tokens).
 Accelerators default to gather for decode and ragged_dot otherwise until measured there.
+
+The expert weights may be quantized (``zaya_jax.quant``): every path indexes them as it indexes float
+ones and multiplies through ``quant.matmul`` (the differentiated paths' backward needs float weights).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import backend, narrow
+from . import backend, narrow, quant
 
 MOE_IMPLS = ("auto", "oracle", "gather", "loop", "grouped", "tiled", "sorted")
 # XLA:CPU thresholds in tokens per call (bench/moe_bench.py, see above).
@@ -72,7 +75,7 @@ def experts_oracle(x, idx, gate, skip_scale, gate_up, down, act=None):
     act = _activation(act, two_f)
     y = jnp.zeros_like(x)
     for e in range(num_experts):
-        out = act(x @ gate_up[e]) @ down[e]
+        out = quant.matmul(act(quant.matmul(x, gate_up[e])), down[e])
         y = y + jnp.where((idx == e)[:, None], out, 0)
     return _finish(y, x, idx, gate, skip_scale, num_experts)
 
@@ -81,8 +84,8 @@ def experts_gather(x, idx, gate, skip_scale, gate_up, down, act=None):
     """Per-token weight gather: ``[T, D] -> [T, D]``; reads ``T`` experts' weights at most."""
     num_experts, _, two_f = gate_up.shape
     safe = jnp.minimum(idx, num_experts - 1)
-    h = jnp.einsum("td,tdf->tf", x, gate_up[safe])
-    y = jnp.einsum("tf,tfd->td", _activation(act, two_f)(h), down[safe])
+    h = quant.matmul(x[:, None], gate_up[safe])[:, 0]
+    y = quant.matmul(_activation(act, two_f)(h)[:, None], down[safe])[:, 0]
     return _finish(y, x, idx, gate, skip_scale, num_experts)
 
 
@@ -91,10 +94,10 @@ def _expert_weights(gate_up, down, e, layer=None):
     ``layer``, the weights are the whole layer stack and the slice is taken at ``(layer, e)``."""
     prefix = () if layer is None else (layer,)
     lead = (1,) * (len(prefix) + 1)
-    (D, two_f), (F, D_out) = gate_up.shape[-2:], down.shape[-2:]
-    gu = jax.lax.dynamic_slice(gate_up, prefix + (e, 0, 0), lead + (D, two_f)).reshape(D, two_f)
-    dn = jax.lax.dynamic_slice(down, prefix + (e, 0, 0), lead + (F, D_out)).reshape(F, D_out)
-    return gu, dn
+    def take(a):
+        return jax.lax.dynamic_slice(a, prefix + (e, 0, 0), lead + a.shape[-2:]).reshape(a.shape[-2:])
+
+    return jax.tree.map(take, gate_up), jax.tree.map(take, down)
 
 
 def experts_loop(x, idx, gate, skip_scale, gate_up, down, act=None, layer=None):
@@ -116,7 +119,7 @@ def experts_loop(x, idx, gate, skip_scale, gate_up, down, act=None, layer=None):
             h = narrow.blocked_matmul(xt, gate_up, lead).astype(xt.dtype)
             return narrow.blocked_matmul(act(h), down, lead).astype(xt.dtype)
         gu, dn = _expert_weights(gate_up, down, e, layer)
-        return act(xt @ gu) @ dn
+        return quant.matmul(act(quant.matmul(xt, gu)), dn)
 
     y = jax.lax.map(one, (x, jnp.minimum(idx, num_experts - 1)))
     return _finish(y, x, idx, gate, skip_scale, num_experts)
@@ -131,13 +134,25 @@ def experts_grouped(x, idx, gate, skip_scale, gate_up, down, act=None):
     order = jnp.argsort(idx, stable=True)
     xs = x[order]
     sizes = jnp.bincount(idx, length=num_experts + 1)[:num_experts].astype(jnp.int32)
-    h = jax.lax.ragged_dot(xs, gate_up, sizes)
-    ys = jax.lax.ragged_dot(_activation(act, two_f)(h), down, sizes)
+    row_expert = jnp.minimum(idx[order], num_experts - 1)
+    h = _ragged_dot(xs, gate_up, sizes, row_expert)
+    ys = _ragged_dot(_activation(act, two_f)(h), down, sizes, row_expert)
     # Rows past the last group (skip-route tokens) are not defined by ragged_dot: zero them.
     in_group = jnp.arange(x.shape[0]) < jnp.sum(sizes)
     ys = jnp.where(in_group[:, None], ys, 0)
     y = jnp.zeros_like(ys).at[order].set(ys)
     return _finish(y, x, idx, gate, skip_scale, num_experts)
+
+
+def _ragged_dot(x, w, sizes, row_expert):
+    """``jax.lax.ragged_dot`` for a float or quantized ``w [E, K, N]``; row_expert: [T] each row's expert
+    (per-channel scales multiply each row's product by its expert's scales)."""
+    if not quant.is_quantized(w):
+        return jax.lax.ragged_dot(x, w, sizes)
+    if not quant.per_channel(w):
+        return jax.lax.ragged_dot(x, quant.dequantize(w, x.dtype), sizes)
+    y = jax.lax.ragged_dot(x, w.values.astype(x.dtype), sizes, preferred_element_type=jnp.float32)
+    return (y * w.scales[row_expert, 0]).astype(x.dtype)
 
 
 def tile_size(tokens: int, num_experts: int) -> int:
@@ -192,7 +207,8 @@ def _tile_scan(act, tiles, tile_expert, tile_used, gate_up, down):
 
     def step(_, xs):
         x_tile, e, used = xs
-        return None, jax.lax.cond(used, lambda x: act(x @ gate_up[e]) @ down[e], jnp.zeros_like, x_tile)
+        return None, jax.lax.cond(used, lambda x: quant.matmul(act(quant.matmul(x, gate_up[e])), down[e]),
+                                  jnp.zeros_like, x_tile)
 
     return jax.lax.scan(step, None, (tiles, tile_expert, tile_used), unroll=backend.scan_unroll())[1]
 
@@ -303,7 +319,8 @@ def _expert_groups(act, buckets, xs, sizes, gate_up, down, layer):
 
     def run(rows, e, start, size, ys):
         gu, dn = _expert_weights(gate_up, down, e, layer)
-        return _write_rows(ys, act(jax.lax.dynamic_slice_in_dim(xs, start, rows) @ gu) @ dn, start, size)
+        rows_in = jax.lax.dynamic_slice_in_dim(xs, start, rows)
+        return _write_rows(ys, quant.matmul(act(quant.matmul(rows_in, gu)), dn), start, size)
 
     return _for_each_group(buckets, sizes, run, jnp.zeros_like(xs))
 

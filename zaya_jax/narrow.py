@@ -4,7 +4,8 @@ XLA:CPU computes a bfloat16 dot by converting its operands to float32 first. For
 step), writing the float32 copy of a whole weight costs more than the dot's own read of it; reading the
 weight in row blocks of at most ``CONVERT_BLOCK_BYTES`` float32 bytes instead keeps each converted block
 in cache (ZAYA1-8B's experts: 3.2x faster per expert at batch 1; docs/benchmarks.md). Products are
-accumulated in float32.
+accumulated in float32. Quantized weights (``zaya_jax.quant``) are read the same way: each block's integers
+are converted in cache, per-channel scales multiply the sum, grouped scales each block's rows.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import backend
+from . import backend, quant
+from .mesh import varying, varying_axes
 
 CONVERT_BLOCK_BYTES = 8 << 20
 MAX_ROWS = 64  # rows of ``x`` up to which the blocked form is used (decode steps, not prefill)
@@ -32,19 +34,57 @@ def row_block(rows: int, cols: int) -> int:
     return block
 
 
+def _block_scales(scales, lead: tuple, start, block: int, rows: int):
+    """The grouped scales of weight rows ``[start, start + block)``: ``[n, 1, N]`` for n groups in the block
+    (``[1, 1, N]`` when a group spans several blocks); groups and blocks are powers of two."""
+    groups, N = scales.shape[-2:]
+    group = rows // groups
+    n = max(1, block // group)
+    ones = (1,) * len(lead)
+    s = jax.lax.dynamic_slice(scales, tuple(lead) + (start // group, 0), ones + (n, N))
+    return s.reshape(n, 1, N)
+
+
 def blocked_matmul(x, weights, lead: tuple = ()):
     """``x [..., K] @ weights[lead] [K, N] -> [..., N]`` float32, reading the weight in row blocks.
 
     ``lead``: the (traced or static) indices of the weight in the leading axes of ``weights`` (the layer
-    and expert of a stack), so a block is sliced straight out of the stack.
+    and expert of a stack), so a block is sliced straight out of the stack. ``weights`` may be quantized.
     """
     K, N = weights.shape[-2:]
     block = row_block(K, N)
     xb = jnp.moveaxis(x.astype(jnp.float32).reshape(*x.shape[:-1], K // block, block), -2, 0)
     ones = (1,) * len(lead)
+    quantized = quant.is_quantized(weights)
+    values = weights.values if quantized else weights
+    grouped = quantized and not quant.per_channel(weights)
 
     def add_block(i, acc):
-        w = jax.lax.dynamic_slice(weights, tuple(lead) + (i * block, 0), ones + (block, N)).reshape(block, N)
-        return acc + jnp.dot(xb[i], w.astype(jnp.float32))
+        w = jax.lax.dynamic_slice(values, tuple(lead) + (i * block, 0), ones + (block, N)).reshape(block, N)
+        w = w.astype(jnp.float32)
+        if grouped:
+            s = _block_scales(weights.scales, lead, i * block, block, K)
+            w = (w.reshape(s.shape[0], -1, N) * s).reshape(block, N)
+        return acc + jnp.dot(xb[i], w)
 
-    return jax.lax.fori_loop(0, K // block, add_block, jnp.zeros((*x.shape[:-1], N), jnp.float32))
+    # Inside shard_map the loop's carry must vary over the mesh axes its body's products vary over.
+    acc = varying(jnp.zeros((*x.shape[:-1], N), jnp.float32), varying_axes(x) | varying_axes(values))
+    y = jax.lax.fori_loop(0, K // block, add_block, acc)
+    if quantized and not grouped:
+        y = y * jax.lax.dynamic_slice(weights.scales, tuple(lead) + (0, 0), ones + (1, N)).reshape(N)
+    return y
+
+
+def blocked_matmul_t(x, weights):
+    """``x [..., K] @ weights.T -> [..., N]`` float32 for a quantized ``weights [N, K]`` (the tied LM head:
+    the embedding), reading ``weights`` in blocks of its rows, each giving a block of the output columns."""
+    N, K = weights.shape
+    block = row_block(N, K)
+    xf = x.astype(jnp.float32)
+
+    def one_block(i, out):
+        rows = weights.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i * block, block))
+        y = jnp.einsum("...k,nk->...n", xf, quant.dequantize(rows, jnp.float32))
+        return jax.lax.dynamic_update_slice_in_dim(out, y, i * block, axis=out.ndim - 1)
+
+    return jax.lax.fori_loop(0, N // block, one_block, jnp.zeros((*x.shape[:-1], N), jnp.float32))

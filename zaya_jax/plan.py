@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import aot, backend, dtypes, model
+from . import aot, backend, dtypes, model, quant
 from . import sharding as shd
 from .aot import GiB, PlanError, Program
 from .cache import init_cache
@@ -42,6 +42,7 @@ class ServeSettings:
     decode_steps: int = 16
     dtype: str = "bfloat16"
     moe_impl: str = "auto"
+    quantize: str | None = None  # weights stored quantized (zaya_jax.quant.SCHEMES), computing in ``dtype``
     prefill_chunk: int = 512
     prefill_tokens: int = 4096
 
@@ -66,9 +67,13 @@ def default_mesh(task: str, devices: int, config: ZayaConfig) -> dict[str, int]:
     return {"fsdp": devices}
 
 
-def abstract_params(config: ZayaConfig, mesh, dtype, rules=shd.INFERENCE):
-    shapes = jax.eval_shape(lambda: model.init(config, jax.random.key(0), dtype))
-    return aot.with_shardings(shapes, shd.param_shardings(config, mesh, rules))
+def abstract_params(config: ZayaConfig, mesh, dtype, rules=shd.INFERENCE, quantize: str | None = None):
+    """The params' shapes in ``dtype`` (the ``quant.QUANTIZED`` leaves quantized with ``quantize``), sharded."""
+    def make():
+        params = model.init(config, jax.random.key(0), dtype)
+        return quant.quantize_params(params, quantize) if quantize else params
+
+    return aot.with_shardings(jax.eval_shape(make), shd.param_shardings(config, mesh, rules, quantize))
 
 
 def _replicated(mesh, tree):
@@ -111,7 +116,7 @@ def serve_programs(config: ZayaConfig, mesh, s: ServeSettings, *, all_programs: 
         compiler_options = model.INFERENCE_COMPILER_OPTIONS
     pool = PoolShape.of(config, slots=s.slots, max_len=s.max_len, decode_steps=s.decode_steps,
                         prefill_chunk=s.prefill_chunk, prefill_tokens=s.prefill_tokens, record=record)
-    params = abstract_params(config, mesh, dtype, rules)
+    params = abstract_params(config, mesh, dtype, rules, s.quantize)
 
     def state_of(cfg, slots):
         p = dataclasses.replace(pool, slots=slots)
@@ -128,7 +133,7 @@ def serve_programs(config: ZayaConfig, mesh, s: ServeSettings, *, all_programs: 
         state = state_of(cfg, slots)
         cancel = aot.with_shardings(jax.ShapeDtypeStruct((slots,), jnp.bool_), state.token.sharding)
         want_logprobs = _replicated(mesh, jax.ShapeDtypeStruct((), jnp.bool_))  # a flag, as the engine passes it
-        return fn, (abstract_params(cfg, mesh, dtype, rules), cfg, state, cancel, want_logprobs), dict(
+        return fn, (abstract_params(cfg, mesh, dtype, rules, s.quantize), cfg, state, cancel, want_logprobs), dict(
             steps=pool.decode_steps, active=None, moe_impl=s.moe_impl)
 
     def prefill_build(G, S, cfg):
@@ -138,7 +143,7 @@ def serve_programs(config: ZayaConfig, mesh, s: ServeSettings, *, all_programs: 
         with backend.target(mesh.devices.flat[0].platform):
             args = jax.eval_shape(lambda: (init_cache(cfg, G, S, dtype), jnp.zeros((G, C), jnp.int32),
                                            jnp.zeros((G,), jnp.int32), jnp.zeros((G, cfg.vocab_size), jnp.float32)))
-        return fn, (abstract_params(cfg, mesh, dtype, rules), cfg, *_replicated(mesh, args)), dict(moe_impl=s.moe_impl,
+        return fn, (abstract_params(cfg, mesh, dtype, rules, s.quantize), cfg, *_replicated(mesh, args)), dict(moe_impl=s.moe_impl,
                                                                                          record=record)
 
     def insert_build(G, S, cfg):

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import sys
 
-from .cli import bounded_arg
+from .cli import QUANTIZATIONS, bounded_arg
 
 RELEASED = "zaya1-8b"  # the released model's shapes: ZayaConfig()'s defaults
 
@@ -53,7 +53,9 @@ def register(subparsers) -> None:
     t.add_argument("--remat", choices=("none", "full", "dots"), default=train.remat, help="default %(default)s")
     t.add_argument("--grad-accum", type=bounded_arg(1), default=train.grad_accum, help="default %(default)s")
     p.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default=train.compute_dtype,
-                   help="the dtype the forward runs in (serve: the served weights'), default %(default)s")
+                   help="the dtype the forward runs in (serve: the served float weights'), default %(default)s")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                   help="serve: weights stored quantized, as `zaya convert --quantize` writes them (default: float)")
     p.set_defaults(func=_plan_command)
 
 
@@ -69,8 +71,10 @@ def _plan_command(args) -> int:
 
     planner.aot.require_libtpu()
     config = load_config(args.model)
+    if args.quantize and args.task != "serve":
+        raise SystemExit(f"--quantize plans serving only; {args.task} needs float weights")
     serve = planner.ServeSettings(slots=args.slots, max_len=args.max_len, decode_steps=args.decode_steps,
-                                  dtype=args.compute_dtype, moe_impl=args.moe_impl, prefill_chunk=args.prefill_chunk,
+                                  dtype=args.compute_dtype, quantize=args.quantize, moe_impl=args.moe_impl, prefill_chunk=args.prefill_chunk,
                                   prefill_tokens=args.prefill_tokens)
     train = planner.TrainSettings(batch_size=args.batch_size, seq_len=args.seq_len, remat=args.remat,
                                   grad_accum=args.grad_accum, compute_dtype=args.compute_dtype, moe_impl=args.moe_impl)

@@ -103,7 +103,7 @@ def load_sharded(path: str, config: ZayaConfig, mesh, *, dtype=None, rules: Rule
     """A model directory (HF or converted) -> params in their ``rules`` layout over ``mesh``."""
     if not isinstance(mesh, jax.sharding.Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh (see zaya_jax.sharding.make_mesh), got {type(mesh).__name__}")
-    shardings = param_shardings(config, mesh, rules)
     if converted.is_converted(path):
+        shardings = param_shardings(config, mesh, rules, converted.quantization(path))
         return converted.restore(path, config, dtype, shardings=shardings)
-    return load_hf_sharded(os.fspath(path), config, shardings, dtype)
+    return load_hf_sharded(os.fspath(path), config, param_shardings(config, mesh, rules), dtype)

@@ -21,6 +21,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from . import quant
 from .config import ZayaConfig
 from .host import to_host
 from .mesh import AXES, ShardingError, make_mesh, parse_mesh, token_axes
@@ -137,25 +138,32 @@ def _is_spec(x) -> bool:
     return isinstance(x, P)
 
 
-def param_specs(config: ZayaConfig, mesh: Mesh, rules: Rules = INFERENCE) -> dict:
-    """Mesh PartitionSpecs for every parameter leaf (same pytree as the params)."""
+def param_specs(config: ZayaConfig, mesh: Mesh, rules: Rules = INFERENCE, quantization: str | None = None) -> dict:
+    """Mesh PartitionSpecs for every parameter leaf (same pytree as the params, quantized with ``quantization``
+    when given: a quantized leaf's values take its logical axes, and so do its scales, but on a contracting
+    axis they hold a single entry of)."""
     rules = rules.for_model(config, mesh)
+    logical = logical_axes(config)
     shapes = jax.eval_shape(lambda: init(config, jax.random.key(0)))
+    if quantization is not None:
+        shapes = jax.eval_shape(lambda: quant.quantize_params(init(config, jax.random.key(0)), quantization))
+        logical = jax.tree.map(quant.specs_like, logical, shapes, is_leaf=_is_spec)
 
     def one(path, logical, shape):
         return rules.spec(logical, shape.shape, mesh, "param " + jax.tree_util.keystr(path))
 
-    return jax.tree_util.tree_map_with_path(one, logical_axes(config), shapes, is_leaf=_is_spec)
+    return jax.tree_util.tree_map_with_path(one, logical, shapes, is_leaf=_is_spec)
 
 
-def param_shardings(config: ZayaConfig, mesh: Mesh, rules: Rules = INFERENCE) -> dict:
-    """NamedShardings for every parameter leaf."""
-    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), param_specs(config, mesh, rules), is_leaf=_is_spec)
+def param_shardings(config: ZayaConfig, mesh: Mesh, rules: Rules = INFERENCE, quantization: str | None = None) -> dict:
+    """NamedShardings for every parameter leaf (see ``param_specs``)."""
+    specs = param_specs(config, mesh, rules, quantization)
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
 
 
 def shard_params(params: dict, config: ZayaConfig, mesh: Mesh, rules: Rules = INFERENCE) -> dict:
-    """Places params (host or device arrays, one process) into their sharded layout."""
-    return jax.device_put(params, param_shardings(config, mesh, rules))
+    """Places params (host or device arrays, one process; float or quantized) into their sharded layout."""
+    return jax.device_put(params, param_shardings(config, mesh, rules, quant.scheme_of(params)))
 
 
 def batch_sharding(mesh: Mesh, rank: int = 2, rules: Rules = INFERENCE, batch: int | None = None) -> NamedSharding:

@@ -1,22 +1,22 @@
 """The ASGI app: OpenAI's /v1/models, /v1/completions and /v1/chat/completions, plus /health and /metrics.
 
-Every request first passes ``Guard`` (the Host, Origin and Content-Type a web page could forge). Handlers
-validate a request (a 400 with OpenAI's error object otherwise), reserve its engine rows against the queue
-bound (429 when full) before tokenizing anything, tokenize on a worker thread (never on the event loop),
-then hand it to the driver thread and relay its tokens — as one JSON body, or as server-sent events ending
-``data: [DONE]``.
+Every request first passes ``Guard`` (the Host, Origin and Content-Type a web page could forge). A
+request's path runs one way, each step in its own module: ``protocol`` parses the body, ``validate``
+checks it against this server (a 400 with OpenAI's error object otherwise), the handler reserves its
+engine rows against the queue bound (429 when full) before tokenizing anything, ``build`` makes the
+engine's inputs on a worker thread (never on the event loop), ``jobs`` runs them on the driver thread,
+and ``render`` answers — as one JSON body, or as server-sent events ending ``data: [DONE]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import json
 import secrets
+import threading
 import time
 import urllib.parse
-import uuid
 from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -24,17 +24,24 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from zaya_jax.cli import is_demo_model
-
-from ..logprobs import check_count
-from ..sampling import check_knobs
+from ..constraints import GrammarVocabulary
 from ..tokenizer import Tokenizer, TokenizerError
+from . import build, render, validate
 from .driver import Driver
-from .jobs import ChoiceEvent, ClientGone, Timing, generate_choices, run_rsa
-from .logprob_json import CompletionLogprobs, chat_logprobs
+from .jobs import ClientGone, Reservation, Timing, generate_choices, run_rsa
 from .metrics import Metrics, RequestCounter
-from .protocol import APIError, ChatRequest, CompletionRequest, Message, RSAOptions, parse
-from .text import FINISH
+from .protocol import (
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatRequest,
+    CompletionRequest,
+    Delta,
+    ModelList,
+    Usage,
+    parse,
+)
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})  # the names this machine answers to by default
 
@@ -55,17 +62,29 @@ class Server:
     in_flight: int = 0  # engine rows reserved by handlers; only touched on the event loop
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     metrics: Metrics = dataclasses.field(init=False)
+    _grammars: GrammarVocabulary | None = dataclasses.field(default=None, init=False, repr=False)
+    _grammars_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self):
         self.metrics = Metrics(self.driver, lambda: self.in_flight)
+
+    def grammars(self) -> GrammarVocabulary:
+        """The vocabulary grammars compile against, built on first use (about a second for a large vocabulary;
+        call it off the event loop)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                config = self.engine.config
+                self._grammars = GrammarVocabulary(self.tokenizer.tokenizer, config.vocab_size, config.eos_token_id)
+            return self._grammars
 
     @property
     def engine(self):
         return self.driver.engine
 
-    def reserve(self, rows: int, param: str = "n") -> None:
-        """Counts ``rows`` engine sequences against the queue bound until ``release``; 429 when full, 400 naming
-        ``param`` (the field that asked for them) when they can never fit."""
+    def reserve(self, rows: int, param: str = "n") -> Reservation:
+        """Counts ``rows`` engine sequences against the queue bound until the returned reservation is released
+        (the handler drops its hold when its response ends, the engine work when it is over); 429 when full,
+        400 naming ``param`` (the field that asked for them) when they can never fit."""
         if self.driver.failure is not None:
             raise APIError(503, f"the engine failed: {self.driver.failure!r}", type="server_error")
         if rows > self.capacity:
@@ -75,8 +94,9 @@ class Server:
             raise APIError(429, f"the server is at capacity ({self.in_flight} of {self.capacity} sequences running "
                                 "or queued); retry later", type="rate_limit_error", code="queue_full")
         self.in_flight += rows
+        return Reservation(lambda: self._release(rows))
 
-    def release(self, rows: int) -> None:
+    def _release(self, rows: int) -> None:
         self.in_flight -= rows
 
     def decode(self, tokens) -> str:
@@ -158,7 +178,7 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         _authorize(request, server.api_key)
-        return {"object": "list", "data": [_model_card(server)]}
+        return ModelList(data=[_model_card(server)]).model_dump()
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
@@ -166,21 +186,23 @@ def create_app(server: Server) -> FastAPI:
         if model_id != server.model_id:
             raise APIError(404, f"model {model_id!r} does not exist; this server serves {server.model_id!r}",
                            param="model", code="model_not_found")
-        return _model_card(server)
+        return _model_card(server).model_dump()
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _read(server, request, CompletionRequest)
-        prompts = _completion_list(body.prompt)
-        return await _generate(server, request, body, len(prompts), lambda: _completion_prompts(server, prompts),
-                               chat=False, echo=prompts if body.echo else None)
+        prompts = build.completion_list(body.prompt)
+        return await _generate(server, request, body, len(prompts),
+                               lambda: build.completion_prompts(server, prompts), chat=False,
+                               echo=prompts if body.echo else None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await _read(server, request, ChatRequest)
         if body.rsa is not None:
             return await _rsa(server, request, body)
-        return await _generate(server, request, body, 1, lambda: [_chat_prompt(server, body.messages)], chat=True)
+        return await _generate(server, request, body, 1, lambda: [build.chat_prompt(server, body.messages)],
+                               chat=True)
 
     return app
 
@@ -201,9 +223,7 @@ async def _read(server: Server, request: Request, model):
         raise APIError(400, f"request body of {declared} bytes is over the limit of {server.max_body_bytes} bytes",
                        code="body_too_large")
     body = parse(model, await _body(request, server.max_body_bytes), server.max_body_bytes)
-    if body.model != server.model_id:
-        raise APIError(400, f"model {body.model!r} does not exist; this server serves {server.model_id!r}",
-                       param="model", code="model_not_found")
+    validate.check_model(body, server.model_id)
     return body
 
 
@@ -219,118 +239,6 @@ async def _body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def _prompt_ids(server: Server, ids, what: str) -> list[int]:
-    try:
-        return server.engine.check_prompt(ids, what)
-    except ValueError as e:
-        raise APIError(400, str(e), param="prompt" if what.startswith("prompt") else "messages") from None
-
-
-def _completion_list(prompt) -> list:
-    """``prompt`` as a non-empty list of prompts (texts or token-id lists), not yet tokenized."""
-    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-        prompt = [prompt]
-    if not prompt:
-        raise APIError(400, "prompt is empty", param="prompt")
-    return prompt
-
-
-def _completion_prompts(server: Server, prompts: list) -> list[list[int]]:
-    return [_prompt_ids(server, server.encode(p, f"prompt {i}", "prompt") if isinstance(p, str) else p,
-                        f"prompt {i}") for i, p in enumerate(prompts)]
-
-
-def _chat_prompt(server: Server, messages: list[Message]) -> list[int]:
-    try:
-        text = server.tokenizer.render_chat([{"role": m.role, "content": m.text()} for m in messages])
-    except Exception as e:  # a template may raise anything on odd input (raise_exception)
-        raise APIError(400, f"cannot render the messages with the model's chat template: {e}",
-                       param="messages") from None
-    return _prompt_ids(server, server.encode(text, "messages", "messages", add_special_tokens=False), "messages")
-
-
-def _check_sampling(body) -> None:
-    """The sampling knobs as the engine checks them (in float32: a temperature of 1e39 is inf there); a
-    400 naming the bad one, before anything reaches the engine's thread."""
-    try:
-        check_knobs(1, temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p, min_p=body.min_p)
-    except ValueError as e:
-        raise APIError(400, str(e)) from None
-
-
-def _knobs(server: Server, body, prompts: list[list[int]]) -> dict:
-    """The engine's keyword arguments for ``body``; 400s name what is wrong."""
-    max_tokens = getattr(body, "max_completion_tokens", None)
-    if max_tokens is None:
-        max_tokens = body.max_tokens
-    room = server.engine.max_len - max(len(p) for p in prompts)
-    if max_tokens is not None and max_tokens > room:
-        raise APIError(400, f"max_tokens={max_tokens} is beyond the context: the prompt has "
-                            f"{server.engine.max_len - room} tokens and the maximum length is {server.engine.max_len} "
-                            f"(at most {room} new tokens)", param="max_tokens")
-    stop_ids = list(body.stop_token_ids or [])
-    if not body.ignore_eos:
-        stop_ids += [t for t in server.engine.config.eos_token_id if t not in stop_ids]
-    _check_sampling(body)
-    try:  # the engine's own check (vocabulary, count), before any work is queued
-        server.engine.stop_id_row(stop_ids)
-    except ValueError as e:
-        eos = "" if body.ignore_eos else f" (the EOS ids {list(server.engine.config.eos_token_id)} included)"
-        raise APIError(400, f"stop_token_ids: {e}{eos}", param="stop_token_ids") from None
-    return dict(max_new_tokens=room if max_tokens is None else max_tokens, temperature=body.temperature,
-                top_k=max(body.top_k, 0), top_p=body.top_p, min_p=body.min_p, stop_token_ids=stop_ids,
-                **_reports(server, body))
-
-
-def _reports(server: Server, body) -> dict:
-    """The engine's ``logprobs`` and ``prompt_logprobs`` for ``body``: chat's ``top_logprobs`` (with
-    ``logprobs``), a completion's ``logprobs``, and with ``echo`` the same for the prompt (also without
-    ``logprobs`` when ``max_tokens`` is 0: the engine scores the prompt and emits nothing)."""
-    if isinstance(body, ChatRequest):
-        asked = {"top_logprobs": (body.top_logprobs or 0) if body.logprobs else None}
-        prompt = None
-    else:
-        asked = {"logprobs": body.logprobs}
-        prompt = None
-        if body.echo and (body.logprobs is not None or body.max_tokens == 0):
-            prompt = body.logprobs or 0
-    for name, value in asked.items():
-        try:
-            check_count(name, value, server.engine.config.vocab_size)
-        except ValueError as e:
-            raise APIError(400, str(e), param=name) from None
-    return dict(logprobs=next(iter(asked.values())), prompt_logprobs=prompt)
-
-
-class _Rendering:
-    """What a generation request's ``ChoiceEvent``s become in OpenAI's objects: each choice's text (after
-    its echoed prompt: the text as given, token ids decoded) and ``logprobs`` (None when not asked)."""
-
-    def __init__(self, server: Server, body, prompts: list[list[int]], echo: list | None, chat: bool):
-        self.server, self.prompts, self.n, self.chat = server, prompts, body.n, chat
-        self.asked = bool(body.logprobs) if chat else body.logprobs is not None
-        self.echo = None if echo is None else [p if isinstance(p, str) else server.decode(ids)
-                                               for p, ids in zip(echo, prompts)]
-        self.opened: set[int] = set()
-        self.completion = [CompletionLogprobs(server.token_text) for _ in range(len(prompts) * body.n)]
-
-    def text(self, event: ChoiceEvent) -> str:
-        """The event's text, after the echoed prompt on a choice's first event."""
-        first = event.index not in self.opened
-        self.opened.add(event.index)
-        return (self.echo[event.index // self.n] if self.echo is not None and first else "") + event.text
-
-    def logprobs(self, event: ChoiceEvent) -> dict | None:
-        if not self.asked:
-            return None
-        if self.chat:
-            return chat_logprobs(event.logprobs, self.server.token_text)
-        items = [(e.token, e) for e in event.logprobs]
-        if self.echo is not None and event.prompt_logprobs is not None:
-            items = list(zip(self.prompts[event.index // self.n], event.prompt_logprobs)) + items
-        return self.completion[event.index].piece(items)
-
-
 # ------------------------------------------------------------------------------------------------ generation
 async def _generate(server: Server, request: Request, body, count: int, tokenize: Callable[[], list[list[int]]], *,
                     chat: bool, echo: list | None = None):
@@ -339,21 +247,23 @@ async def _generate(server: Server, request: Request, body, count: int, tokenize
     stops = body.stop_strings()
     seed = body.seed if body.seed is not None else secrets.randbits(31)
     rows = count * body.n
-    server.reserve(rows)
+    held = server.reserve(rows)
     try:
         prompts = await asyncio.to_thread(tokenize)
-        knobs = _knobs(server, body, prompts)
+        validate.check_generation(body, prompts, server.engine)
+        # A response_format's grammar may take a while to compile: off the event loop.
+        knobs = await asyncio.to_thread(build.engine_knobs, body, prompts, server.engine, server.grammars)
     except BaseException:
-        server.release(rows)
+        held.drop()
         raise
-    meta = _meta(server, "chat.completion" if chat else "text_completion")
+    header = render.Header(server.model_id, chat)
     usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
     timing = Timing(request.state.received)
-    rendering = _Rendering(server, body, prompts, echo, chat)
+    rendering = render.ChoiceRendering(body, prompts, echo, chat, server.decode, server.token_text)
 
     def events(disconnected=None):
         return generate_choices(server.driver, prompts, body.n, knobs=knobs, seed=seed, stops=stops,
-                                decode=server.decode, disconnected=disconnected, timing=timing)
+                                decode=server.decode, disconnected=disconnected, timing=timing, reservation=held)
 
     def answered(used: list[int]) -> None:
         """Fills in the usage from each choice's tokens and records the request's metrics."""
@@ -361,8 +271,8 @@ async def _generate(server: Server, request: Request, body, count: int, tokenize
         server.metrics.answered(usage, timing, max(used))
 
     if body.stream:
-        return _sse(server, rows, _stream_choices(events(), meta, usage, chat, rows, body.include_usage(), answered,
-                                                  rendering))
+        return _sse(held, render.stream_chunks(events(), header, usage, rows, body.include_usage(), answered,
+                                               rendering))
     gone = _Disconnect(request)
     try:
         texts, finish, used, logprobs = [""] * rows, [None] * rows, [0] * rows, [None] * rows
@@ -370,54 +280,29 @@ async def _generate(server: Server, request: Request, body, count: int, tokenize
             i = event.index
             texts[i] += rendering.text(event)
             finish[i], used[i] = event.finish_reason, event.tokens_used
-            piece = rendering.logprobs(event)
-            logprobs[i] = piece if logprobs[i] is None else {k: logprobs[i][k] + piece[k] for k in piece}
+            logprobs[i] = rendering.join(logprobs[i], rendering.logprobs(event))
     except ClientGone:
         return JSONResponse({}, status_code=499)
     finally:
         gone.close()
-        server.release(rows)
+        held.drop()
     answered(used)
-    if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": logprobs[i],
-                    "finish_reason": finish[i]} for i in range(rows)]
-    else:
-        choices = [{"index": i, "text": texts[i], "logprobs": logprobs[i], "finish_reason": finish[i]}
-                   for i in range(rows)]
-    return {**meta, "choices": choices, "usage": _usage(usage)}
+    return header.body(render.choices(chat, texts, finish, logprobs), usage=Usage.of(**usage)).model_dump()
 
 
-async def _stream_choices(events, meta: dict, usage: dict, chat: bool, rows: int, include_usage: bool,
-                          answered: Callable[[list[int]], None], rendering: _Rendering):
-    chunk = dict(meta, object="chat.completion.chunk" if chat else "text_completion")
-    if chat:  # OpenAI opens every choice with its role
-        for i in range(rows):
-            yield dict(chunk, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}])
-    used = [0] * rows
-    async for event in events:
-        used[event.index] = event.tokens_used
-        text = rendering.text(event)
-        piece = {"delta": {"content": text} if text else {}} if chat else {"text": text}
-        yield dict(chunk, choices=[{"index": event.index, **piece, "logprobs": rendering.logprobs(event),
-                                    "finish_reason": event.finish_reason}])
-    answered(used)
-    if include_usage:
-        yield dict(chunk, choices=[], usage=_usage(usage))
-
-
-def _sse(server: Server, rows: int, chunks: AsyncIterator[dict]) -> StreamingResponse:
-    """Server-sent events of ``chunks``, then ``data: [DONE]``; the rows are released when the response
-    ends, however it ends (a client that disconnects cancels ``chunks`` and so its engine requests)."""
+def _sse(held: Reservation, chunks: AsyncIterator) -> StreamingResponse:
+    """Server-sent events of ``chunks``, then ``data: [DONE]``; the handler's hold on the rows is dropped when
+    the response ends, however it ends (a client that disconnects cancels ``chunks`` and so its engine
+    requests, whose own hold lasts until the engine has finished them)."""
     async def body():
         try:
             async for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
+                yield f"data: {json.dumps(chunk.model_dump())}\n\n"
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
         yield "data: [DONE]\n\n"
 
-    return _Stream(body(), lambda: server.release(rows))
+    return _Stream(body(), held.drop)
 
 
 class _Disconnect:
@@ -453,115 +338,48 @@ class _Stream(StreamingResponse):
             self.on_end()
 
 
-def _meta(server: Server, kind: str) -> dict:
-    prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
-    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": server.model_id}
-
-
-def _usage(usage: dict) -> dict:
-    return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
-
-
-def _model_card(server: Server) -> dict:
-    return {"id": server.model_id, "object": "model", "created": server.created, "owned_by": "zaya-jax",
-            "max_model_len": server.engine.max_len}
+def _model_card(server: Server):
+    return render.model_card(server.model_id, server.created, server.engine.max_len)
 
 
 # ------------------------------------------------------------------------------------------------ Markov RSA
-def _rsa_search(server: Server, body: ChatRequest):
-    """An unstarted ``RSASearch`` for the request's one user message, with the CLI's presets."""
-    from zaya_jax.demo import data
-
-    from ..rsa import RSASearch, TokenTemplate
-    from ..rsa_cli import DEMO_MODE, KNOBS, PRESETS, settings
-
-    opts: RSAOptions = body.rsa
-    if len(body.messages) != 1 or body.messages[0].role != "user":
-        raise APIError(400, "an rsa request takes exactly one user message: the question", param="messages")
-    for name in ("max_tokens", "max_completion_tokens", "stop", "stop_token_ids"):
-        if getattr(body, name):
-            raise APIError(400, f"`{name}` does not apply to an rsa request (use rsa.budget / rsa.final_budget)",
-                           param=name)
-    if body.logprobs:
-        raise APIError(400, "`logprobs` does not apply to an rsa request", param="logprobs")
-    if body.n != 1:
-        raise APIError(400, "an rsa request returns one choice (n=1)", param="n")
-    _check_sampling(body)
-    if opts.mode is not None and opts.mode not in (*PRESETS, DEMO_MODE):
-        raise APIError(400, f"unknown rsa mode {opts.mode!r}; one of {sorted((*PRESETS, DEMO_MODE))}", param="rsa.mode")
-    knobs = settings(argparse.Namespace(model=server.model_path, **opts.model_dump(include=set(KNOBS) | {"mode"})))
-    demo = is_demo_model(server.model_path)
-    question = server.encode(body.messages[0].text(), "messages", "messages", add_special_tokens=False)
-    seed = body.seed if body.seed is not None else secrets.randbits(31)
-    try:
-        template = TokenTemplate.from_tokenizer(data.TEMPLATE, knobs["tails"], server.tokenizer) if demo else None
-        search = RSASearch(server.engine.config, question, **knobs, final_budget=opts.final_budget,
-                           temperature=body.temperature, top_p=body.top_p, seed=seed, template=template,
-                           tokenizer=server.tokenizer)
-    except ValueError as e:
-        raise APIError(400, f"rsa: {e}", param="rsa") from None
-    if search.max_len > server.engine.max_len:
-        raise APIError(400, f"rsa: the search needs a context of {search.max_len} tokens; this server's maximum "
-                            f"length is {server.engine.max_len}", param="rsa")
-    prompt_tokens = len(search.template.round0_prefix) + len(question) + len(search.template.round0_suffix)
-    return search, dict(knobs, final_budget=opts.final_budget or knobs["budget"], seed=seed), prompt_tokens
-
-
-def _rsa_extension(result, settings: dict) -> dict:
-    answer, share = result.majority[0]
-    return {"answer": answer, "share": share, "answers": result.answers[0], "texts": result.texts[0],
-            "generated_tokens": result.generated_tokens, "settings": settings,
-            "rounds": [{"round": t, "generated_tokens": r.generated_tokens, "seconds": round(r.seconds, 3)}
-                       for t, r in enumerate(result.rounds)]}
-
-
-def _rsa_content(result) -> tuple[str, str]:
-    """The final text of the first member whose answer is the majority's (the first text if none), and its
-    finish reason ("length" when the budget cut it)."""
-    answer = result.majority[0][0]
-    texts, answers = result.texts[0], result.answers[0]
-    i = next((i for i, a in enumerate(answers) if answer is not None and a == answer), 0)
-    return texts[i], FINISH[result.rounds[-1].stop_reasons[0][i]]
-
-
 async def _rsa(server: Server, request: Request, body: ChatRequest):
-    search, settings, prompt_tokens = await asyncio.to_thread(_rsa_search, server, body)
-    server.reserve(search.population, param="rsa.population")
-    meta = _meta(server, "chat.completion")
+    validate.check_rsa(body)
+    seed = body.seed if body.seed is not None else secrets.randbits(31)
+    job = await asyncio.to_thread(build.rsa_request, server, body, seed)
+    search, rsa = job.search, job.settings
+    held = server.reserve(rsa.population, param="rsa.population")
+    header = render.Header(server.model_id, chat=True)
     timing = Timing(request.state.received)
 
-    def final(result) -> tuple[str, str, dict]:
-        usage = _usage({"prompt_tokens": prompt_tokens, "completion_tokens": result.generated_tokens})
-        server.metrics.answered(usage, timing)
-        return *_rsa_content(result), usage
+    def final(result) -> tuple[str, str, Usage]:
+        usage = Usage.of(job.prompt_tokens, result.generated_tokens)
+        server.metrics.answered(usage.model_dump(), timing)
+        return *render.rsa_content(result), usage
 
     if body.stream:
         async def chunks():
-            chunk = dict(meta, object="chat.completion.chunk")
-            async for kind, value in run_rsa(server.driver, search):
+            async for kind, value in run_rsa(server.driver, search, reservation=held):
                 if kind == "round":
-                    t, rnd = value
-                    yield dict(chunk, choices=[], rsa_progress={
-                        "round": t, "rounds": settings["rounds"], "generated_tokens": rnd.generated_tokens,
-                        "seconds": round(rnd.seconds, 3)})
+                    yield header.chunk([], rsa_progress=render.rsa_progress(*value, rsa.rounds))
                     continue
                 content, finish, usage = final(value)
-                yield dict(chunk, choices=[{"index": 0, "delta": {"role": "assistant", "content": content},
-                                            "logprobs": None, "finish_reason": finish}],
-                           rsa=_rsa_extension(value, settings))
+                delta = Delta(role="assistant", content=content)
+                yield header.chunk([ChatChunkChoice(index=0, delta=delta, finish_reason=finish)],
+                                   rsa=render.rsa_extension(value, rsa))
                 if body.include_usage():
-                    yield dict(chunk, choices=[], usage=usage)
+                    yield header.chunk([], usage=usage)
 
-        return _sse(server, search.population, chunks())
+        return _sse(held, chunks())
     gone = _Disconnect(request)
     try:
-        async for kind, value in run_rsa(server.driver, search, gone):
+        async for kind, value in run_rsa(server.driver, search, gone, reservation=held):
             result = value
     except ClientGone:
         return JSONResponse({}, status_code=499)
     finally:
         gone.close()
-        server.release(search.population)
+        held.drop()
     content, finish, usage = final(result)
-    return {**meta, "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
-                                 "finish_reason": finish}], "usage": usage, "rsa": _rsa_extension(result, settings)}
+    choice = ChatChoice(index=0, message=AssistantMessage(content=content), finish_reason=finish)
+    return header.body([choice], usage=usage, rsa=render.rsa_extension(result, rsa)).model_dump()

@@ -6,7 +6,8 @@ import logging
 import os
 import socket
 
-from zaya_jax.cli import add_model_args, bounded_arg, is_demo_model, resolve_model
+from zaya_jax.cli import add_model_args, bounded_arg, resolve_model
+from zaya_jax.demo import is_demo_model
 
 log = logging.getLogger("zaya.serve")
 

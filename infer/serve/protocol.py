@@ -1,19 +1,21 @@
-"""The OpenAI request bodies the server accepts (pydantic) and its error object.
+"""The OpenAI request bodies the server accepts and the response bodies it sends (pydantic), and its
+error object.
 
 Values must have the JSON type of their field (strict: no "5" for 5, no true for 1). Unknown fields are
 ignored, as OpenAI-compatible servers do; fields we know but cannot honour
-(penalties, logit bias, ...) get a 400 naming them unless they hold their neutral value.
+(best_of, suffix, tools) get a 400 naming them unless they hold their neutral value.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from ..logprobs import TOP_LOGPROBS
+from ..penalties import PENALTY_LIMIT
 from ..sampling import SEED_MAX, SEED_MIN
 from ..tokenizer import CHAT_ROLES
 
@@ -21,7 +23,7 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_N = 64
 MAX_RSA_ROUNDS = 32  # a search past its client runs its rounds out (each submitted, then cancelled)
 # Fields we know but do not implement: a request may send them only with their neutral value.
-UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "best_of", "suffix", "tools", "response_format")
+UNSUPPORTED = ("best_of", "suffix", "tools")
 
 
 class APIError(Exception):
@@ -53,10 +55,9 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
-    # Known but unsupported: each must keep its neutral value.
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = Field(default=0.0, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)
+    frequency_penalty: float = Field(default=0.0, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias in [-100, 100]
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -68,6 +69,19 @@ class _Request(BaseModel):
 
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
+
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        """``logit_bias`` keyed by token id; a 400 for a key that is not a decimal token id."""
+        if self.logit_bias is None:
+            return None
+        bad = [k for k in self.logit_bias if not (k.isascii() and k.isdigit())]
+        if bad:
+            raise APIError(400, f"logit_bias keys must be token ids (decimal strings), got {bad[0]!r}",
+                           param="logit_bias")
+        ids = {int(k): v for k, v in self.logit_bias.items()}
+        if len(ids) < len(self.logit_bias):
+            raise APIError(400, "logit_bias names a token id twice (as different strings)", param="logit_bias")
+        return ids
 
     def check_supported(self) -> None:
         for name in UNSUPPORTED:
@@ -127,7 +141,7 @@ class ChatRequest(_Request):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=TOP_LOGPROBS)
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None  # text, json_object or json_schema (constraints.py checks it)
     rsa: RSAOptions | None = None
 
     def check_supported(self) -> None:
@@ -155,3 +169,135 @@ def parse(model: type[BaseModel], body: bytes, limit: int):
         raise APIError(400, f"invalid `{param}`: {first['msg']}" if param else first["msg"], param=param) from None
     request.check_supported()
     return request
+
+
+# ---------------------------------------------------------------------------------------------- responses
+class _Response(BaseModel):
+    """A response body: ``model_dump()`` is the JSON sent. Fields named in ``OMIT_IF_NONE`` are left out
+    when None (OpenAI's optional members); every other field is always sent, null included."""
+
+    model_config = ConfigDict(extra="forbid")
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit(self, handler):
+        return {k: v for k, v in handler(self).items() if not (v is None and k in self.OMIT_IF_NONE)}
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class CompletionLogprobs(_Response):
+    """A completion choice's log-probs (``logprob_json``): one entry per token in each list."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Response):
+    """A chat choice's (or chunk's) log-probs (``logprob_json``)."""
+
+    content: list[ChatTokenLogprob] | None
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Response):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+
+
+class Delta(_Response):
+    OMIT_IF_NONE = ("role", "content")
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: Delta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+
+
+class RSARoundInfo(_Response):
+    round: int
+    generated_tokens: int
+    seconds: float
+
+
+class RSAProgress(RSARoundInfo):
+    """A streamed rsa request's event as each round ends."""
+
+    rounds: int
+
+
+class RSAExtension(_Response):
+    """The Markov RSA result a chat completion with ``rsa`` carries beside its choice."""
+
+    answer: str | None
+    share: float
+    answers: list[str | None]
+    texts: list[str]
+    generated_tokens: int
+    settings: dict[str, int]
+    rounds: list[RSARoundInfo]
+
+
+class Completion(_Response):
+    """A (chat) completion, or one chunk of a streamed one (``object`` says which)."""
+
+    OMIT_IF_NONE = ("usage", "rsa", "rsa_progress")
+    id: str
+    object: Literal["text_completion", "chat.completion", "chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[CompletionChoice] | list[ChatChoice] | list[ChatChunkChoice]
+    usage: Usage | None = None
+    rsa: RSAExtension | None = None  # extension: the search's result
+    rsa_progress: RSAProgress | None = None  # extension: a streamed search's round
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

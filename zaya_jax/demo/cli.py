@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from . import DEFAULT_MODEL_DIR, DEMO_POPULATION, DEMO_ROUNDS, DEMO_TEMPERATURE, arith, data
+from . import DEFAULT_MODEL_DIR, arith
 
 SOURCE = "held-out arithmetic problem"  # what errors call a problem's position (there is no file)
 
@@ -13,20 +13,18 @@ SOURCE = "held-out arithmetic problem"  # what errors call a problem's position 
 def register(subparsers) -> None:
     from zaya_jax.cli import add_model_arg, seed_arg
     from zaya_jax.infer.eval_cli import add_output_args
+    from zaya_jax.infer.rsa_config import RSAConfig, field_help
 
+    preset = RSAConfig.demo()
     p = subparsers.add_parser("demo", help="the trained demo model: single samples vs majority vote vs Markov RSA "
                                            "(zaya eval on held-out arithmetic problems)")
     add_model_arg(p, DEFAULT_MODEL_DIR, former_option=True)
     p.add_argument("--problems", type=int, default=64, help="held-out problems to solve (default 64)")
-    p.add_argument("--population", type=int, default=DEMO_POPULATION, help=f"N (default {DEMO_POPULATION})")
-    p.add_argument("--tails", type=int, default=data.TAILS, help=f"C (default {data.TAILS})")
-    p.add_argument("--rounds", type=int, default=DEMO_ROUNDS, help=f"T aggregation rounds (default {DEMO_ROUNDS})")
-    p.add_argument("--tail-tokens", type=int, default=data.TAIL_TOKENS,
-                   help=f"tau, the last tokens of each candidate an aggregation prompt shows (default {data.TAIL_TOKENS}; "
-                        f"{data.BUDGET}: whole solutions)")
-    p.add_argument("--temperature", type=float, default=DEMO_TEMPERATURE,
-                   help=f"sampling temperature of every round (default {DEMO_TEMPERATURE})")
-    p.add_argument("--seed", type=seed_arg, default=0)
+    for name, kind in (("population", int), ("tails", int), ("rounds", int), ("tail_tokens", int),
+                       ("temperature", float)):
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(preset, name),
+                       help=f"{field_help(name)} (default %(default)s)")
+    p.add_argument("--seed", type=seed_arg, default=preset.seed, help="the search's seed (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     add_output_args(p, required=False)
     p.set_defaults(func=_demo_command)
@@ -42,17 +40,18 @@ def heldout_problems(count: int) -> list:
 def _demo_command(args) -> int:
     from zaya_jax.cli import model_setting, resolve_model
     from zaya_jax.infer.eval_cli import run, run_settings
+    from zaya_jax.infer.rsa_config import RSAConfig
 
     path = args.model
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no demo model at {path}; build one as docs/demo_model.md says")
     if args.problems < 1:
         raise ValueError(f"--problems must be positive, got {args.problems}")
+    rsa = RSAConfig.demo(population=args.population, tails=args.tails, rounds=args.rounds,
+                         tail_tokens=args.tail_tokens, temperature=args.temperature, seed=args.seed)
     config, params, desc = resolve_model(path)
-    knobs = dict(population=args.population, tails=args.tails, rounds=args.rounds, budget=data.BUDGET,
-                 tail_tokens=args.tail_tokens)
-    settings = run_settings(knobs, model=model_setting(path, desc), data=f"arith test split, first {args.problems}",
-                            temperature=args.temperature, top_p=1.0, seed=args.seed, grader="math", template="demo")
+    settings = run_settings(rsa, model=model_setting(path, desc), data=f"arith test split, first {args.problems}",
+                            grader="math", template="demo")
     summary, table = run(params, config, path, heldout_problems(args.problems), settings, source=SOURCE,
                          out=args.out, resume=args.resume, force=args.force, slots=args.slots,
                          save_texts=args.save_texts, progress=not args.no_progress)

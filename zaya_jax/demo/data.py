@@ -30,11 +30,8 @@ import random
 
 from zaya_jax.infer.rsa import AggregationTemplate
 
-from . import arith
+from . import BUDGET, TAIL_TOKENS, TAILS, arith  # noqa: F401  (the settings the model is run with, beside TEMPLATE)
 
-TAILS = 4
-TAIL_TOKENS = 24  # characters = tokens: the last step and the boxed answer
-BUDGET = 64  # the longest solution (5 terms, 3-digit sums) is 54 characters
 TEMPLATE = AggregationTemplate(intro="Combine: ", before_candidates="\n", header="#{i} ...", separator="\n",
                                closing="Answer:")
 

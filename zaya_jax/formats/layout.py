@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from zaya_jax import dtypes
+from zaya_jax import dtypes, quant
 from zaya_jax.config import ZayaConfig
 
 ParamPath = tuple[str, ...]
@@ -148,9 +148,26 @@ def leaves(config: ZayaConfig, dtype) -> Iterator[tuple[Entry, tuple[int, ...], 
         yield entry, param_shape(entry, config), dtypes.leaf_dtype(entry.path, dtype)
 
 
-def param_bytes(config: ZayaConfig, dtype) -> int:
-    """Bytes of ``config``'s params held in ``dtype`` (balancing biases float32)."""
-    return sum(int(np.prod(shape)) * leaf_dtype.itemsize for _, shape, leaf_dtype in leaves(config, dtype))
+def stored_arrays(config: ZayaConfig, dtype, scheme: quant.Scheme | None = None
+                  ) -> Iterator[tuple[Entry, ParamPath, tuple[int, ...], np.dtype]]:
+    """Every array of ``config``'s params held in ``dtype``, quantized with ``scheme`` (or not): (entry, its
+    path, stacked shape, dtype). A quantized leaf is two arrays, ``path + ("values",)`` and ``path + ("scales",)``."""
+    for entry, shape, leaf_dtype in leaves(config, dtype):
+        axis = quant.QUANTIZED.get(entry.path) if scheme is not None else None
+        if axis is None:
+            yield entry, entry.path, shape, leaf_dtype
+        else:
+            yield entry, entry.path + ("values",), shape, quant.VALUES_DTYPE
+            yield entry, entry.path + ("scales",), quant.scale_shape(shape, axis, scheme), quant.SCALES_DTYPE
+
+
+def param_bytes(config: ZayaConfig, dtype, scheme: quant.Scheme | None = None) -> int:
+    """Bytes of ``config``'s params held in ``dtype`` (balancing biases float32), quantized with ``scheme``."""
+    return sum(int(np.prod(shape)) * d.itemsize for _, _, shape, d in stored_arrays(config, dtype, scheme))
+
+
+# A leaf never quantized, whose dtype is the float params' (readers report it as the checkpoint's dtype).
+DTYPE_PATH: ParamPath = ("final_norm", "scale")
 
 
 def get_path(tree: dict, path: ParamPath):

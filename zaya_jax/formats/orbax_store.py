@@ -19,12 +19,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
+from zaya_jax import quant
 from zaya_jax.config import ZayaConfig
 
 from . import layout
 from .hf_reader import CheckpointError
 
 CHUNK_BYTES = 64 << 20  # upper bound of one zarr chunk
+QUANTIZATION_KEY = "quantization"  # config.json of a quantized checkpoint: the ``quant.SCHEMES`` name
 
 
 def _checkpointer() -> ocp.PyTreeCheckpointer:
@@ -79,12 +81,13 @@ def save_tree(directory: str, tree: dict) -> None:
 
 
 class OrbaxWriter:
-    """Creates the checkpoint of ``config``'s params in ``dtype`` at ``directory``; ``put`` fills it."""
+    """Creates the checkpoint of ``config``'s params in ``dtype`` at ``directory``, the ``quant.QUANTIZED``
+    leaves quantized with ``scheme`` when given; ``put`` fills it."""
 
-    def __init__(self, directory: str, config: ZayaConfig, dtype):
-        self.config = config
-        self.arrays = create(directory, {entry.path: (shape, leaf_dtype)
-                                         for entry, shape, leaf_dtype in layout.leaves(config, dtype)})
+    def __init__(self, directory: str, config: ZayaConfig, dtype, scheme: quant.Scheme | None = None):
+        self.config, self.scheme = config, scheme
+        self.arrays = create(directory, {path: (shape, d) for _, path, shape, d in
+                                         layout.stored_arrays(config, dtype, scheme)})
         for entry in layout.entries(config):
             fill = layout.fill_value(entry)
             if fill is not None:  # layer slices with no HF tensor
@@ -93,9 +96,15 @@ class OrbaxWriter:
                 part.write(np.full(part.shape, fill, store.dtype.numpy_dtype)).result()
 
     def put(self, entry: layout.Entry, layer: int | None, value: np.ndarray) -> None:
-        """Writes one HF tensor already in param layout (``value``: the leaf's layer slice)."""
-        store = self.arrays[entry.path]
-        write_blocks(store[layer] if entry.per_layer else store, np.asarray(value))
+        """Writes one HF tensor already in param layout (``value``: the leaf's layer slice); a quantized leaf's
+        values and scales are computed from this tensor alone."""
+        parts = {entry.path: value}
+        if self.scheme is not None and entry.path in quant.QUANTIZED:
+            values, scales = quant.quantize_host(np.asarray(value), quant.QUANTIZED[entry.path], self.scheme)
+            parts = {entry.path + ("values",): values, entry.path + ("scales",): scales}
+        for path, part in parts.items():
+            store = self.arrays[path]
+            write_blocks(store[layer] if entry.per_layer else store, np.asarray(part))
 
 
 def write_blocks(target: ts.TensorStore, value: np.ndarray) -> None:
@@ -129,30 +138,54 @@ def missing_chunks(leaf_dir: str) -> list[str]:
     return sorted(expected - present)
 
 
+def _quantized_leaf(directory: str, path: layout.ParamPath) -> bool:
+    return os.path.isdir(_leaf_dir(directory, path + ("values",)))
+
+
 class OrbaxReader:
-    """Reads layer slices of the param leaves of a checkpoint written here."""
+    """Reads layer slices of the param leaves of a checkpoint written here.
+
+    ``arrays``: every stored array by its path (a quantized leaf's two under ``path + ("values",)`` and
+    ``path + ("scales",)``); ``quantized``: the param paths stored quantized; ``scheme``: their scheme (config.json
+    names it), or None."""
 
     def __init__(self, directory: str, config: ZayaConfig):
         self.config = config
-        self.arrays = {entry.path: _open_leaf(directory, entry.path) for entry in layout.entries(config)}
-        for entry, shape, _ in layout.leaves(config, np.float32):
-            found = tuple(self.arrays[entry.path].shape)
-            if found != shape:
-                raise CheckpointError(f"param {'/'.join(entry.path)} has shape {found}, config.json implies {shape}")
-            missing = missing_chunks(_leaf_dir(directory, entry.path))
+        self.quantized = {e.path for e in layout.entries(config) if _quantized_leaf(directory, e.path)}
+        self.scheme = quant.scheme(config.to_hf_dict().get(QUANTIZATION_KEY)) if self.quantized else None
+        if self.quantized and self.scheme is None:
+            raise CheckpointError(f"orbax checkpoint {directory} holds quantized params but config.json does not "
+                                  f"name their {QUANTIZATION_KEY!r}")
+        self.arrays = {}
+        for entry, path, shape, _ in layout.stored_arrays(config, np.float32, self.scheme):
+            if self.scheme is not None and (entry.path in quant.QUANTIZED) != (entry.path in self.quantized):
+                raise CheckpointError(f"param {'/'.join(entry.path)} of {directory} is "
+                                      f"{'not ' if entry.path in quant.QUANTIZED else ''}quantized, unlike a "
+                                      f"{self.scheme.name} checkpoint's")
+            store = self.arrays[path] = _open_leaf(directory, path)
+            if tuple(store.shape) != shape:
+                raise CheckpointError(f"param {'/'.join(path)} has shape {tuple(store.shape)}, config.json implies {shape}")
+            missing = missing_chunks(_leaf_dir(directory, path))
             if missing:
                 raise CheckpointError(
-                    f"param {'/'.join(entry.path)} is missing {len(missing)} chunk file(s) of its zarr array "
-                    f"(first: {os.path.join(_leaf_dir(directory, entry.path), missing[0])}): the checkpoint "
+                    f"param {'/'.join(path)} is missing {len(missing)} chunk file(s) of its zarr array "
+                    f"(first: {os.path.join(_leaf_dir(directory, path), missing[0])}): the checkpoint "
                     "is damaged or incomplete; convert it again")
 
     def read(self, entry: layout.Entry, layer: int | None) -> np.ndarray:
-        store = self.arrays[entry.path]
-        return (store[layer] if entry.per_layer else store).read().result()
+        """One layer slice (or a global leaf) in param layout; a quantized one dequantized to ``dtype``."""
+        def part(path):
+            store = self.arrays[path]
+            return (store[layer] if entry.per_layer else store).read().result()
+
+        if entry.path in self.quantized:
+            return quant.dequantize_host(part(entry.path + ("values",)), part(entry.path + ("scales",)), self.dtype)
+        return part(entry.path)
 
     @property
     def dtype(self) -> np.dtype:
-        return self.arrays[layout.ENTRIES[0].path].dtype.numpy_dtype
+        """The float params' dtype."""
+        return self.arrays[layout.DTYPE_PATH].dtype.numpy_dtype
 
 
 def restore(directory: str, config: ZayaConfig, dtype=None, shardings: dict | None = None) -> dict:
@@ -162,9 +195,10 @@ def restore(directory: str, config: ZayaConfig, dtype=None, shardings: dict | No
     target = dtype if dtype is not None else reader.dtype
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     restore_args: dict = {}
-    for entry, _, leaf_dtype in layout.leaves(config, target):
+    for entry, path, _, leaf_dtype in layout.stored_arrays(config, target, reader.scheme):
         sharding = single if shardings is None else layout.get_path(shardings, entry.path)
-        layout.set_path(restore_args, entry.path, ocp.ArrayRestoreArgs(sharding=sharding, dtype=leaf_dtype))
-    return _checkpointer().restore(
-        os.path.abspath(directory), args=ocp.args.PyTreeRestore(restore_args=restore_args)
-    )
+        if quant.is_quantized(sharding):
+            sharding = sharding.values if path[-1] == "values" else sharding.scales
+        layout.set_path(restore_args, path, ocp.ArrayRestoreArgs(sharding=sharding, dtype=leaf_dtype))
+    tree = _checkpointer().restore(os.path.abspath(directory), args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    return quant.from_stored(tree, reader.scheme and reader.scheme.name)

@@ -44,7 +44,7 @@ class TreeReader:
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(layout.get_path(self.params, layout.ENTRIES[0].path).dtype)
+        return np.dtype(layout.get_path(self.params, layout.DTYPE_PATH).dtype)
 
 
 def read_hf(path: str, config: ZayaConfig, dtype=None) -> dict:
