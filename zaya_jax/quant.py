@@ -1,4 +1,5 @@
-"""Weight-only quantization: int8 with a scale per output channel, int4 with a scale per group of input rows.
+"""Weight-only quantization: int8 with a scale per output channel; int4: the experts at 4 bits with a scale per
+group of 32 input rows, the other quantized leaves at int8 (a ``Scheme`` may hold each leaf differently).
 
 A quantized weight is a :class:`QuantizedArray`: ``values`` (integers) of the weight's own shape and
 ``scales`` (float32) of the same rank, equal to the weight's shape except on the axis its matmul
