@@ -164,8 +164,10 @@ def _quantize_block(w, axis: int, s: Scheme, xp):
     groups = w.shape[axis] // s.group(w.shape[axis])
     g = _grouped(w.astype(xp.float32), axis, groups)
     amax = xp.max(xp.abs(g), axis=axis + 1, keepdims=True)
-    scale = xp.where(amax > 0, amax / s.qmax, 1.0).astype(xp.float32)
-    values = xp.clip(xp.round(g / scale), -s.qmax, s.qmax).astype(VALUES_DTYPE).reshape(w.shape)
+    # Products with float32 reciprocals, not divisions: XLA rewrites a division by a broadcast value into
+    # that product, so written so, numpy (the converter) and jax (in memory) round every value alike.
+    scale = xp.where(amax > 0, amax * xp.float32(1.0 / s.qmax), 1.0).astype(xp.float32)
+    values = xp.clip(xp.round(g * (1.0 / scale)), -s.qmax, s.qmax).astype(VALUES_DTYPE).reshape(w.shape)
     return values, xp.squeeze(scale, axis + 1)
 
 
