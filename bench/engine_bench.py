@@ -209,8 +209,8 @@ def rsa(slots: int | None, problems: int, repeats: int) -> None:
         return result, extra.get("engine")
 
     if hasattr(Engine, "stats"):  # a checkout with the prefix cache: on against off, runs alternating
-        # Warm-up without it: the first run with it then also compiles its prefill programs.
-        run(0, prefix_cache=False)
+        for on in (False, True):  # warm-up: compiles (with it, also the smaller chunks and the load / save)
+            run(0, prefix_cache=on)
         rates = {False: [], True: []}
         for _ in range(repeats):
             for on in (False, True):
