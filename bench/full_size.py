@@ -2,7 +2,7 @@
 loaded and run in bfloat16, with each step's peak memory measured in its own process.
 
     # everything, in order, on a fresh work directory (about 45 GB of disk at 40 layers):
-    python bench/full_size.py all --workdir /work/big/zaya-full
+    python bench/full_size.py all --workdir work/zaya-full
     # or one step at a time:
     python bench/full_size.py write DIR [--layers 40] [--legacy] [--seed 0]
     python bench/full_size.py all --workdir DIR --steps write,convert,verify,load,run,hf,compare
@@ -232,6 +232,7 @@ def compare(jax_logits: np.ndarray, hf_logits: np.ndarray, ids: list[int]) -> di
         "top1_excluding_input_token_agreement": float((a2.argmax(-1) == b2.argmax(-1)).mean()),
         "top5_overlap": float(np.mean([len(set(np.argsort(-x)[:5]) & set(np.argsort(-y)[:5])) / 5 for x, y in zip(a, b)])),
         "max_abs_logit_diff": float(np.abs(a - b).max()),
+        "mean_abs_logit_diff": float(np.abs(a - b).mean()),
         "logit_std": float(b.std()),
         "max_abs_logit": float(np.abs(b).max()),
         "mean_kl_jax_vs_hf": float((pa * (la - lb)).sum(-1).mean()),

@@ -92,7 +92,7 @@ def jax_start(params, config, ids: np.ndarray, new: int):
         jnp.full((B,), S, jnp.int32), jnp.zeros((B, config.vocab_size)), moe_impl="auto")
     T = -(-(S + new) // 16) * 16
     rows = jnp.arange(B, dtype=jnp.int32)
-    state, first, _ = decode.insert_compiled(
+    state, first, *_ = decode.insert_compiled(
         decode.init_slots(zaya_jax.init_cache(config, B, T, dtype), 4), cache, last, rows, rows, jnp.int32(B),
         jax.random.wrap_key_data(request_keys(0, np.arange(B))), SamplingParams.create(B),
         jnp.full((B,), new, jnp.int32), jnp.full((B,), T, jnp.int32), jnp.full((B, 4), -1, jnp.int32))
@@ -102,7 +102,7 @@ def jax_start(params, config, ids: np.ndarray, new: int):
 def jax_decode(params, config, start, steps: int):
     """``steps`` compiled decode steps of the pool; every token so far ``[B, 1 + steps]``."""
     state, first = start
-    state, out = decode.decode_compiled(params, config, state, jnp.zeros(first.shape, bool), steps=steps,
+    state, out, _ = decode.decode_compiled(params, config, state, jnp.zeros(first.shape, bool), steps=steps,
                                         moe_impl="auto")
     return jnp.concatenate([first[:, None], jax.block_until_ready(out)], axis=1)
 

@@ -114,14 +114,14 @@ def main() -> None:
     cancel = jnp.zeros((args.batch,), bool)
     step = decode.decode_compiled.lower(params, config, state, cancel, steps=args.steps, moe_impl="auto").compile()
     run = lambda s: step(params, s, cancel)  # noqa: E731  (static args are baked into the compiled program)
-    state, _ = run(state)  # warm
+    state, *_ = run(state)  # warm
     t = time.perf_counter()
-    state, _ = jax.block_until_ready(run(state))
+    state, *_ = jax.block_until_ready(run(state))
     wall = (time.perf_counter() - t) / args.steps
     pool = [state]  # donated: each profiled call consumes the previous call's state
 
     def call():
-        pool[0], out = run(pool[0])
+        pool[0], out, _ = run(pool[0])
         return out
 
     op_times = {op: seconds / args.steps for op, seconds in profile(call, step.as_text(), args.repeats).items()}

@@ -24,7 +24,14 @@ from zaya_jax.finite import check_tensor
 from zaya_jax.formats import layout
 from zaya_jax.formats.converted import PARAMS_DIR, is_converted
 from zaya_jax.formats.hf_reader import CheckpointError, HFCheckpoint, resolve_dtype
-from zaya_jax.formats.orbax_store import QUANTIZATION_KEY, OrbaxReader, OrbaxWriter, save_tree
+from zaya_jax.formats.orbax_store import (
+    QUANTIZATION_KEY,
+    QUANTIZED_TENSORS_KEY,
+    OrbaxReader,
+    OrbaxWriter,
+    save_tree,
+    scheme_entries,
+)
 from zaya_jax.formats.tree import TreeReader
 from zaya_jax.memory import peak_rss_bytes
 
@@ -85,11 +92,12 @@ def _check_paths(src: str, dst: str) -> None:
 
 
 def _write_config(directory: str, config: ZayaConfig, dtype: np.dtype, quantization: str | None = None) -> None:
-    """config.json: the native schema, the float params' ``dtype`` and, for quantized weights, their scheme."""
+    """config.json: the native schema, the float params' ``dtype`` and, for quantized weights, their scheme
+    (its name and each quantized leaf's bits and group size)."""
     data = dict(config.to_hf_dict(), dtype=np.dtype(dtype).name)
     data.pop(QUANTIZATION_KEY, None)
-    if quantization is not None:
-        data[QUANTIZATION_KEY] = quantization
+    data.pop(QUANTIZED_TENSORS_KEY, None)
+    data.update(scheme_entries(quant.scheme(quantization)))
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(data, f, indent=2)
 
@@ -139,7 +147,7 @@ def convert(src: str, dst: str, *, dtype=None, quantize: str | None = None, forc
         _write_config(tmp, config, target, quantize)
         assets = copy_assets(src, tmp)
         manifest = {"source": os.path.abspath(src), "layout": "legacy" if ckpt.legacy else "native",
-                    "dtype": target.name, QUANTIZATION_KEY: quantize, "assets": assets, **dataclasses.asdict(summary)}
+                    "dtype": target.name, QUANTIZATION_KEY: scheme and scheme.name, "assets": assets, **dataclasses.asdict(summary)}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
     return summary

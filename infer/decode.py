@@ -22,6 +22,11 @@ sampled token, by position: prefill writes the prompt's routes, decode the fed t
 new tokens' log-probs, insert copies them into the slot. Without it those fields are None and the
 programs are the plain ones.
 
+Log-probs for clients (``zaya_jax.infer.logprobs``): insert and decode return, with the tokens, each
+emitted token's log-prob under the model and the K most likely tokens, computed only when the host says
+some row asks (a dynamic flag: one program either way). Prefill computes the prompt's per-position
+log-probs when given the prompt's next tokens (``targets``: a program of its own, for groups that ask).
+
 Shapes: M slots, T cache slots per slot (= max_len), G prefill rows, C chunk tokens, V vocabulary,
 K stop ids per request, L layers, W = ceil(V / 32) mask words.
 """
@@ -40,6 +45,7 @@ from zaya_jax.cache import KVCache, from_bits, to_bits
 from zaya_jax.config import ZayaConfig
 from zaya_jax.model import INFERENCE_COMPILER_OPTIONS, apply, cached_context, lm_logits
 
+from . import logprobs as lps
 from . import penalties as pen
 from .sampling import SamplingParams, mask_tokens, sample, step_keys, token_logprobs
 from .scheduler import StopReason
@@ -119,15 +125,16 @@ def init_slots(cache: KVCache, stop_width: int, record: bool = False, penalties:
 
 
 def prefill_chunk(params, config: ZayaConfig, cache: KVCache, tokens: Array, new_len: Array, last: Array, *,
-                  moe_impl: str = "auto", record: bool = False, state_every: int = 0):
+                  moe_impl: str = "auto", record: bool = False, state_every: int = 0, targets: Array | None = None):
     """Appends one chunk of right-padded prompts to ``cache`` (a small [layers, G, S] prefill cache).
 
     tokens: [G, C] int32, row g's next ``new_len[g]`` tokens first; last: [G, V] float32 logits after
     each row's tokens so far. Returns (last logits [G, V] — updated for rows with new tokens —, cache),
-    then with ``record`` the chunk's routes [G, C, L] int32, then with ``state_every`` the CCA states
-    after every ``state_every`` tokens of the chunk (``CCAProjection``: conv [L, G, C // e, Kc, C'] and
-    v_prev [L, G, C // e, kv_dim / 2], in the cache's storage). The LM head runs on each row's last
-    new token only.
+    then with ``record`` the chunk's routes [G, C, L] int32, then with ``targets`` ([G, C] int32: the
+    token after each chunk token) their ``logprobs.Logprobs`` [G, C] at each chunk position, then with
+    ``state_every`` the CCA states after every ``state_every`` tokens of the chunk (``CCAProjection``:
+    conv [L, G, C // e, Kc, C'] and v_prev [L, G, C // e, kv_dim / 2], in the cache's storage). Without
+    ``targets`` the LM head runs on each row's last new token only.
     """
     ctx = cached_context(cache, tokens.shape[1], new_len, state_every=state_every)
     hidden, cache, aux = apply(params, config, tokens, ctx, cache, moe_impl=moe_impl, return_hidden=True)
@@ -139,6 +146,10 @@ def prefill_chunk(params, config: ZayaConfig, cache: KVCache, tokens: Array, new
     out = (last, cache)
     if record:
         out += (aux["routes"].transpose(1, 2, 0),)
+    if targets is not None:
+        with jax.named_scope("prompt_logprobs"):
+            out += (lps.of_hidden(hidden, lambda h: lm_logits(params, config, h), targets,
+                                  lps.width(config.vocab_size)),)
     if state_every:
         out += (aux["states"],)
     return out
@@ -181,7 +192,7 @@ def save_prefix(store: KVCache, cache: KVCache, states, row: Array, block: Array
 
 def insert(state: SlotState, cache: KVCache, logits: Array, src: Array, dst: Array, count: Array, keys: Array,
            sampling: SamplingParams, max_new: Array, limit: Array, stop_ids: Array, routes: Array | None = None,
-           penalties: pen.Penalties | None = None, mask: Array | None = None):
+           penalties: pen.Penalties | None = None, mask: Array | None = None, want_logprobs: Array | bool = False):
     """Starts requests in slots: copies prefill row ``src[i]`` of ``cache`` into slot ``dst[i]``, samples
     its first token from ``logits[src[i]]`` and stores its knobs, for ``i < count``; entries from
     ``count`` on are padding and must have ``dst[i] >= M``.
@@ -189,8 +200,10 @@ def insert(state: SlotState, cache: KVCache, logits: Array, src: Array, dst: Arr
     cache: [layers, G, S] with S <= T; logits: [G, V]; src, dst, max_new, limit: [I]; count: [] int32;
     keys: [I] keys; sampling: [I] arrays; stop_ids: [I, K]; routes: [G, S, L] the prompts' routes (a
     recording pool only); penalties: [I] rows of knobs (a pool with penalties; None: none for these
-    requests); mask: [I, W] int32 the tokens each first token may be (None: any). The engine pads I to M,
-    so one program serves every group size of a (G, S) prefill. Returns (state, first tokens [I], reasons [I]).
+    requests); mask: [I, W] int32 the tokens each first token may be (None: any); want_logprobs: [] bool,
+    whether to compute the first tokens' log-probs. The engine pads I to M, so one program serves every
+    group size of a (G, S) prefill. Returns (state, first tokens [I], reasons [I], their
+    ``logprobs.Logprobs`` [I] — zeros unless wanted).
     """
     S = cache.k.shape[2]
     put = lambda a, v: a.at[dst].set(v, mode="drop")  # noqa: E731
@@ -202,6 +215,7 @@ def insert(state: SlotState, cache: KVCache, logits: Array, src: Array, dst: Arr
     # No token generated yet: no counts, so only the logit bias acts on the first token.
     token, reason = _choose(logits[src], sampling, keys, num_new, cache.lengths[src], max_new, stop_ids, limit,
                             penalties, None, mask)
+    first = lps.of_logits_if(jnp.asarray(want_logprobs), logits[src], token, lps.width(logits.shape[-1]))
     if state.penalties is not None:
         started = jnp.zeros(state.counts.shape[:1], bool).at[dst].set(True, mode="drop")
         counts = pen.count(jnp.where(started[:, None], 0, state.counts), dst, token, reason != NON_FINITE)
@@ -219,7 +233,7 @@ def insert(state: SlotState, cache: KVCache, logits: Array, src: Array, dst: Arr
         prompt_routes = jnp.where(jnp.arange(S)[None, :, None] < held[:, None, None], routes[src], -1)  # no padding
         routes = state.routes.at[dst].set(-1, mode="drop").at[dst, :S].set(prompt_routes, mode="drop")
         state = state.replace(routes=routes, logprobs=put(state.logprobs, logprobs))
-    return state, token, reason
+    return state, token, reason, first
 
 
 def _copy_rows(pool: KVCache, cache: KVCache, src: Array, dst: Array, count: Array) -> KVCache:
@@ -270,8 +284,9 @@ def _choose(logits, sampling, keys, num_new, held, max_new, stop_ids, limit, pen
     return token, reason.astype(jnp.int32)
 
 
-def decode(params, config: ZayaConfig, state: SlotState, cancel: Array, mask: Array | None = None, *, steps: int,
-           active: int | None = None, span: int | None = None, moe_impl: str = "auto"):
+def decode(params, config: ZayaConfig, state: SlotState, cancel: Array, mask: Array | None = None,
+           want_logprobs: Array | bool = False, *, steps: int, active: int | None = None, span: int | None = None,
+           moe_impl: str = "auto"):
     """Up to ``steps`` decode steps of every running slot in one ``lax.while_loop`` (fewer once none runs).
 
     cancel: [M] bool, running slots to stop first (reason CANCELLED). active: decode slots ``[0, active)``
@@ -279,23 +294,28 @@ def decode(params, config: ZayaConfig, state: SlotState, cancel: Array, mask: Ar
     the rest are left as they are. span: attend over cache slots ``[0, span)`` only, so a step costs what
     the rows hold, not T; every running row must hold at most ``span - steps`` tokens (its reads and
     writes then stay inside). mask: [M, W] int32, the tokens each slot may emit (every step of the call;
-    None: any). Returns (state, emitted [M, steps] int32 — the token a slot emitted at each step, -1 where
-    it emitted none).
+    None: any). want_logprobs: [] bool, whether to compute the emitted tokens' log-probs. Returns (state,
+    emitted [M, steps] int32 — the token a slot emitted at each step, -1 where it emitted none —, their
+    ``logprobs.Logprobs`` [M, steps], zeros unless wanted).
     """
     M = state.token.shape[0]
+    K = lps.width(config.vocab_size)
+    want_logprobs = jnp.asarray(want_logprobs)
     state = state.replace(reason=jnp.where(cancel & (state.reason == RUNNING), CANCELLED, state.reason))
     if active is not None and active < M:
-        window, out = decode(params, config, _rows(state, active, span), cancel[:active],
-                             None if mask is None else mask[:active], steps=steps, moe_impl=moe_impl)
-        return _put_rows(state, window), jnp.full((M, steps), -1, jnp.int32).at[:active].set(out)
-    out = jnp.full((M, steps), -1, jnp.int32)
+        window, out, scores = decode(params, config, _rows(state, active, span), cancel[:active],
+                                     None if mask is None else mask[:active], want_logprobs, steps=steps,
+                                     moe_impl=moe_impl)
+        scores = jax.tree.map(lambda full, w: full.at[:active].set(w), lps.empty((M, steps), K), scores)
+        return _put_rows(state, window), jnp.full((M, steps), -1, jnp.int32).at[:active].set(out), scores
+    out = (jnp.full((M, steps), -1, jnp.int32), lps.empty((M, steps), K))
 
     def cond(carry):
         i, s, _ = carry
         return (i < steps) & jnp.any(s.reason == RUNNING)
 
     def body(carry):
-        i, s, out = carry
+        i, s, (out, scores) = carry
         running = s.reason == RUNNING
         ctx = cached_context(s.cache, 1, running.astype(jnp.int32), keys=span)
         logits, cache, aux = apply(params, config, s.token[:, None], ctx, s.cache, moe_impl=moe_impl)
@@ -305,6 +325,8 @@ def decode(params, config: ZayaConfig, state: SlotState, cancel: Array, mask: Ar
         if s.counts is not None:
             s = s.replace(counts=pen.count(s.counts, jnp.arange(M), token, emitted))
         out = out.at[:, i].set(jnp.where(emitted, token, -1))
+        scores = jax.tree.map(lambda a, v: a.at[:, i].set(v), scores,
+                              lps.of_logits_if(want_logprobs, logits[:, 0], token, K))
         if s.routes is not None:  # the fed token's routes at its position; the new token's log-prob at its own
             rows, T = jnp.arange(M), s.logprobs.shape[1]
             fed = jnp.where(running, s.cache.lengths, T)
@@ -314,10 +336,10 @@ def decode(params, config: ZayaConfig, state: SlotState, cancel: Array, mask: Ar
                           logprobs=s.logprobs.at[rows, new].set(lp, mode="drop"))
         s = s.replace(cache=cache, token=jnp.where(emitted, token, s.token), num_new=s.num_new + emitted,
                       reason=jnp.where(running, reason, s.reason))
-        return i + 1, s, out
+        return i + 1, s, (out, scores)
 
-    _, state, out = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, out))
-    return state, out
+    _, state, (out, scores) = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, out))
+    return state, out, scores
 
 
 # The per-slot fields of SlotState, row axis 0 (routes and logprobs are None in a pool that does not record,

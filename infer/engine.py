@@ -39,6 +39,7 @@ from zaya_jax.model import compute_dtype
 from zaya_jax.validate import is_integer
 
 from . import constraints, decode
+from . import logprobs as lps
 from . import penalties as pen
 from .sampling import SamplingParams, check_knobs, per_row, seed_key
 from .scheduler import (
@@ -71,12 +72,15 @@ class GenerationResult:
     "stop_token", "max_new_tokens", "cache_full" (prompt + output reached the maximum length) or
     "non_finite" (the model produced NaN/Inf logits: the row stops there, without a token).
     From a recording engine (``Engine(record=True)``) also each request's ``logprobs`` and ``routes``
-    (see ``Request``); None otherwise."""
+    (see ``Request``); None otherwise. When asked (``logprobs=`` / ``prompt_logprobs=``), each request's
+    ``token_logprobs`` / ``prompt_logprobs`` (see ``Request``); None otherwise."""
 
     tokens: list[list[int]]
     stop_reasons: list[str]
     logprobs: list[np.ndarray] | None = None
     routes: list[np.ndarray] | None = None
+    token_logprobs: list[list[lps.TokenLogprob]] | None = None
+    prompt_logprobs: list[list[lps.TokenLogprob | None]] | None = None
 
 
 class PoolShape(PoolSizes):
@@ -188,7 +192,8 @@ class Engine:
     def submit(self, prompt: Sequence[int], *, max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0,
                min_p=0.0, stop_token_ids=None, seed: int = 0, index: int = 0, key: np.ndarray | None = None,
                on_update: Callable[[Request, list[int]], None] | None = None, presence_penalty=0.0,
-               frequency_penalty=0.0, logit_bias=None, grammar: constraints.Grammar | None = None) -> Request:
+               frequency_penalty=0.0, logit_bias=None, grammar: constraints.Grammar | None = None,
+               logprobs: int | None = None, prompt_logprobs: int | None = None) -> Request:
         """Queues one request; returns its ``Request`` (filled in as ``step`` runs).
 
         Its key is ``fold_in(key(seed), index)`` unless ``key`` (key data ``[2]`` uint32) is given.
@@ -198,11 +203,18 @@ class Engine:
         [-100, 100]}, at most ``max_logit_bias`` entries) act as OpenAI's (``penalties.py``). ``grammar``
         (``constraints.GrammarVocabulary.compile``) restricts each token to those that keep the output
         inside it; its end-of-sequence ids must be stop tokens of the request.
+        ``logprobs`` / ``prompt_logprobs`` (None, or 0 to ``logprobs.TOP_LOGPROBS`` alternatives per token):
+        fill ``Request.token_logprobs`` / ``.prompt_logprobs`` with the model's log-probs; with
+        ``prompt_logprobs``, ``max_new_tokens`` may be 0 (score the prompt, emit nothing).
         """
         prompt = tuple(self.check_prompt(prompt))
-        max_new = check_max_new_tokens(max_new_tokens)
+        V = self.config.vocab_size
+        logprobs, prompt_logprobs = (lps.check_count("logprobs", logprobs, V),
+                                     lps.check_count("prompt_logprobs", prompt_logprobs, V))
+        max_new = check_max_new_tokens(max_new_tokens, scoring=prompt_logprobs is not None)
         knobs = SamplingKnobs(**{k: v[0] for k, v in check_knobs(1, temperature=temperature, top_k=top_k,
-                                                                 top_p=top_p, min_p=min_p).items()})
+                                                                 top_p=top_p, min_p=min_p).items()},
+                              logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         penalty = self.check_penalties(presence_penalty, frequency_penalty, logit_bias)
         stop_ids = self.stop_id_row(stop_token_ids)
         self.check_grammar(grammar, stop_ids)
@@ -268,10 +280,11 @@ class Engine:
     # ------------------------------------------------------------------------------------------ batch API
     def submit_batch(self, prompts, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
                      stop_token_ids=None, seed: int = 0, on_update=None, presence_penalty=0.0, frequency_penalty=0.0,
-                     logit_bias=None, grammar: constraints.Grammar | None = None) -> list[Request]:
+                     logit_bias=None, grammar: constraints.Grammar | None = None, logprobs: int | None = None,
+                     prompt_logprobs: int | None = None) -> list[Request]:
         """Queues ``prompts`` as requests ``0 .. n-1`` (keyed as ``generate``'s rows); every knob is a scalar
-        or one value per prompt (``logit_bias`` and ``grammar``: one for all). All are validated before any is
-        queued."""
+        or one value per prompt (``logit_bias``, ``grammar``, ``logprobs`` and ``prompt_logprobs``: one for
+        all). All are validated before any is queued."""
         prompts = [self.check_prompt(p, f"prompt {i}") for i, p in enumerate(check_prompt_list(prompts))]
         n = len(prompts)
         knobs = check_knobs(n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
@@ -280,16 +293,20 @@ class Engine:
         for p, f in zip(presence, frequency):
             self.check_penalties(p, f, logit_bias)
         self.check_grammar(grammar, self.stop_id_row(stop_token_ids))
+        V = self.config.vocab_size
+        reports = dict(logprobs=lps.check_count("logprobs", logprobs, V),
+                       prompt_logprobs=lps.check_count("prompt_logprobs", prompt_logprobs, V))
         max_new = np.asarray(max_new_tokens, object)
         if max_new.ndim and max_new.shape != (n,):
             raise ValueError(f"max_new_tokens must be a scalar or have one value per prompt ({n}), got shape "
                              f"{max_new.shape}")
-        max_new = [check_max_new_tokens(m) for m in np.broadcast_to(max_new, (n,))]
+        max_new = [check_max_new_tokens(m, scoring=reports["prompt_logprobs"] is not None)
+                   for m in np.broadcast_to(max_new, (n,))]
         self.stop_id_row(stop_token_ids)
         keys = request_keys(seed, np.arange(n))
         return [self.submit(p, max_new_tokens=max_new[i], stop_token_ids=stop_token_ids, key=keys[i],
                             on_update=on_update, presence_penalty=presence[i], frequency_penalty=frequency[i],
-                            logit_bias=logit_bias, grammar=grammar, **{k: v[i] for k, v in knobs.items()})
+                            logit_bias=logit_bias, grammar=grammar, **reports, **{k: v[i] for k, v in knobs.items()})
                 for i, p in enumerate(prompts)]
 
     def stream(self, prompts, **kwargs) -> Iterator[tuple[int, list[int], str]]:
@@ -303,8 +320,11 @@ class Engine:
         out = dict(self._finished(prompts, **kwargs))
         requests = [out[i] for i in range(len(out))]
         recorded = lambda field: [getattr(r, field) for r in requests] if self.record else None  # noqa: E731
+        asked = lambda knob, field: [getattr(r, field) for r in requests] if kwargs.get(knob) is not None else None  # noqa: E731
         return GenerationResult(tokens=[r.tokens for r in requests], stop_reasons=[r.stop_reason for r in requests],
-                                logprobs=recorded("logprobs"), routes=recorded("routes"))
+                                logprobs=recorded("logprobs"), routes=recorded("routes"),
+                                token_logprobs=asked("logprobs", "token_logprobs"),
+                                prompt_logprobs=asked("prompt_logprobs", "prompt_logprobs"))
 
     def _finished(self, prompts, **kwargs) -> Iterator[tuple[int, Request]]:
         """Yields ``(index, request)`` for each prompt as it finishes."""
@@ -401,19 +421,27 @@ class Engine:
             last = jnp.zeros((G, V), jnp.float32)
             routes = np.zeros((G, S, self.config.num_hidden_layers), np.int32) if self.record else None
             rest = [p.prompt[p.start:] for p in group.prefills]
+            scored = [] if group.score else None  # each chunk's prompt log-probs (host)
             states = []
             for start in range(0, max(len(r) for r in rest), C):
                 tokens, new_len = np.zeros((G, C), np.int32), np.zeros((G,), np.int32)
+                targets = np.zeros((G, C), np.int32) if group.score else None
                 for g, r in enumerate(rest):
                     piece = r[start:start + C]
                     tokens[g, : len(piece)], new_len[g] = piece, len(piece)
+                    if targets is not None:  # the token after each: the last prompt token's is never read
+                        after = r[start + 1:start + C + 1]
+                        targets[g, : len(after)] = after
                 out = decode.prefill_chunk_compiled(self.params, self.config, cache, jnp.asarray(tokens),
                                                     jnp.asarray(new_len), last, moe_impl=self.moe_impl,
-                                                    record=self.record, state_every=every)
+                                                    record=self.record, state_every=every,
+                                                    targets=None if targets is None else jnp.asarray(targets))
                 last, cache = out[:2]
                 if self.record:
                     # The last chunk may run past a bucket capped at the cache length (S % C != 0).
                     routes[:, start:start + C] = to_host(out[2])[:, :S - start]
+                if scored is not None:
+                    scored.append(jax.tree.map(to_host, out[2 + self.record]))
                 if every:
                     states.append(out[-1])
                 self._counts["prefill_calls"] += 1
@@ -434,21 +462,39 @@ class Engine:
             limit = np.full((n,), self.max_len, np.int32)
             stop_ids = np.full((n, self.max_stop_ids), -1, np.int32)
             knobs = {f.name: np.zeros((n,), np.asarray(getattr(group.requests[0].sampling, f.name)).dtype)
-                     for f in dataclasses.fields(SamplingKnobs)}
+                     for f in dataclasses.fields(SamplingParams)}
             for i, (r, row) in enumerate(zip(group.requests, group.row_of)):
                 src[i], dst[i], keys[i], stop_ids[i] = row, r.slot, r.key, r.stop_ids
-                max_new[i] = min(r.max_new_tokens, np.iinfo(np.int32).max)
+                max_new[i] = min(max(r.max_new_tokens, 1), np.iinfo(np.int32).max)  # 0: the slot stops at once
                 for k, values in knobs.items():
                     values[i] = getattr(r.sampling, k)
-            self._state, first, reason = decode.insert_compiled(
+            wanted = any(r.sampling.logprobs is not None for r in group.requests)
+            self._state, first, reason, first_lp = decode.insert_compiled(
                 self._state, cache, last, jnp.asarray(src), jnp.asarray(dst), jnp.int32(len(group.requests)),
                 jax.random.wrap_key_data(keys),
                 SamplingParams(**{k: jnp.asarray(v) for k, v in knobs.items()}), jnp.asarray(max_new),
                 jnp.asarray(limit), jnp.asarray(stop_ids), None if routes is None else jnp.asarray(routes),
-                self._penalty_rows(group.requests, n), self._token_masks(group.requests, n))
+                self._penalty_rows(group.requests, n), self._token_masks(group.requests, n), jnp.asarray(wanted))
         first, reason = to_host(first), to_host(reason)
-        return self._advance_all([(r, [] if reason[i] == StopReason.NON_FINITE else [int(first[i])], int(reason[i]))
-                                  for i, r in enumerate(group.requests)])
+        first_lp = jax.tree.map(to_host, first_lp) if wanted else None
+        if scored is not None:
+            scored = jax.tree.map(lambda *chunks: np.concatenate(chunks, axis=1), *scored)
+        updates = []
+        for i, (r, row) in enumerate(zip(group.requests, group.row_of)):
+            if r.sampling.prompt_logprobs is not None:  # a scored row starts at token 0: chunk positions are prompt positions
+                P = len(r.prompt)
+                r.prompt_logprobs = [None] + lps.entries(r.prompt[1:], scored.chosen[row, :P - 1],
+                                                         scored.top_ids[row, :P - 1], scored.top_values[row, :P - 1],
+                                                         r.sampling.prompt_logprobs)
+            new, why = ([] if reason[i] == StopReason.NON_FINITE else [int(first[i])]), int(reason[i])
+            if r.max_new_tokens == 0:  # scoring only: the token drawn is dropped
+                new, why = [], (why if why == StopReason.NON_FINITE else StopReason.MAX_NEW_TOKENS)
+            entries = None
+            if new and r.sampling.logprobs is not None:
+                entries = lps.entries(new, first_lp.chosen[i:i + 1], first_lp.top_ids[i:i + 1],
+                                      first_lp.top_values[i:i + 1], r.sampling.logprobs)
+            updates.append((r, new, why, entries))
+        return self._advance_all(updates)
 
     def _count_prefill(self, group: Group) -> None:
         cached = sum(p.start for p in group.prefills)
@@ -457,9 +503,9 @@ class Engine:
                             prefill_tokens=sum(len(p.prompt) for p in group.prefills) - cached,
                             prefix_hits=sum(p.start > 0 for p in group.prefills))
 
-    def _advance_all(self, updates: list[tuple[Request, list[int], int]]) -> Exception | None:
-        """``_advance`` of every (request, new tokens, reason); returns the first error an ``on_update``
-        raised (the caller re-raises it once every slot's tokens are handed over)."""
+    def _advance_all(self, updates: list[tuple[Request, list[int], int, list | None]]) -> Exception | None:
+        """``_advance`` of every (request, new tokens, reason, their log-probs or None); returns the first
+        error an ``on_update`` raised (the caller re-raises it once every slot's tokens are handed over)."""
         error = None
         for update in updates:
             try:
@@ -496,22 +542,34 @@ class Engine:
     def _decode(self, batch: DecodeBatch) -> Exception | None:
         cancel = np.zeros((self.slots,), bool)
         cancel[batch.cancel] = True
+        wanted = any(r.sampling.logprobs is not None for r in self._scheduler.running.values())
         # A grammar's mask depends on the token before: while a constrained request runs, one step per call.
         running = self._scheduler.running
         masks = self._token_masks([running.get(slot) for slot in range(self.slots)], self.slots)
         with self._mesh_context():
-            self._state, out = decode.decode_compiled(self.params, self.config, self._state, jnp.asarray(cancel),
-                                                      masks, steps=1 if masks is not None else self.decode_steps,
-                                                      active=batch.active, span=batch.span, moe_impl=self.moe_impl)
+            self._state, out, lp = decode.decode_compiled(
+                self.params, self.config, self._state, jnp.asarray(cancel), masks, jnp.asarray(wanted),
+                steps=1 if masks is not None else self.decode_steps, active=batch.active, span=batch.span,
+                moe_impl=self.moe_impl)
         out, reason = to_host(out), to_host(self._state.reason)
+        lp = jax.tree.map(to_host, lp) if wanted else None  # transferred only when some row asks
         emitted = out >= 0
         self._counts.update(decode_calls=1, decode_steps=int(emitted.any(axis=0).sum()),
                             decode_tokens=int(emitted.sum()))
-        return self._advance_all([(r, out[slot][emitted[slot]].tolist(), int(reason[slot]))
-                                  for slot, r in list(self._scheduler.running.items())])
+        updates = []
+        for slot, r in list(self._scheduler.running.items()):
+            kept, entries = emitted[slot], None
+            new = out[slot][kept].tolist()
+            if r.sampling.logprobs is not None:
+                entries = lps.entries(new, lp.chosen[slot][kept], lp.top_ids[slot][kept], lp.top_values[slot][kept],
+                                      r.sampling.logprobs)
+            updates.append((r, new, int(reason[slot]), entries))
+        return self._advance_all(updates)
 
-    def _advance(self, request: Request, new: list[int], reason: int) -> None:
+    def _advance(self, request: Request, new: list[int], reason: int, entries: list | None = None) -> None:
         request.tokens += new
+        if entries:
+            request.token_logprobs += entries
         if request.matcher is not None and not all(request.matcher.consume_token(t) for t in new):
             # The mask allows only tokens the grammar accepts; this is a bug, and the request cannot go on.
             log.error("request %d: its grammar refused a token it allowed: %s", request.id, request.matcher.get_error())
@@ -575,8 +633,9 @@ def check_prompt_list(prompts) -> list:
     return list(prompts)
 
 
-def check_max_new_tokens(value) -> int:
-    """``max_new_tokens`` as a positive int (any size: the engine clamps it to the context)."""
-    if not is_integer(value) or value < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {value!r}")
+def check_max_new_tokens(value, scoring: bool = False) -> int:
+    """``max_new_tokens`` as a positive int (any size: the engine clamps it to the context), or 0 for a
+    request that only scores its prompt (``scoring``: it asks prompt log-probs)."""
+    if not is_integer(value) or value < (0 if scoring else 1):
+        raise ValueError(f"max_new_tokens must be an integer >= 1 (0 only with prompt_logprobs), got {value!r}")
     return int(value)

@@ -24,9 +24,12 @@ import collections
 import dataclasses
 import enum
 import heapq
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .logprobs import TokenLogprob
 
 MIN_PROMPT_BUCKET = 16
 PREFIX_BLOCK = MIN_PROMPT_BUCKET  # tokens per prefix-cache block; prompt buckets are multiples of it
@@ -78,12 +81,16 @@ _FINISH = {StopReason.STOP_TOKEN: "stop", StopReason.MAX_NEW_TOKENS: "length", S
 @dataclasses.dataclass(frozen=True)
 class SamplingKnobs:
     """One request's sampling knobs (validated by ``sampling.check_knobs``): temperature (0: greedy),
-    top_k (0: off), top_p, min_p."""
+    top_k (0: off), top_p, min_p; and what it reports (``logprobs.check_count``): logprobs, the log-prob of
+    each emitted token with that many alternatives (None: none), prompt_logprobs, the same for each prompt
+    token after the first."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +112,10 @@ class Request:
     Set when it finishes on a recording engine: logprobs [n] float32, each emitted token's log-prob
     under the temperature-scaled model distribution; routes [P + n, L] int32, the route each prompt
     and emitted token took in each layer (-1 for a token never fed back: normally the last one).
+    With ``sampling.logprobs``: token_logprobs, one ``TokenLogprob`` per emitted token as it is emitted
+    (the model's log-probs, see ``zaya_jax.infer.logprobs``). With ``sampling.prompt_logprobs``:
+    prompt_logprobs, set once prefilled, None for the first prompt token and a ``TokenLogprob`` for each
+    other. max_new_tokens may be 0 with prompt_logprobs: the prompt is scored and nothing emitted.
     penalties: its presence / frequency penalties and logit bias; matcher: the parser of its grammar
     (``constraints.Grammar.matcher()``), which decides the tokens it may emit next, or None.
     """
@@ -121,6 +132,8 @@ class Request:
     slot: int | None = None
     logprobs: np.ndarray | None = None
     routes: np.ndarray | None = None
+    token_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     penalties: PenaltyKnobs = PenaltyKnobs()
     matcher: object | None = None
 
@@ -269,11 +282,13 @@ class PrefixCache:
 @dataclasses.dataclass
 class Prefill:
     """One prefill row: a distinct prompt, the device blocks its leading ``len(cached) * PREFIX_BLOCK``
-    tokens load from, and the (block index, device block) pairs its prefill saves."""
+    tokens load from, and the (block index, device block) pairs its prefill saves. ``score``: a request
+    asks the prompt's log-probs, so the row runs the whole prompt (cached blocks have no logits)."""
 
     prompt: tuple[int, ...]
     cached: list[int]
     save: list[tuple[int, int]]
+    score: bool = False
 
     @property
     def start(self) -> int:
@@ -293,6 +308,11 @@ class Group:
     requests: list[Request]
     row_of: list[int]
     _pinned: list[_Node] = dataclasses.field(default_factory=list, repr=False)
+
+    @property
+    def score(self) -> bool:
+        """Whether the prefill computes prompt log-probs (some row asks them)."""
+        return any(p.score for p in self.prefills)
 
 
 @dataclasses.dataclass
@@ -381,10 +401,11 @@ class Scheduler:
             requests.append(queue.popleft())
         if not queue:
             del self.waiting[S]
-        prefills, pinned = [Prefill(prompt=prompt, cached=[], save=[]) for prompt in rows], []
+        scored = {r.prompt for r in requests if r.sampling.prompt_logprobs is not None}
+        prefills, pinned = [Prefill(prompt=prompt, cached=[], save=[], score=prompt in scored) for prompt in rows], []
         if self.prefix is not None:
             # Every lookup before any reservation: a block this group saves is not there for its own prefill.
-            paths = [self.prefix.lookup(p.prompt) for p in prefills]
+            paths = [[] if p.score else self.prefix.lookup(p.prompt) for p in prefills]
             for p, path in zip(prefills, paths):
                 nodes, p.save = self.prefix.reserve(p.prompt, path)
                 p.cached, pinned = [n.block for n in path], pinned + path + nodes

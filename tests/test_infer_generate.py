@@ -123,7 +123,7 @@ def test_varied_requests_reuse_compiled_programs(params):
 def test_decode_state_is_donated(params):
     """The decode loop consumes its input slot pool (cache included) instead of copying it."""
     state = decode.init_slots(zaya_jax.init_cache(TINY, 2, MAX_LEN), 4)
-    out, _ = decode.decode_compiled(params, TINY, state, jnp.zeros((2,), bool), steps=4, moe_impl="auto")
+    out, *_ = decode.decode_compiled(params, TINY, state, jnp.zeros((2,), bool), steps=4, moe_impl="auto")
     assert state.cache.k.is_deleted() and state.cache.conv.is_deleted() and state.token.is_deleted()
     assert not out.cache.k.is_deleted()
 

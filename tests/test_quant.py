@@ -18,6 +18,7 @@ import zaya_jax
 from helpers import MESHES
 from zaya_jax import cli, convert, moe, quant
 from zaya_jax import sharding as shd
+from zaya_jax.formats import layout
 from zaya_jax.formats.hf_reader import CheckpointError
 from zaya_jax.infer import generate
 
@@ -26,7 +27,7 @@ CASES = {  # name -> (transformers config, scheme)
     "heads_conv-int8": (hf_ref.CONFIGS["heads_conv"], "int8"),
     # widths no power of two divides far: int4 falls back to a scale per channel
     "odd-untied-int4": (dict(hf_ref.CONFIGS["untied"], hidden_size=72, moe_intermediate_size=40, router_hidden_size=24), "int4"),
-    # 256-wide inputs: two int4 groups of 128 per column
+    # 256-wide inputs: eight int4 groups of 32 per expert column; the rest int8
     "grouped-int4": (dict(hf_ref.TINY, hidden_size=256, moe_intermediate_size=256, router_hidden_size=32), "int4"),
 }
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]]
@@ -52,7 +53,7 @@ def case(request, tmp_path_factory):
 
 def test_quantize_error_is_within_half_a_step():
     w = jax.random.normal(jax.random.key(0), (3, 256, 40)) * jnp.linspace(0.1, 3.0, 40)
-    for scheme, groups in (("int8", 1), ("int4", 2)):
+    for scheme, groups in (("int8", 1), ("int4", 8)):
         q = quant.quantize(w, -2, quant.SCHEMES[scheme])
         assert q.values.dtype == jnp.int8 and q.scales.shape == (3, groups, 40)
         assert int(jnp.max(jnp.abs(q.values))) == quant.SCHEMES[scheme].qmax  # each group's largest hits qmax
@@ -72,7 +73,8 @@ def test_converted_equals_quantized_in_memory(case):
         np.testing.assert_allclose(got.scales, ref.scales, rtol=1e-6)
     assert qparams["layers"]["attn"]["cca"]["conv_grouped"].dtype == jnp.float32  # not quantized
     with open(os.path.join(path, "config.json")) as f:
-        assert json.load(f)["quantization"] == scheme
+        recorded = json.load(f)
+    assert recorded["quantization"] == scheme and recorded["quantized_tensors"] == quant.SCHEMES[scheme].record()
 
 
 def _at(tree, path):
@@ -143,6 +145,24 @@ def test_export_refuses_quantized_unless_dequantized(case, tmp_path):
     _, exported = zaya_jax.load(tmp_path / "hf")
     ids = np.array([[3, 4, 5, 6]])
     np.testing.assert_allclose(zaya_jax.forward(exported, config, ids), zaya_jax.forward(qparams, config, ids), atol=1e-4)
+
+
+def test_a_recorded_mixed_scheme_loads_and_equals_the_dequantized_model(tmp_path):
+    """A scheme unlike the named one (int4 experts in groups of 16, an int4 head, int8 elsewhere) is what
+    config.json records and what load reads back; the bytes layout reports are the loaded arrays'."""
+    hf_ref.build(dict(hf_ref.TINY, hidden_size=96, moe_intermediate_size=48), tmp_path / "hf", seed=5)
+    mixed = quant.Scheme("int4", 4, 16, tuple((p, 8, None) for p in quant.QUANTIZED if p[:2] == ("layers", "attn")))
+    convert.convert(tmp_path / "hf", tmp_path / "q", quantize=mixed, progress=False)
+    config, qparams = zaya_jax.load(tmp_path / "q")
+    gate_up, q_proj = qparams["layers"]["experts"]["gate_up"], qparams["layers"]["attn"]["cca"]["q_proj"]["kernel"]
+    assert gate_up.scales.shape[-2] == 96 // 16 and int(jnp.max(jnp.abs(gate_up.values))) == 7
+    assert q_proj.scales.shape[-2] == 1 and int(jnp.max(jnp.abs(q_proj.values))) == 127
+    assert qparams["embed"].scales.shape == (config.vocab_size, 96 // 16)
+    nbytes = sum(a.nbytes for a in jax.tree.leaves(qparams))
+    assert layout.param_bytes(config, np.float32, mixed) == nbytes < layout.param_bytes(config, np.float32, quant.SCHEMES["int8"])
+    ids, mask = hf_ref.left_padded([9, 5, 7], config.vocab_size, seed=4)
+    got = zaya_jax.forward(qparams, config, ids, mask)
+    assert float(jnp.max(jnp.abs(got - zaya_jax.forward(dequantized(qparams), config, ids, mask)))) <= 1e-4
 
 
 def test_save_and_load_quantized_params_and_training_refuses_them(tmp_path):

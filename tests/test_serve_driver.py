@@ -172,7 +172,8 @@ class SteppedEngine:
         return {}
 
     def submit(self, prompt, *, on_update, **knobs):
-        request = types.SimpleNamespace(done=False, stop_reason=None, on_update=on_update)
+        request = types.SimpleNamespace(done=False, stop_reason=None, on_update=on_update, token_logprobs=[],
+                                        prompt_logprobs=None)
         self.live.append(request)
         return request
 

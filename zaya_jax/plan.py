@@ -132,8 +132,9 @@ def serve_programs(config: ZayaConfig, mesh, s: ServeSettings, *, all_programs: 
                   donate_argnames=("state",), compiler_options=compiler_options)
         state = state_of(cfg, slots)
         cancel = aot.with_shardings(jax.ShapeDtypeStruct((slots,), jnp.bool_), state.token.sharding)
-        return fn, (abstract_params(cfg, mesh, dtype, rules, s.quantize), cfg, state, cancel), dict(steps=pool.decode_steps, active=None,
-                                                                             moe_impl=s.moe_impl)
+        want_logprobs = _replicated(mesh, jax.ShapeDtypeStruct((), jnp.bool_))  # a flag, as the engine passes it
+        return fn, (abstract_params(cfg, mesh, dtype, rules, s.quantize), cfg, state, cancel, None, want_logprobs), dict(
+            steps=pool.decode_steps, active=None, moe_impl=s.moe_impl)
 
     def prefill_build(G, S, cfg):
         fn = _jit(decode.prefill_chunk, static_argnames=("config", "moe_impl", "record"),
@@ -154,7 +155,7 @@ def serve_programs(config: ZayaConfig, mesh, s: ServeSettings, *, all_programs: 
                 jnp.zeros((M,), jnp.int32), jnp.zeros((M,), jnp.int32), jnp.int32(0),
                 jax.random.split(jax.random.key(0), M), SamplingParams.create(M), jnp.zeros((M,), jnp.int32),
                 jnp.zeros((M,), jnp.int32), jnp.zeros((M, K), jnp.int32),
-                jnp.zeros((G, S, L), jnp.int32) if record else None))
+                jnp.zeros((G, S, L), jnp.int32) if record else None, None, None, jnp.zeros((), jnp.bool_)))
         return fn, (state_of(cfg, pool.slots), *_replicated(mesh, args)), {}
 
     shapes = pool.prefill_programs()

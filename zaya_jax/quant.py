@@ -1,4 +1,5 @@
-"""Weight-only quantization: int8 with a scale per output channel, int4 with a scale per group of input rows.
+"""Weight-only quantization: int8 with a scale per output channel; int4: the experts at 4 bits with a scale per
+group of 32 input rows, the other quantized leaves at int8 (a ``Scheme`` may hold each leaf differently).
 
 A quantized weight is a :class:`QuantizedArray`: ``values`` (integers) of the weight's own shape and
 ``scales`` (float32) of the same rank, equal to the weight's shape except on the axis its matmul
@@ -29,11 +30,13 @@ ParamPath = tuple[str, ...]
 @dataclasses.dataclass(frozen=True)
 class Scheme:
     """How weights are quantized: ``bits`` per value, ``group_size`` input rows per scale (None: one scale per
-    output channel). A contracting width that ``group_size`` does not divide gets one scale per channel."""
+    output channel), except the leaves ``overrides`` names (``(param path, bits, group_size)``), held as it says.
+    A contracting width that ``group_size`` does not divide gets one scale per channel."""
 
     name: str
     bits: int
     group_size: int | None
+    overrides: tuple[tuple[ParamPath, int, int | None], ...] = ()
 
     @property
     def qmax(self) -> int:
@@ -43,8 +46,30 @@ class Scheme:
         """Input rows per scale for a weight contracting ``rows``."""
         return self.group_size if self.group_size and rows % self.group_size == 0 else rows
 
+    def of(self, path: ParamPath) -> Scheme:
+        """The scheme leaf ``path`` is quantized with (under this scheme's name)."""
+        bits, group = next(((b, g) for p, b, g in self.overrides if p == path), (self.bits, self.group_size))
+        return Scheme(self.name, bits, group)
 
-SCHEMES = {"int8": Scheme("int8", 8, None), "int4": Scheme("int4", 4, 128)}
+    def record(self) -> dict[str, dict]:
+        """Each ``QUANTIZED`` leaf's bits and group size, by its ``/``-joined path (config.json keeps it)."""
+        return {"/".join(path): {"bits": self.of(path).bits, "group_size": self.of(path).group_size}
+                for path in QUANTIZED}
+
+
+def from_record(name: str, record: dict[str, dict] | None) -> Scheme:
+    """The scheme a checkpoint was written with: ``name`` with each leaf as ``record`` (``Scheme.record``) says;
+    without a record, the ``SCHEMES`` one of that name."""
+    s = scheme(name)
+    if record is None:
+        return s
+    unknown = set(record) - {"/".join(path) for path in QUANTIZED}
+    if unknown:
+        raise ValueError(f"quantization record names leaves that are not quantized: {sorted(unknown)}")
+    return dataclasses.replace(s, overrides=tuple((tuple(key.split("/")), leaf["bits"], leaf["group_size"])
+                                                  for key, leaf in record.items()))
+
+
 VALUES_DTYPE = np.dtype(np.int8)  # int4 values too: XLA:CPU holds jnp.int4 in a byte each as well
 SCALES_DTYPE = np.dtype(np.float32)
 
@@ -61,6 +86,11 @@ QUANTIZED: dict[ParamPath, int] = {
     ("layers", "experts", "gate_up"): -2,
     ("layers", "experts", "down"): -2,
 }
+
+# int4: the experts (most of the bytes) at 4 bits with a scale per 32 input rows; the rest (embedding / LM
+# head, attention projections, router), whose error moves the logits most per byte, at int8 (docs/quantization.md).
+SCHEMES = {"int8": Scheme("int8", 8, None),
+           "int4": Scheme("int4", 4, 32, tuple((path, 8, None) for path in QUANTIZED if path[:2] != ("layers", "experts")))}
 
 
 def scheme(name: str | Scheme | None) -> Scheme | None:
@@ -222,7 +252,7 @@ def quantize_params(params: dict, s: Scheme | str) -> dict:
 
     def one(path, leaf):
         key = tuple(k.key for k in path)
-        return quantize(leaf, QUANTIZED[key], s) if key in QUANTIZED else leaf
+        return quantize(leaf, QUANTIZED[key], s.of(key)) if key in QUANTIZED else leaf
 
     return jax.tree_util.tree_map_with_path(one, params)
 

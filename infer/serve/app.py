@@ -102,6 +102,10 @@ class Server:
     def decode(self, tokens) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
+    def token_text(self, token: int) -> str:
+        """One token's own string, special tokens spelled out (as log-probs name tokens)."""
+        return self.tokenizer.decode([token])
+
     def encode(self, text: str, what: str, param: str, **kwargs) -> list[int]:
         """``text``'s token ids, refused by its length before tokenizing when it cannot fit the context;
         text the tokenizer refuses is a 400 naming ``what`` and ``param``. Call it off the event loop."""
@@ -189,7 +193,8 @@ def create_app(server: Server) -> FastAPI:
         body = await _read(server, request, CompletionRequest)
         prompts = build.completion_list(body.prompt)
         return await _generate(server, request, body, len(prompts),
-                               lambda: build.completion_prompts(server, prompts), chat=False)
+                               lambda: build.completion_prompts(server, prompts), chat=False,
+                               echo=prompts if body.echo else None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -236,9 +241,9 @@ async def _body(request: Request, limit: int) -> bytes:
 
 # ------------------------------------------------------------------------------------------------ generation
 async def _generate(server: Server, request: Request, body, count: int, tokenize: Callable[[], list[list[int]]], *,
-                    chat: bool):
+                    chat: bool, echo: list | None = None):
     """Runs ``count`` prompts x ``body.n``: their rows are reserved first, then ``tokenize()`` gives the
-    prompts' token ids on a worker thread."""
+    prompts' token ids on a worker thread. ``echo``: the prompts as given, to start each choice's text."""
     stops = body.stop_strings()
     seed = body.seed if body.seed is not None else secrets.randbits(31)
     rows = count * body.n
@@ -254,6 +259,7 @@ async def _generate(server: Server, request: Request, body, count: int, tokenize
     header = render.Header(server.model_id, chat)
     usage = {"prompt_tokens": sum(len(p) for p in prompts), "completion_tokens": 0}
     timing = Timing(request.state.received)
+    rendering = render.ChoiceRendering(body, prompts, echo, chat, server.decode, server.token_text)
 
     def events(disconnected=None):
         return generate_choices(server.driver, prompts, body.n, knobs=knobs, seed=seed, stops=stops,
@@ -265,20 +271,23 @@ async def _generate(server: Server, request: Request, body, count: int, tokenize
         server.metrics.answered(usage, timing, max(used))
 
     if body.stream:
-        return _sse(held, render.stream_chunks(events(), header, usage, rows, body.include_usage(), answered))
+        return _sse(held, render.stream_chunks(events(), header, usage, rows, body.include_usage(), answered,
+                                               rendering))
     gone = _Disconnect(request)
     try:
-        texts, finish, used = [""] * rows, [None] * rows, [0] * rows
-        async for i, delta, reason, tokens in events(gone):
-            texts[i] += delta
-            finish[i], used[i] = reason, tokens
+        texts, finish, used, logprobs = [""] * rows, [None] * rows, [0] * rows, [None] * rows
+        async for event in events(gone):
+            i = event.index
+            texts[i] += rendering.text(event)
+            finish[i], used[i] = event.finish_reason, event.tokens_used
+            logprobs[i] = rendering.join(logprobs[i], rendering.logprobs(event))
     except ClientGone:
         return JSONResponse({}, status_code=499)
     finally:
         gone.close()
         held.drop()
     answered(used)
-    return header.body(render.choices(chat, texts, finish), usage=Usage.of(**usage)).model_dump()
+    return header.body(render.choices(chat, texts, finish, logprobs), usage=Usage.of(**usage)).model_dump()
 
 
 def _sse(held: Reservation, chunks: AsyncIterator) -> StreamingResponse:

@@ -11,7 +11,7 @@ from ..rsa import RSASearch
 from ..rsa_config import KNOBS, RSAConfig
 from ..rsa_modes import mode_template, search_config, token_template
 from .protocol import APIError, ChatRequest, Message
-from .validate import body_format, requested_max_tokens, requested_penalties, requested_stop_ids
+from .validate import body_format, requested_logprobs, requested_max_tokens, requested_penalties, requested_stop_ids
 
 
 def completion_list(prompt) -> list:
@@ -50,9 +50,11 @@ def engine_knobs(body, prompts: list[list[int]], engine, grammars) -> dict:
     call off the event loop)."""
     room = engine.max_len - max(len(p) for p in prompts)
     stop_ids = requested_stop_ids(body, engine.config.eos_token_id)
-    return dict(max_new_tokens=requested_max_tokens(body) or room, temperature=body.temperature,
+    max_tokens = requested_max_tokens(body)
+    return dict(max_new_tokens=room if max_tokens is None else max_tokens, temperature=body.temperature,
                 top_k=max(body.top_k, 0), top_p=body.top_p, min_p=body.min_p, stop_token_ids=stop_ids,
-                **requested_penalties(body), grammar=grammar(body_format(body), engine, grammars, stop_ids))
+                **requested_penalties(body), grammar=grammar(body_format(body), engine, grammars, stop_ids),
+                **requested_logprobs(body))
 
 
 def grammar(response_format, engine, grammars, stop_ids):

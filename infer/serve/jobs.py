@@ -1,7 +1,7 @@
 """What one HTTP request runs on the engine, as async iterators of events for the handlers.
 
 ``generate_choices``: a completion's choices (``len(prompts) x n`` engine requests, choice ``i`` keyed
-as ``generate``'s row ``i``), yielding text deltas cut at stop strings. ``run_rsa``: a Markov RSA search,
+as ``generate``'s row ``i``), yielding text deltas cut at stop strings (``ChoiceEvent``s). ``run_rsa``: a Markov RSA search,
 yielding per-round progress and the result. Both cancel what is left of their engine requests when the
 consumer stops early (a client that disconnects), which frees the slots; both hold the request's
 ``Reservation`` until the engine has finished every request they made (a cancel takes effect at the
@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, NamedTuple
 
+from ..logprobs import TokenLogprob
 from .driver import Driver
 from .protocol import APIError
 from .text import ChoiceText
@@ -34,6 +35,20 @@ class Timing:
     def token(self) -> None:
         if self.first_token is None:
             self.first_token = time.perf_counter()
+
+
+class ChoiceEvent(NamedTuple):
+    """What one choice has to send: ``text`` (a delta), ``finish_reason`` on its last event,
+    ``tokens_used`` so far, the ``logprobs`` of those tokens not sent before (when the request asked them:
+    they may run ahead of ``text`` by what a stop string holds back, and include a stop token that is not
+    shown), and on its first event ``prompt_logprobs`` (when asked: ``Request.prompt_logprobs``)."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    tokens_used: int
+    logprobs: list[TokenLogprob]
+    prompt_logprobs: list[TokenLogprob | None] | None
 
 
 class ClientGone(Exception):
@@ -118,10 +133,10 @@ def _on_loop(fn: Callable) -> Callable:
 
 async def generate_choices(driver: Driver, prompts: list[list[int]], n: int, *, knobs: dict, seed: int,
                            stops: list[str], decode: Callable, disconnected=None, timing: Timing | None = None,
-                           reservation: Reservation | None = None) -> AsyncIterator[tuple[int, str, str | None, int]]:
-    """Yields ``(choice, text_delta, finish_reason, tokens_used)`` as text arrives; ``finish_reason`` is
-    set on a choice's last event. Choice ``p * n + j`` is sample ``j`` of prompt ``p``. ``timing`` gets
-    when the first choice was admitted and when the first token arrived."""
+                           reservation: Reservation | None = None) -> AsyncIterator[ChoiceEvent]:
+    """Yields a ``ChoiceEvent`` as text arrives; ``finish_reason`` is set on a choice's last event. Choice
+    ``p * n + j`` is sample ``j`` of prompt ``p``. ``timing`` gets when the first choice was admitted and
+    when the first token arrived."""
     updates: asyncio.Queue = asyncio.Queue()
     put = _on_loop(updates.put_nowait)
     requests: list = [None] * (len(prompts) * n)
@@ -132,7 +147,9 @@ async def generate_choices(driver: Driver, prompts: list[list[int]], n: int, *, 
             driver.updated(request)
             if timing is not None and new and timing.admitted is None:  # the step that admitted it
                 timing.admitted = driver.step_started
-            put((i, list(new), request.stop_reason))
+            # The new tokens' log-probs (none unless asked); prompt_logprobs is set before any update.
+            put((i, list(new), request.stop_reason, request.token_logprobs[-len(new):] if new else [],
+                 request.prompt_logprobs))
             if request.done:
                 outstanding.finished()
         return update
@@ -146,18 +163,20 @@ async def generate_choices(driver: Driver, prompts: list[list[int]], n: int, *, 
             for r in requests:
                 if r is not None:
                     engine.cancel(r)
-            put((None, str(e) or repr(e), None))
+            put((None, str(e) or repr(e), None, [], None))
         outstanding.close()
 
     def cancel(indices) -> None:  # a failed submit leaves some requests None
         driver.call(lambda engine: [engine.cancel(requests[i]) for i in indices if requests[i] is not None])
 
     choices = [ChoiceText(decode, stops) for _ in requests]
+    scores: list[list[TokenLogprob]] = [[] for _ in requests]  # each choice's token log-probs received
+    sent = [None] * len(requests)  # log-probs each choice has sent (None: no event yet)
     left = set(range(len(choices)))
     driver.call(submit)
     try:
         while left:
-            i, new, reason = await _next(updates, driver, disconnected)
+            i, new, reason, entries, prompt_logprobs = await _next(updates, driver, disconnected)
             if i is None:
                 raise APIError(400, new)
             if i not in left:
@@ -165,13 +184,17 @@ async def generate_choices(driver: Driver, prompts: list[list[int]], n: int, *, 
             if timing is not None and new:
                 timing.token()
             choice = choices[i]
+            scores[i] += entries
             delta = choice.feed(new, reason)
             if choice.finish_reason is not None:
                 left.discard(i)
                 if reason is None:  # a stop string ended it: free the slot now
                     cancel([i])
             if delta or choice.finish_reason is not None:
-                yield i, delta, choice.finish_reason, choice.tokens_used
+                first, upto = sent[i] is None, max(sent[i] or 0, choice.tokens_used)
+                yield ChoiceEvent(i, delta, choice.finish_reason, choice.tokens_used, scores[i][sent[i] or 0:upto],
+                                  prompt_logprobs if first else None)
+                sent[i] = upto
     finally:
         if left:
             cancel(sorted(left))

@@ -3,7 +3,7 @@ error object.
 
 Values must have the JSON type of their field (strict: no "5" for 5, no true for 1). Unknown fields are
 ignored, as OpenAI-compatible servers do; fields we know but cannot honour
-(logprobs, echo, tools, ...) get a 400 naming them unless they hold their neutral value.
+(best_of, suffix, tools) get a 400 naming them unless they hold their neutral value.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal, Union
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+from ..logprobs import TOP_LOGPROBS
 from ..penalties import PENALTY_LIMIT
 from ..sampling import SEED_MAX, SEED_MIN
 from ..tokenizer import CHAT_ROLES
@@ -22,7 +23,7 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_N = 64
 MAX_RSA_ROUNDS = 32  # a search past its client runs its rounds out (each submitted, then cancelled)
 # Fields we know but do not implement: a request may send them only with their neutral value.
-UNSUPPORTED = ("echo", "logprobs", "top_logprobs", "best_of", "suffix", "tools")
+UNSUPPORTED = ("best_of", "suffix", "tools")
 
 
 class APIError(Exception):
@@ -91,10 +92,17 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo: score the prompt alone
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=TOP_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens=0 generates nothing: it needs echo=true (the prompt, scored with "
+                                "logprobs)", param="max_tokens")
 
 
 class ContentPart(BaseModel):
@@ -131,10 +139,15 @@ class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=TOP_LOGPROBS)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None  # text, json_object or json_schema (constraints.py checks it)
     rsa: RSAOptions | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
 
 
 def parse(model: type[BaseModel], body: bytes, limit: int):
@@ -182,10 +195,35 @@ class Usage(_Response):
                    total_tokens=prompt_tokens + completion_tokens)
 
 
+class CompletionLogprobs(_Response):
+    """A completion choice's log-probs (``logprob_json``): one entry per token in each list."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Response):
+    """A chat choice's (or chunk's) log-probs (``logprob_json``)."""
+
+    content: list[ChatTokenLogprob] | None
+
+
 class CompletionChoice(_Response):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -197,7 +235,7 @@ class AssistantMessage(_Response):
 class ChatChoice(_Response):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
@@ -210,7 +248,7 @@ class Delta(_Response):
 class ChatChunkChoice(_Response):
     index: int
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 

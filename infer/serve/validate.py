@@ -4,6 +4,7 @@ before anything is tokenized, reserved or queued. Steps: ``protocol`` parses, th
 
 from __future__ import annotations
 
+from ..logprobs import check_count
 from ..rsa_config import MODES
 from ..sampling import check_knobs
 from .protocol import APIError, ChatRequest
@@ -25,7 +26,9 @@ def check_sampling(body) -> None:
 
 
 def requested_max_tokens(body) -> int | None:
-    return getattr(body, "max_completion_tokens", None) or body.max_tokens
+    """The new tokens a request asks for (None: the room left; 0: a completion that echoes its prompt)."""
+    chat = getattr(body, "max_completion_tokens", None)
+    return body.max_tokens if chat is None else chat
 
 
 def requested_stop_ids(body, eos_token_id) -> list[int]:
@@ -60,6 +63,23 @@ def check_generation(body, prompts: list[list[int]], engine) -> None:
     if body_format(body) is not None and body.ignore_eos:
         raise APIError(400, "`ignore_eos` cannot be combined with `response_format`: the output ends with an "
                             "end-of-sequence token once it is complete", param="ignore_eos")
+    name = "top_logprobs" if isinstance(body, ChatRequest) else "logprobs"
+    try:
+        check_count(name, requested_logprobs(body)["logprobs"], engine.config.vocab_size)
+    except ValueError as e:
+        raise APIError(400, str(e), param=name) from None
+
+
+def requested_logprobs(body) -> dict:
+    """``Engine.submit``'s ``logprobs`` and ``prompt_logprobs`` of a request: chat's ``top_logprobs`` (with
+    ``logprobs: true``), a completion's ``logprobs``, and with ``echo`` the same for the prompt (also without
+    ``logprobs`` when ``max_tokens`` is 0: the engine scores the prompt and emits nothing)."""
+    if isinstance(body, ChatRequest):
+        return dict(logprobs=(body.top_logprobs or 0) if body.logprobs else None, prompt_logprobs=None)
+    prompt = None
+    if body.echo and (body.logprobs is not None or body.max_tokens == 0):
+        prompt = body.logprobs or 0
+    return dict(logprobs=body.logprobs, prompt_logprobs=prompt)
 
 
 def requested_penalties(body) -> dict:
@@ -80,7 +100,7 @@ def check_rsa(body: ChatRequest) -> None:
     if len(body.messages) != 1 or body.messages[0].role != "user":
         raise APIError(400, "an rsa request takes exactly one user message: the question", param="messages")
     for name in ("max_tokens", "max_completion_tokens", "stop", "stop_token_ids", "presence_penalty",
-                 "frequency_penalty", "logit_bias", "response_format"):
+                 "frequency_penalty", "logit_bias", "response_format", "logprobs"):
         if getattr(body, name):
             raise APIError(400, f"`{name}` does not apply to an rsa request (use rsa.budget / rsa.final_budget)",
                            param=name)

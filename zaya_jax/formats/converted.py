@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from zaya_jax import dtypes
+from zaya_jax import dtypes, quant
 from zaya_jax.config import ZayaConfig
 
 from . import orbax_store
@@ -19,10 +19,10 @@ def is_converted(path: str) -> bool:
     return os.path.isfile(os.path.join(path, PARAMS_DIR, "_METADATA"))
 
 
-def quantization(path: str) -> str | None:
-    """The ``quant.SCHEMES`` name a converted directory's weights are quantized with (config.json), or None."""
+def quantization(path: str) -> quant.Scheme | None:
+    """The scheme a converted directory's weights are quantized with (config.json records it), or None."""
     with open(os.path.join(path, "config.json")) as f:
-        return json.load(f).get(orbax_store.QUANTIZATION_KEY)
+        return orbax_store.config_scheme(json.load(f))
 
 
 def restore(path: str, config: ZayaConfig, dtype=None, shardings: dict | None = None) -> dict:

@@ -158,7 +158,7 @@ def stored_arrays(config: ZayaConfig, dtype, scheme: quant.Scheme | None = None
             yield entry, entry.path, shape, leaf_dtype
         else:
             yield entry, entry.path + ("values",), shape, quant.VALUES_DTYPE
-            yield entry, entry.path + ("scales",), quant.scale_shape(shape, axis, scheme), quant.SCALES_DTYPE
+            yield entry, entry.path + ("scales",), quant.scale_shape(shape, axis, scheme.of(entry.path)), quant.SCALES_DTYPE
 
 
 def param_bytes(config: ZayaConfig, dtype, scheme: quant.Scheme | None = None) -> int:

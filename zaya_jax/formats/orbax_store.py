@@ -27,6 +27,18 @@ from .hf_reader import CheckpointError
 
 CHUNK_BYTES = 64 << 20  # upper bound of one zarr chunk
 QUANTIZATION_KEY = "quantization"  # config.json of a quantized checkpoint: the ``quant.SCHEMES`` name
+QUANTIZED_TENSORS_KEY = "quantized_tensors"  # and each quantized leaf's bits and group size (``Scheme.record``)
+
+
+def config_scheme(config: dict) -> quant.Scheme | None:
+    """The quantization scheme a checkpoint's config.json (a dict) records, or None for float weights."""
+    name = config.get(QUANTIZATION_KEY)
+    return None if name is None else quant.from_record(name, config.get(QUANTIZED_TENSORS_KEY))
+
+
+def scheme_entries(scheme: quant.Scheme | None) -> dict:
+    """The config.json entries that record ``scheme`` (none for float weights)."""
+    return {} if scheme is None else {QUANTIZATION_KEY: scheme.name, QUANTIZED_TENSORS_KEY: scheme.record()}
 
 
 def _checkpointer() -> ocp.PyTreeCheckpointer:
@@ -100,7 +112,8 @@ class OrbaxWriter:
         values and scales are computed from this tensor alone."""
         parts = {entry.path: value}
         if self.scheme is not None and entry.path in quant.QUANTIZED:
-            values, scales = quant.quantize_host(np.asarray(value), quant.QUANTIZED[entry.path], self.scheme)
+            values, scales = quant.quantize_host(np.asarray(value), quant.QUANTIZED[entry.path],
+                                                   self.scheme.of(entry.path))
             parts = {entry.path + ("values",): values, entry.path + ("scales",): scales}
         for path, part in parts.items():
             store = self.arrays[path]
@@ -152,7 +165,7 @@ class OrbaxReader:
     def __init__(self, directory: str, config: ZayaConfig):
         self.config = config
         self.quantized = {e.path for e in layout.entries(config) if _quantized_leaf(directory, e.path)}
-        self.scheme = quant.scheme(config.to_hf_dict().get(QUANTIZATION_KEY)) if self.quantized else None
+        self.scheme = config_scheme(config.to_hf_dict()) if self.quantized else None
         if self.quantized and self.scheme is None:
             raise CheckpointError(f"orbax checkpoint {directory} holds quantized params but config.json does not "
                                   f"name their {QUANTIZATION_KEY!r}")
