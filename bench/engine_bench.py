@@ -13,13 +13,14 @@ with 16 slots and the default max_len (the context, 8,192) against ``generate`` 
 of 16 (static batches: a chunk runs until its longest request ends; ``generate`` fits max_len to the
 chunk). New tokens/s as medians over repeats after a warm-up, and slot utilisation = real new tokens /
 (slots x decode steps run). sweep: 32 prompts of 16-128 tokens, 8-128 new tokens, 16 slots, the same
-workload at each max_len, runs alternating; tokens/s relative to max_len 512. ttft: one request of a
-1,024-token prefix and 32 tokens of its own, max_new_tokens 1, on an engine whose prefix cache holds
-the prefix (an earlier request's) against one without a prefix cache; runs alternate. rss: ``zaya
-generate --prompts-file`` in a fresh process per size, peak RSS (VmHWM). rsa: generated tokens/s and
-accuracy with the prefix cache on and off, and the share of prompt tokens (round 0's questions and
-the aggregation prompts) served from it; ``--slots`` is passed only when given, so the same script
-measures a checkout whose markov_rsa has no engine (the lockstep baseline).
+workload at each max_len, runs alternating; new tokens per second of wall time and per CPU second of
+the process, each relative to max_len 512. ttft: one request of a 1,024-token prefix and 32 tokens of
+its own, max_new_tokens 1, on an engine whose prefix cache holds the prefix (an earlier request's)
+against one without a prefix cache; runs alternate. rss: ``zaya generate --prompts-file`` in a fresh
+process per size, peak RSS (VmHWM). rsa: generated tokens/s and accuracy with the prefix cache on and
+off (runs alternating), the share of prompt tokens (round 0's questions and the aggregation prompts)
+served from it, and that of the aggregation prompts alone; ``--slots`` is passed only when given, so
+the same script measures a checkout whose markov_rsa has no engine (the lockstep baseline).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -100,9 +102,10 @@ def sweep(repeats: int) -> None:
 
     def run(max_len):  # a fresh engine each time: the same work every run
         engine = Engine(params, config, slots=16, max_len=max_len)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), process_seconds()
         out = engine.generate(prompts, max_new_tokens=max_new)
-        return sum(len(t) for t in out.tokens) / (time.perf_counter() - t)
+        tokens = sum(len(t) for t in out.tokens)
+        return tokens / (time.perf_counter() - t), tokens / (process_seconds() - cpu)
 
     for n in lengths:
         run(n)  # warm-up: compiles
@@ -111,12 +114,18 @@ def sweep(repeats: int) -> None:
         for n in lengths:
             rates[n].append(run(n))
     print(f"bench-124M float32, 32 prompts (16-128 tokens), 8-128 new tokens, 16 slots, median of {repeats}")
-    print("| max_len | new tokens/s | vs 512 |")
-    print("| ---: | ---: | ---: |")
-    base = statistics.median(rates[512])
+    print("| max_len | new tokens/s | vs 512 | new tokens per CPU second | vs 512 |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    wall, cpu = ({n: statistics.median(r[i] for r in rates[n]) for n in lengths} for i in (0, 1))
     for n in lengths:
-        rate = statistics.median(rates[n])
-        print(f"| {n:,} | {rate:,.0f} | {rate / base:.2f}x |")
+        print(f"| {n:,} | {wall[n]:,.0f} | {wall[n] / wall[512]:.2f}x | {cpu[n]:,.1f} | {cpu[n] / cpu[512]:.2f}x |")
+
+
+def process_seconds() -> float:
+    """CPU seconds this process has used (all its threads): on a shared host, less sensitive to the
+    other jobs' load than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def ttft(repeats: int) -> None:
@@ -175,11 +184,12 @@ def rss() -> None:
     print(f"10,000 / 1,000 peak RSS: {rows[1][1] / rows[0][1]:.3f}")
 
 
-def rsa(slots: int | None, problems: int) -> None:
+def rsa(slots: int | None, problems: int, repeats: int) -> None:
     from zaya_jax import load
     from zaya_jax.demo import DEFAULT_MODEL_DIR, DEMO_POPULATION, DEMO_ROUNDS, DEMO_TEMPERATURE, arith, data
     from zaya_jax.infer import Engine
     from zaya_jax.infer.rsa import TokenTemplate, extract_boxed, markov_rsa
+    from zaya_jax.infer.scheduler import PREFIX_BLOCK
     from zaya_jax.infer.tokenizer import Tokenizer
 
     config, params = load(DEFAULT_MODEL_DIR)
@@ -198,20 +208,26 @@ def rsa(slots: int | None, problems: int) -> None:
                             temperature=DEMO_TEMPERATURE, seed=seed, template=template, tokenizer=tokenizer, **extra)
         return result, extra.get("engine")
 
-    if hasattr(Engine, "stats"):  # a checkout with the prefix cache: on against off, one run each
-        # Warm-up without it: the run with it then also compiles its prefill programs (counted against it).
-        run(0, prefix_cache=False)
-        rates = {}
-        for on in (False, True):
-            t = time.perf_counter()
-            result, engine = run(1, prefix_cache=on)
-            seconds = time.perf_counter() - t
-            rates[on] = result.generated_tokens / seconds
+    if hasattr(Engine, "stats"):  # a checkout with the prefix cache: on against off, runs alternating
+        for on in (False, True):  # warm-up: compiles (with it, also the smaller chunks and the load / save)
+            run(0, prefix_cache=on)
+        rates = {False: [], True: []}
+        for _ in range(repeats):
+            for on in (False, True):
+                t = time.perf_counter()
+                result, engine = run(1, prefix_cache=on)
+                seconds = time.perf_counter() - t
+                rates[on].append(result.generated_tokens / seconds)
+        on, off = statistics.median(rates[True]), statistics.median(rates[False])
         stats = engine.stats()
-        print(f"prefix cache on: {rates[True]:,.0f} generated tokens/s, off: {rates[False]:,.0f} "
-              f"({rates[True] / rates[False]:.2f}x); {stats['prefix_tokens'] / stats['prompt_tokens']:.1%} of "
-              f"{stats['prompt_tokens']:,} prompt tokens served from it ({stats['prefix_hits']:,} of "
-              f"{stats['prefill_rows']:,} prefills started there)")
+        print(f"prefix cache on: {on:,.0f} generated tokens/s, off: {off:,.0f} ({on / off:.2f}x, median of "
+              f"{repeats}); {stats['prefix_tokens'] / stats['prompt_tokens']:.1%} of {stats['prompt_tokens']:,} "
+              f"prompt tokens served from it ({stats['prefix_hits']:,} of {stats['prefill_rows']:,} prefills "
+              "started there)")
+        if max(map(len, questions)) <= PREFIX_BLOCK:  # round 0 cannot load a block: the hits are aggregation's
+            aggregation = stats["prompt_tokens"] - sum(len(m) for row in result.rounds[0].prompts for m in row)
+            print(f"aggregation prompts: {stats['prefix_tokens'] / aggregation:.1%} of their {aggregation:,} tokens "
+                  "served from the prefix cache")
     else:
         run(0)  # warm-up: compiles
         t = time.perf_counter()
@@ -243,7 +259,7 @@ def main() -> None:
     elif args.part == "rss":
         rss()
     else:
-        rsa(args.slots, args.problems)
+        rsa(args.slots, args.problems, args.repeats)
 
 
 if __name__ == "__main__":
