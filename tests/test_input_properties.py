@@ -140,7 +140,7 @@ def _jsonl_oracle(lines):
     objects = []
     for number, raw in enumerate(lines, 1):
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte order mark opens a file only
             if not text.strip():
                 continue
             value = json.loads(text)

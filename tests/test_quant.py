@@ -159,7 +159,9 @@ def test_a_recorded_mixed_scheme_loads_and_equals_the_dequantized_model(tmp_path
     assert q_proj.scales.shape[-2] == 1 and int(jnp.max(jnp.abs(q_proj.values))) == 127
     assert qparams["embed"].scales.shape == (config.vocab_size, 96 // 16)
     nbytes = sum(a.nbytes for a in jax.tree.leaves(qparams))
-    assert layout.param_bytes(config, np.float32, mixed) == nbytes < layout.param_bytes(config, np.float32, quant.SCHEMES["int8"])
+    # int4 values take a byte each on CPU, and a scale per 16 rows outweighs int8's one per channel here: the
+    # mixed scheme is smaller than the float model, not than int8.
+    assert layout.param_bytes(config, np.float32, mixed) == nbytes < layout.param_bytes(config, np.float32)
     ids, mask = hf_ref.left_padded([9, 5, 7], config.vocab_size, seed=4)
     got = zaya_jax.forward(qparams, config, ids, mask)
     assert float(jnp.max(jnp.abs(got - zaya_jax.forward(dequantized(qparams), config, ids, mask)))) <= 1e-4
