@@ -152,9 +152,12 @@ def test_unrolled_scans_compute_the_same_logits():
 
 def test_zaya_plan_serve_json(tmp_path, capsys):
     """The command end to end on a config.json: JSON keys, every program fitting, max_slots checked (in this
-    process: the child processes of the default are covered by the test below and cost a start each)."""
+    process: the child processes of the default are covered by the test below and cost a start each).
+
+    128 layers, so that max_slots is thousands, not the 100,000 of the 2-layer config, whose check compile
+    alone took 100 s."""
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(TINY.to_hf_dict()))
+    path.write_text(json.dumps(TINY.replace(num_hidden_layers=128, layer_types=["hybrid"] * 128).to_hf_dict()))
     assert cli.main(["plan", str(path), "--topology", TOPOLOGY, "--task", "serve", "--slots", "8", "--max-len", "16",
                      "--compute-dtype", "float32", "--in-process", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
