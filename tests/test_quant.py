@@ -117,8 +117,8 @@ def test_every_moe_dispatch_reads_quantized_experts(impl, scheme):
 
 # Each scheme on each mesh once (every mesh compiles its own programs): int8 on both, int4 one per mesh.
 # heads_conv-int8 has 6 experts, which no expert=4 mesh divides.
-SHARDED_ON = {"sliding-int8": ("expert4_tensor2", "data2_expert4"), "odd-untied-int4": ("data2_expert4",),
-              "grouped-int4": ("expert4_tensor2",)}
+SHARDED_ON = {"sliding-int8": ("expert4_tensor2", "data2_expert4"), "odd-untied-int4": ("expert4_tensor2",),
+              "grouped-int4": ("data2_expert4",)}
 
 
 def test_sharded_quantized_generation_equals_unsharded(case, request):
@@ -138,7 +138,9 @@ def test_sharded_quantized_generation_equals_unsharded(case, request):
         assert sharded["layers"]["experts"]["down"].scales.sharding.spec[1] == "expert"
         with jax.set_mesh(mesh):
             assert generate(sharded, config, PROMPTS, **greedy).tokens == want, name
-            np.testing.assert_allclose(zaya_jax.forward(sharded, config, ids, mask), logits, atol=1e-4)
+            # 1e-4, or float32's precision where logits are large: grouped-int4's reach 190, where an ulp is
+            # 1.5e-5 and a split batch's reordered sums differ by 8 ulps (6.9e-7 relative).
+            np.testing.assert_allclose(zaya_jax.forward(sharded, config, ids, mask), logits, atol=1e-4, rtol=1e-6)
 
 
 def test_export_refuses_quantized_unless_dequantized(case, tmp_path):
