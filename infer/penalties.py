@@ -23,15 +23,13 @@ Shapes: M slots (or rows), V vocabulary, K bias entries per row.
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from zaya_jax.validate import is_integer
+from zaya_jax.validate import is_finite_number, is_integer
 
 Array = jax.Array
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries; the engine's default bias width
@@ -88,8 +86,7 @@ def count(counts: Array, rows: Array, token: Array, emitted: Array) -> Array:
 
 def check_penalty(name: str, value) -> float:
     """A presence or frequency penalty as a float in [-2, 2]; ValueError naming it otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value) or abs(value) > PENALTY_LIMIT:
+    if not is_finite_number(value) or abs(value) > PENALTY_LIMIT:
         raise ValueError(f"{name} must be a number in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}], got {value!r}")
     return float(value)
 
@@ -107,8 +104,7 @@ def check_logit_bias(bias: Mapping | None, vocab: int, width: int) -> tuple[tupl
     for token, value in bias.items():
         if not is_integer(token) or not 0 <= token < vocab:
             raise ValueError(f"logit_bias token {token!r} is not a token id in the vocabulary [0, {vocab})")
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                or not math.isfinite(value) or abs(value) > BIAS_LIMIT:
+        if not is_finite_number(value) or abs(value) > BIAS_LIMIT:
             raise ValueError(f"logit_bias of token {token} must be a number in [-{BIAS_LIMIT:g}, {BIAS_LIMIT:g}], "
                              f"got {value!r}")
         if int(token) in out:

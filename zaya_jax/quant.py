@@ -194,26 +194,26 @@ def quantize(w, axis: int, s: Scheme) -> QuantizedArray:
     return QuantizedArray(*_quantize_block(w, axis, s, jnp), s.name)
 
 
+def _dequantize_block(values, scales, dtype, xp):
+    """``values * scales`` (numpy or jax, per ``xp``) in ``dtype``, each scale over its group of rows."""
+    axis = contracting_axis(values.shape, scales.shape)
+    if axis is None:
+        return (values.astype(xp.float32) * scales).astype(dtype)
+    w = _grouped(values, axis, scales.shape[axis]).astype(xp.float32) * xp.expand_dims(scales, axis + 1)
+    return w.reshape(values.shape).astype(dtype)
+
+
 def dequantize(q, dtype=jnp.float32):
     """``values * scales`` in ``dtype`` (a float ``q`` is only cast): the full-precision weight. The matmul
     helpers below avoid it; it serves tests, export and the grouped paths of many-row calls."""
     if not is_quantized(q):
         return q.astype(dtype)
-    axis = contracting_axis(q.values.shape, q.scales.shape)
-    if axis is None:
-        return (q.values.astype(jnp.float32) * q.scales).astype(dtype)
-    groups = q.scales.shape[axis]
-    w = _grouped(q.values, axis, groups).astype(jnp.float32) * jnp.expand_dims(q.scales, axis + 1)
-    return w.reshape(q.values.shape).astype(dtype)
+    return _dequantize_block(q.values, q.scales, dtype, jnp)
 
 
 def dequantize_host(values: np.ndarray, scales: np.ndarray, dtype) -> np.ndarray:
     """The numpy counterpart of ``dequantize`` (export)."""
-    axis = contracting_axis(values.shape, scales.shape)
-    if axis is None:
-        return (values.astype(np.float32) * scales).astype(dtype)
-    w = _grouped(values, axis, scales.shape[axis]).astype(np.float32) * np.expand_dims(scales, axis + 1)
-    return w.reshape(values.shape).astype(dtype)
+    return _dequantize_block(values, scales, dtype, np)
 
 
 def astype(w, dtype):

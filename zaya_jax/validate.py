@@ -4,6 +4,8 @@ the value."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import numpy as np
 
@@ -13,6 +15,12 @@ from .config import ZayaConfig
 def is_integer(value) -> bool:
     """A Python or numpy integer, not a bool (``True`` would pass as 1)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_finite_number(value) -> bool:
+    """A finite Python or numpy int or float, not a bool."""
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(value))
 
 
 class InputError(ValueError):
