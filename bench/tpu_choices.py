@@ -24,7 +24,7 @@ import json
 import subprocess
 import sys
 
-IMPLS = ("gather", "grouped", "tiled", "sorted")
+IMPLS = ("gather", "grouped", "tiled", "sorted", "dense")
 
 
 def _one(spec: dict) -> dict:

@@ -10,7 +10,7 @@ import transformers
 from zaya_jax import moe, narrow
 
 E, D, F = 5, 24, 16
-IMPLS = ("gather", "loop", "grouped", "tiled", "sorted", "auto")
+IMPLS = ("gather", "loop", "grouped", "tiled", "sorted", "dense", "auto")
 
 
 def _weights(seed=0):
@@ -48,7 +48,7 @@ def test_paths_match_oracle(impl, kind, T, skip):
         np.testing.assert_allclose(got, skip_scale[:, None] * x, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["gather", "loop", "grouped", "tiled", "sorted"])
+@pytest.mark.parametrize("impl", ["gather", "loop", "grouped", "tiled", "sorted", "dense"])
 def test_gradients_match_oracle(impl):
     gate_up, down = _weights()
     T = 40
@@ -98,7 +98,7 @@ def test_stacked_layer_weights():
     idx = jnp.asarray(_routes("random", T), jnp.int32)
     gate, skip_scale = jnp.ones(T), jnp.zeros(T)
     want = moe.experts_oracle(x, idx, gate, skip_scale, *stack[1])
-    for impl in ("loop", "gather", "tiled", "sorted"):
+    for impl in ("loop", "gather", "tiled", "sorted", "dense"):
         run = jax.jit(lambda layer, impl=impl: moe.experts(x, idx, gate, skip_scale, gate_up, down, impl, layer=layer))
         np.testing.assert_allclose(run(jnp.int32(1)), want, atol=1e-5, rtol=1e-5, err_msg=impl)
 
@@ -155,6 +155,16 @@ def test_auto_choice():
     assert moe.auto_impl(4, "gpu", training=True) == "gather"
     assert moe.auto_impl(4, "gpu") == "gather"
     assert moe.auto_impl(512, "gpu") == "grouped"
+    # TPU decode: dense where it reads fewer weight bytes than grouped's copy + read of the touched experts.
+    assert moe.auto_impl(64, "tpu", num_experts=2) == "dense"
+    assert moe.auto_impl(1, "tpu", num_experts=2) == "dense"  # 2 <= 3 x 1 touched
+    assert moe.auto_impl(1, "tpu", num_experts=16) == "gather"  # all 16 read for 1 touched: no
+    assert moe.auto_impl(8, "tpu", num_experts=16) == "dense"  # 6.4 touched, x 3 > 16
+    assert moe.auto_impl(128, "tpu", num_experts=16) == "dense"
+    assert moe.auto_impl(129, "tpu", num_experts=16) == "grouped"  # past the ridge point: compute-bound
+    assert moe.auto_impl(64, "tpu", training=True, num_experts=2) == "grouped"
+    assert moe.auto_impl(64, "tpu") == "grouped"  # expert count unknown
+    assert moe.auto_impl(64, "gpu", num_experts=2) == "grouped"
     with pytest.raises(ValueError, match="unknown MoE implementation"):
         moe.experts(jnp.zeros((1, D)), jnp.zeros(1, jnp.int32), jnp.ones(1), jnp.zeros(1), *_weights(), impl="nope")
 

@@ -119,7 +119,7 @@ def test_kv_heads_fall_back_to_replication():
 # ------------------------------------------------------------------ expert-parallel MoE vs the oracle
 
 
-@pytest.mark.parametrize("impl", ["gather", "grouped", "tiled"])
+@pytest.mark.parametrize("impl", ["gather", "grouped", "tiled", "dense"])
 @pytest.mark.parametrize("sizes", [dict(expert=8), dict(expert=2, tensor=4), dict(data=2, expert=2, tensor=2)])
 def test_expert_parallel_matches_oracle(impl, sizes):
     E, D, F, T = 8, 24, 16, 24

@@ -14,6 +14,8 @@ the router's skip route and get ``skip_scale[t] * x[t]`` (zero for the native be
 - ``experts_sorted``: sort tokens by expert, then each touched expert once on its rows, padded to a
   bucket of at most 1.5x (one loop per bucket size); every touched expert's weights are read once.
 - ``experts_loop``: one token at a time, slicing its expert out of the whole layer stack. For decode.
+- ``experts_dense``: every expert on every token, other experts' rows zeroed between the two matmuls;
+  each expert's weights read once, in place, at E x the FLOPs. For decode on a TPU.
 
 ``impl="auto"`` chooses by backend, token count and whether the call is differentiated (training),
 from measurements (``python bench/moe_bench.py [--grad]``; figures and the reasons in
@@ -21,7 +23,10 @@ docs/benchmarks.md and docs/architecture.md). XLA:CPU: inference ``loop`` for a 
 ``sorted`` (1.3-4.8x faster than ``tiled`` from 16 to 8192 tokens); training ``loop`` for a few
 tokens, then ``sorted`` on each layer's weights (``model.apply(stack_experts=False)``; forward + backward
 1.05-1.35x faster than ``tiled`` from 256 to 2048 tokens).
-Accelerators default to gather for decode and ragged_dot otherwise until measured there.
+TPU, from the compiled programs' costs (``python bench/tpu_choices.py moe``, docs/tpu.md): ``dense`` for
+decode-sized calls where it reads fewer bytes than ``grouped`` (whose ``ragged_dot`` needs each layer's
+expert weights copied out of the stack first), ``gather`` for a few tokens over many experts, ``grouped``
+otherwise. Other accelerators: ``gather`` for decode, ``grouped`` otherwise (not measured there).
 
 The expert weights may be quantized (``zaya_jax.quant``): every path indexes them as it indexes float
 ones and multiplies through ``quant.matmul`` (the differentiated paths' backward needs float weights).
@@ -36,11 +41,18 @@ import jax.numpy as jnp
 
 from . import backend, narrow, quant
 
-MOE_IMPLS = ("auto", "oracle", "gather", "loop", "grouped", "tiled", "sorted")
+MOE_IMPLS = ("auto", "oracle", "gather", "loop", "grouped", "tiled", "sorted", "dense")
 # XLA:CPU thresholds in tokens per call (bench/moe_bench.py, see above).
 LOOP_MAX_TOKENS_CPU = 4
 TRAIN_LOOP_MAX_TOKENS_CPU = 16
 GATHER_MAX_TOKENS = 8
+# TPU: ``dense`` up to this many tokens per call. Its arithmetic intensity is the token count in FLOPs per
+# weight byte, so below every TPU's ridge point (v5p 166, v4 224, v5e 240, v6e 560 FLOP/byte) it stays
+# bound by reading the weights once.
+DENSE_MAX_TOKENS = 128
+# What ``grouped`` reads of each touched expert's weights, in a layer scan: the copy out of the stack
+# (read + write), then the grouped matmul's read (the TPU program's HLO; docs/tpu.md).
+GROUPED_READS = 3
 # Implementations that can take the whole layer stack ``[L, E, ...]`` and a layer index.
 STACK_IMPLS = ("loop", "sorted")
 
@@ -153,6 +165,29 @@ def _ragged_dot(x, w, sizes, row_expert):
         return jax.lax.ragged_dot(x, quant.dequantize(w, x.dtype), sizes)
     y = jax.lax.ragged_dot(x, w.values.astype(x.dtype), sizes, preferred_element_type=jnp.float32)
     return (y * w.scales[row_expert, 0]).astype(x.dtype)
+
+
+def experts_dense(x, idx, gate, skip_scale, gate_up, down, act=None):
+    """Every expert on every token, each token's rows of the other experts zeroed between the two
+    matmuls: ``[T, D] -> [T, D]``; dropless.
+
+    Each expert's weights are read once, straight from the layer's weights (no sort, no gather, no copy
+    out of the stack as ``ragged_dot`` needs), for ``E`` times the FLOPs of the routed rows. That suits
+    decode on an accelerator, whose step is bound by reading the weights while a few tokens per call leave
+    its matmul units idle. Intermediates: ``[E, T, 2F]``.
+    """
+    num_experts, _, two_f = gate_up.shape
+    h = _activation(act, two_f)(quant.matmul(x, gate_up))  # [E, T, F]
+    mine = idx[None, :] == jnp.arange(num_experts)[:, None]  # [E, T]
+    y = quant.matmul(jnp.where(mine[..., None], h, 0), down).sum(axis=0)  # one nonzero term per row: exact
+    return _finish(y, x, idx, gate, skip_scale, num_experts)
+
+
+def dense_reads_less(tokens: int, num_experts: int) -> bool:
+    """Whether ``dense`` (every expert's weights once) reads fewer weight bytes than ``grouped`` would
+    (``GROUPED_READS`` x the experts ``tokens`` uniformly routed tokens are expected to touch)."""
+    touched = num_experts * (1 - (1 - 1 / num_experts) ** tokens)
+    return num_experts <= GROUPED_READS * touched
 
 
 def tile_size(tokens: int, num_experts: int) -> int:
@@ -351,36 +386,43 @@ def _expert_groups_bwd(act, buckets, residuals, d_ys):
 _expert_groups.defvjp(_expert_groups_fwd, _expert_groups_bwd)
 
 
-def auto_impl(tokens: int, platform: str | None = None, training: bool = False) -> str:
-    """The measured-best implementation for ``tokens`` tokens per call (``training``: differentiated)."""
-    if (platform or backend.platform()) != "cpu":
+def auto_impl(tokens: int, platform: str | None = None, training: bool = False, num_experts: int | None = None
+              ) -> str:
+    """The measured-best implementation for ``tokens`` tokens per call (``training``: differentiated) over
+    ``num_experts`` experts (this device's; None: unknown, as when only the token count decides)."""
+    platform = platform or backend.platform()
+    if (platform == "tpu" and not training and num_experts is not None and tokens <= DENSE_MAX_TOKENS
+            and dense_reads_less(tokens, num_experts)):
+        return "dense"
+    if platform != "cpu":
         return "gather" if tokens <= GATHER_MAX_TOKENS else "grouped"
     if training:
         return "loop" if tokens <= TRAIN_LOOP_MAX_TOKENS_CPU else "sorted"
     return "loop" if tokens <= LOOP_MAX_TOKENS_CPU else "sorted"
 
 
-def resolve_impl(impl: str, tokens: int, training: bool = False) -> str:
+def resolve_impl(impl: str, tokens: int, training: bool = False, num_experts: int | None = None) -> str:
     """The implementation ``impl`` names for ``tokens`` tokens (``auto`` decides by backend and count)."""
     if impl == "auto":
-        return auto_impl(tokens, training=training)
+        return auto_impl(tokens, training=training, num_experts=num_experts)
     if impl not in MOE_IMPLS:
         raise ValueError(f"unknown MoE implementation {impl!r}; choose one of {MOE_IMPLS}")
     return impl
 
 
 def experts(x, idx, gate, skip_scale, gate_up, down, impl: str = "auto", act=None, layer=None):
-    """Dispatches to one implementation; ``auto`` picks by the (static) token count.
+    """Dispatches to one implementation; ``auto`` picks by the (static) token and expert counts.
 
     ``act`` replaces the SwiGLU ``h [.., 2F] -> [.., F]`` between the two expert matmuls (the
     tensor-parallel path of ``expert_parallel.py`` passes one that exchanges activations). With
     ``layer``, the weights are the whole layer stack (``[L, E, ...]``) and ``layer`` picks the layer.
     """
-    impl = resolve_impl(impl, x.shape[0])
+    impl = resolve_impl(impl, x.shape[0], num_experts=gate_up.shape[-3])
     if impl in STACK_IMPLS:
         fn = experts_loop if impl == "loop" else experts_sorted
         return fn(x, idx, gate, skip_scale, gate_up, down, act=act, layer=layer)
     if layer is not None:
         gate_up, down = gate_up[layer], down[layer]
-    fn = {"oracle": experts_oracle, "gather": experts_gather, "grouped": experts_grouped, "tiled": experts_tiled}[impl]
+    fn = {"oracle": experts_oracle, "gather": experts_gather, "grouped": experts_grouped, "tiled": experts_tiled,
+          "dense": experts_dense}[impl]
     return fn(x, idx, gate, skip_scale, gate_up, down, act=act)
