@@ -78,23 +78,23 @@ def test_decode_fits_on_one_side_of_the_hbm_line_and_not_on_the_other(topo):
 
 
 def test_layer_extrapolation_matches_an_unrolled_compile(topo):
-    """Cost at 5 layers from 2- and 3-layer unrolled compiles == the 5-layer program compiled unrolled."""
+    """Cost at 12 layers from the 4- and 8-layer unrolled compiles == the 12-layer program compiled unrolled."""
     mesh = shd.make_mesh(data=4, devices=topo.devices)
-    config = dataclasses.replace(ALIGNED, num_hidden_layers=5, layer_types=("hybrid",) * 5)
+    config = dataclasses.replace(ALIGNED, num_hidden_layers=12, layer_types=("hybrid",) * 12)
     program = pl.serve_programs(config, mesh, pl.ServeSettings(slots=4, max_len=64, dtype="bfloat16"))[0][0]
     costs = {}
-    for layers in (2, 3, 5):
+    for layers in (*aot.COST_LAYERS, 12):
         small = dataclasses.replace(config, num_hidden_layers=layers, layer_types=config.layer_types[:layers])
         with backend.unrolled():
             compiled, _, err = aot.compile_for(lambda: program.build(small), mesh)
         assert err is None
         costs[layers] = aot.cost(compiled)
     rolled, _, _ = aot.compile_for(lambda: program.build(config), mesh)
-    predicted = costs[2].extrapolate(costs[3], 3)
-    assert predicted.flops == pytest.approx(costs[5].flops, rel=0.02)
-    assert predicted.bytes_accessed == pytest.approx(costs[5].bytes_accessed, rel=0.05)
+    predicted = costs[4].extrapolate(costs[8], 4, 4)
+    assert predicted.flops == pytest.approx(costs[12].flops, rel=0.02)
+    assert predicted.bytes_accessed == pytest.approx(costs[12].bytes_accessed, rel=0.05)
     # The reason for all this: the rolled program's cost counts the layer loop's body once.
-    assert aot.cost(rolled).flops < 0.6 * costs[5].flops
+    assert aot.cost(rolled).flops < 0.6 * costs[12].flops
 
 
 def test_sharded_param_argument_bytes_follow_the_rules(topo):
@@ -133,11 +133,11 @@ def test_collectives_are_read_from_hlo():
 
 
 def test_cost_extrapolation_is_linear_in_layers():
-    two = aot.Cost(10.0, 100.0, {"all-reduce": {"count": 2, "bytes": 8}})
-    three = aot.Cost(13.0, 130.0, {"all-reduce": {"count": 3, "bytes": 12}, "all-gather": {"count": 1, "bytes": 4}})
-    forty = two.extrapolate(three, 38)
-    assert (forty.flops, forty.bytes_accessed) == (10.0 + 38 * 3, 100.0 + 38 * 30)
-    assert forty.collectives == {"all-gather": {"count": 38, "bytes": 152}, "all-reduce": {"count": 40, "bytes": 160}}
+    four = aot.Cost(10.0, 100.0, {"all-reduce": {"count": 4, "bytes": 16}})
+    eight = aot.Cost(22.0, 220.0, {"all-reduce": {"count": 8, "bytes": 32}, "all-gather": {"count": 4, "bytes": 16}})
+    forty = four.extrapolate(eight, 4, 32)
+    assert (forty.flops, forty.bytes_accessed) == (22.0 + 32 * 3, 220.0 + 32 * 30)
+    assert forty.collectives == {"all-gather": {"count": 36, "bytes": 144}, "all-reduce": {"count": 40, "bytes": 160}}
 
 
 def test_unrolled_scans_compute_the_same_logits():

@@ -6,11 +6,13 @@ its HBM (``memory_analysis``: arguments, outputs, temporaries), its FLOPs and by
 (``cost_analysis``) and its collectives (the optimized HLO).
 
 XLA's cost analysis counts a loop's body once, not once per trip, and the layers run in a scan. So costs are
-read from two more compiles of the same program, at 2 and 3 layers with the project's scans unrolled
-(``backend.unrolled``): a layer costs the difference, and L layers cost ``c2 + (L - 2) * (c3 - c2)``. (Not 1
-and 2: a one-layer program updates its cache in place where a stacked one copies, so the first difference
-is no layer's cost; from two layers on each layer adds the same, and the extrapolation matches a fully
-unrolled 4-layer compile within a few percent, tests/test_plan.py.) Loops
+read from two more compiles of the same program, at ``COST_LAYERS`` = 4 and 8 layers with the project's scans
+unrolled (``backend.unrolled``): a layer costs a quarter of the difference, and L layers cost
+``c8 + (L - 8) * (c8 - c4) / 4``. The TPU compiler fuses and buffers the first few layers differently (on
+ZAYA1-8B's decode step, a 2-to-3-layer difference was 30% below the per-layer bytes from 4 layers on for one
+MoE path and negative for another), and four layers average out what one layer's difference does not: from
+4 and 8 layers, the decode step's bytes came within 4% of a fully unrolled 40-layer compile, for both paths
+(docs/tpu.md). A model of up to 8 layers is compiled unrolled whole. Loops
 that are not the project's scans stay counted once: the decode loop (its cost is one step's) and the insert
 program's copy loop (one row's).
 
@@ -100,6 +102,10 @@ def chip_of(devices) -> Chip:
     return CHIPS[kind]
 
 
+# The layer counts whose unrolled compiles give a program's cost (see the module docstring).
+COST_LAYERS = (4, 8)
+
+
 @dataclasses.dataclass
 class Cost:
     """Per-chip cost of one run of a program (loops other than the project's scans counted once)."""
@@ -108,14 +114,14 @@ class Cost:
     bytes_accessed: float
     collectives: dict  # kind -> {"count": n, "bytes": b}
 
-    def extrapolate(self, next_: Cost, layers: int) -> Cost:
-        """``self`` at some layer count and ``next_`` at one more -> the cost at ``layers`` more than ``self``'s
-        count, plus ``self``'s (``layers`` = the target count minus ``self``'s)."""
-        lin = lambda a, b: a + layers * (b - a)  # noqa: E731
-        kinds = set(self.collectives) | set(next_.collectives)
+    def extrapolate(self, later: Cost, gap: int, layers: int) -> Cost:
+        """``self`` at some layer count and ``later`` at ``gap`` more -> the cost at ``layers`` more than
+        ``later``'s count (each layer costing ``(later - self) / gap``)."""
+        lin = lambda a, b: b + layers * (b - a) / gap  # noqa: E731
+        kinds = set(self.collectives) | set(later.collectives)
         zero = {"count": 0, "bytes": 0}
-        return Cost(lin(self.flops, next_.flops), lin(self.bytes_accessed, next_.bytes_accessed),
-                    {k: {f: max(0, lin(self.collectives.get(k, zero)[f], next_.collectives.get(k, zero)[f]))
+        return Cost(lin(self.flops, later.flops), lin(self.bytes_accessed, later.bytes_accessed),
+                    {k: {f: max(0, round(lin(self.collectives.get(k, zero)[f], later.collectives.get(k, zero)[f])))
                          for f in ("count", "bytes")} for k in sorted(kinds)})
 
 
@@ -206,7 +212,7 @@ def estimate_seconds(c: Cost, chip: Chip) -> float:
 @dataclasses.dataclass(frozen=True)
 class Program:
     """A program to plan. ``build(config)`` -> (jitted fn, args, kwargs) for a model of ``config`` (called
-    with the model's config, and with 2- and 3-layer copies of it for the cost); ``resident_bytes``: other
+    with the model's config, and with ``COST_LAYERS`` copies of it for the cost); ``resident_bytes``: other
     buffers live on each chip while it runs."""
 
     name: str
@@ -217,7 +223,7 @@ class Program:
 
 def plan_program(program: Program, config, mesh, chip: Chip, *, with_cost: bool = True, full: bool = True,
                  capacity: int | None = None) -> ProgramReport:
-    """Compiles ``program`` at the model's size (memory) and at 2 and 3 unrolled layers (cost). Without
+    """Compiles ``program`` at the model's size (memory) and at ``COST_LAYERS`` unrolled layers (cost). Without
     ``full``, only the cost compiles run, and the HBM reported is the 2-layer program's."""
     capacity = chip.hbm_bytes if capacity is None else capacity
     report = ProgramReport(name=program.name, fits=False, hbm_bytes=None, resident_bytes=int(program.resident_bytes),
@@ -231,7 +237,7 @@ def plan_program(program: Program, config, mesh, chip: Chip, *, with_cost: bool 
         del compiled
     if with_cost:
         L = config.num_hidden_layers
-        counts = (2, 3) if L > 3 else (L,)  # a model of up to 3 layers is compiled unrolled whole
+        counts = COST_LAYERS if L > COST_LAYERS[-1] else (L,)  # a small model is compiled unrolled whole
         costs = []
         for layers in counts:
             small = dataclasses.replace(config, num_hidden_layers=layers, layer_types=config.layer_types[:layers])
@@ -245,7 +251,7 @@ def plan_program(program: Program, config, mesh, chip: Chip, *, with_cost: bool 
             if not full and layers == counts[-1]:
                 report.hbm_bytes = hbm(c)
                 report.note = (report.note + "; " if report.note else "") + f"HBM of the {layers}-layer program"
-        total = costs[0].extrapolate(costs[1], L - 2) if len(costs) == 2 else costs[0]
+        total = costs[0].extrapolate(costs[1], counts[1] - counts[0], L - counts[1]) if len(costs) == 2 else costs[0]
         report.flops, report.bytes_accessed = total.flops, total.bytes_accessed
         report.collectives, report.estimate_seconds = total.collectives, estimate_seconds(total, chip)
     return report
