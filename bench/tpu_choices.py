@@ -4,8 +4,9 @@
     python bench/tpu_choices.py cpu-choices [--topology v5e:2x4] [--mesh expert=8] [--slots 64] [--max-len 8192]
 
 ``moe``: ZAYA1-8B's prefill (and, at 64 tokens, its decode step) with each MoE implementation: the compiler's
-FLOPs, bytes accessed and roofline estimate per chip (``zaya_jax.aot``: 1- and 2-layer unrolled compiles,
-extrapolated to 40 layers), and the 2-layer program's temporaries. ``auto`` on TPU picks from this table.
+FLOPs, bytes accessed and roofline estimate per chip (``zaya_jax.aot``: 4- and 8-layer unrolled compiles,
+extrapolated to 40 layers), and the temporaries (the full-size decode program's; the 8-layer prefill's).
+``auto`` on TPU picks from this table.
 
 ``cpu-choices``: the decode program (64 slots x 8192 by default) as the TPU build makes it, against each
 choice made for XLA:CPU turned the other way: the compiler option that disables while-loop-invariant code
