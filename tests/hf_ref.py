@@ -84,10 +84,10 @@ def logits(model, ids, mask) -> np.ndarray:
     return out.logits.float().numpy()
 
 
-def max_logit_error(model_dir, ids, mask, ref: np.ndarray) -> float:
+def max_logit_error(model_dir, ids, mask, ref: np.ndarray, moe_impl: str = "auto") -> float:
     """Max abs difference, over the real (unpadded) positions, between zaya-jax's float32 logits of the
-    model in ``model_dir`` and ``ref [B, S, V]``."""
+    model in ``model_dir`` (its MoE dispatched by ``moe_impl``) and ``ref [B, S, V]``."""
     config, params = zaya_jax.load(model_dir)
-    out = np.asarray(zaya_jax.forward(params, config, ids, mask))
+    out = np.asarray(zaya_jax.forward(params, config, ids, mask, moe_impl=moe_impl))
     real = mask.astype(bool)
     return float(np.abs(out[real] - ref[real]).max())

@@ -41,6 +41,15 @@ def test_float32_logits_match_in_query_blocks(checkpoint, monkeypatch):
     assert err <= 1e-4
 
 
+@pytest.mark.parametrize("moe_impl", ["dense", "grouped"])
+def test_float32_logits_match_on_the_accelerator_moe_paths(checkpoint, moe_impl):
+    """The same parity through the MoE paths ``auto`` picks on TPU (XLA:CPU's own picks are above)."""
+    name, path, _, ids, mask, ref = checkpoint
+    err = hf_ref.max_logit_error(path, ids, mask, ref, moe_impl=moe_impl)
+    print(f"{name}: float32 max abs logit error with moe_impl={moe_impl}: {err:.2e}")
+    assert err <= 1e-4
+
+
 def test_skip_route_is_taken(checkpoint):
     """The random checkpoints must actually exercise the skip route, or the parity above proves less."""
     _, path, _, ids, mask, _ = checkpoint
