@@ -10,9 +10,9 @@ many problems.
 
 throughput: prompts of 16-128 tokens, max_new_tokens uniform in 8..256 (no stop tokens), on the engine
 with 16 slots (``--slots``: another count; 64 is the engine's default) and the default max_len (the
-context, 8,192) against ``generate`` over consecutive chunks of 16 (static batches: a chunk runs until its longest request ends; ``generate`` fits max_len to the
-chunk). New tokens/s as medians over repeats after a warm-up, and slot utilisation = real new tokens /
-(slots x decode steps run). sweep: 32 prompts of 16-128 tokens, 8-128 new tokens, 16 slots, the same
+context, 8,192) against ``generate`` over consecutive chunks of 16 (static batches: a chunk runs until its
+longest request ends; ``generate`` fits max_len to the chunk). New tokens/s as medians over repeats after
+a warm-up, and slot utilisation = real new tokens / (slots x decode steps run). sweep: 32 prompts of 16-128 tokens, 8-128 new tokens, 16 slots, the same
 workload at each max_len, runs alternating; new tokens per second of wall time and per CPU second of
 the process, each relative to max_len 512. ttft: one request of a 1,024-token prefix and 32 tokens of
 its own, max_new_tokens 1, on an engine whose prefix cache holds the prefix (an earlier request's)
@@ -47,7 +47,7 @@ def bench_model(context: int = 8192):
     return config, zaya_jax.init(config, jax.random.key(0))
 
 
-def throughput(repeats: int, count: int, engine_slots: int = 16) -> None:
+def throughput(repeats: int, count: int, engine_slots: int) -> None:
     from zaya_jax.infer import Engine, generate
 
     config, params = bench_model()
@@ -81,8 +81,9 @@ def throughput(repeats: int, count: int, engine_slots: int = 16) -> None:
             fn()
             rates[name].append(total / (time.perf_counter() - t))
     engine_rate, static_rate = statistics.median(rates["engine"]), statistics.median(rates["static"])
-    print(f"bench-124M float32, {count} prompts (16-128 tokens), max_new_tokens 8..256, chunks of {slots}, engine {engine_slots} slots, "
-          f"max_len {config.max_position_embeddings}, {jax.device_count()} device(s), median of {repeats}")
+    print(f"bench-124M float32, {count} prompts (16-128 tokens), max_new_tokens 8..256, chunks of {slots}, "
+          f"engine {engine_slots} slots, max_len {config.max_position_embeddings}, {jax.device_count()} device(s), "
+          f"median of {repeats}")
     print("| | new tokens/s | slot utilisation |")
     print("| --- | ---: | ---: |")
     print(f"| generate, static chunks of {slots} | {static_rate:,.0f} | {static_util:.0%} |")

@@ -3,7 +3,7 @@
     python bench/tpu_choices.py moe [--topology v5e:2x4] [--mesh expert=8] [--tokens 64,512,4096,16384]
     python bench/tpu_choices.py cpu-choices [--topology v5e:2x4] [--mesh expert=8] [--slots 64] [--max-len 8192]
 
-``moe``: ZAYA1-8B's prefill (and, at 64 tokens, its decode step) with each MoE implementation: the compiler's
+``moe``: ZAYA1-8B's prefill (and, at up to 64 tokens, its decode step) with each MoE implementation: the compiler's
 FLOPs, bytes accessed and roofline estimate per chip (``zaya_jax.aot``: 4- and 8-layer unrolled compiles,
 extrapolated to 40 layers), and the temporaries (the full-size decode program's; the 8-layer prefill's).
 ``auto`` on TPU picks from this table.

@@ -224,7 +224,7 @@ class Program:
 def plan_program(program: Program, config, mesh, chip: Chip, *, with_cost: bool = True, full: bool = True,
                  capacity: int | None = None) -> ProgramReport:
     """Compiles ``program`` at the model's size (memory) and at ``COST_LAYERS`` unrolled layers (cost). Without
-    ``full``, only the cost compiles run, and the HBM reported is the 2-layer program's."""
+    ``full``, only the cost compiles run, and the HBM reported is that of the last one (the most layers)."""
     capacity = chip.hbm_bytes if capacity is None else capacity
     report = ProgramReport(name=program.name, fits=False, hbm_bytes=None, resident_bytes=int(program.resident_bytes),
                            flops=None, bytes_accessed=None, estimate_seconds=None, collectives=None,
