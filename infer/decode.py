@@ -77,7 +77,7 @@ def inference_jit(fn, *, static_argnames=(), donate_argnames=()):
 class SlotState:
     """The slot pool: what the decode loop carries.
 
-    cache:    KVCache [layers, M, T, ...], lengths [M]: tokens fed per slot
+    cache:    KVCache of M rows x T slots, lengths [M]: tokens fed per slot
     token:    [M] int32     last emitted token of each slot (fed at the next step)
     num_new:  [M] int32     tokens emitted by the slot's request so far (its step counter)
     reason:   [M] int32     RUNNING, why the request stopped, or IDLE
@@ -113,7 +113,7 @@ def init_slots(cache: KVCache, stop_width: int, record: bool = False, penalties:
     """An idle pool over an empty ``cache`` (``zaya_jax.init_cache(config, slots, max_len, dtype)``);
     ``record``: with the routes and log-probs buffers; ``penalties``: (vocabulary V, logit-bias entries
     K per request) for the penalty knobs and counts."""
-    L, M, T = cache.k.shape[:3]
+    L, M, T = cache.k.shape[0], cache.k.shape[1], cache.max_len
     zeros = lambda: jnp.zeros((M,), jnp.int32)  # noqa: E731  (distinct buffers: the state is donated)
     return SlotState(cache=cache, token=zeros(), num_new=zeros(), reason=jnp.full((M,), IDLE, jnp.int32),
                      keys=jax.random.split(jax.random.key(0), M), sampling=SamplingParams.create(M),
@@ -126,7 +126,7 @@ def init_slots(cache: KVCache, stop_width: int, record: bool = False, penalties:
 
 def prefill_chunk(params, config: ZayaConfig, cache: KVCache, tokens: Array, new_len: Array, last: Array, *,
                   moe_impl: str = "auto", record: bool = False, state_every: int = 0, targets: Array | None = None):
-    """Appends one chunk of right-padded prompts to ``cache`` (a small [layers, G, S] prefill cache).
+    """Appends one chunk of right-padded prompts to ``cache`` (a small prefill cache of G rows x S slots).
 
     tokens: [G, C] int32, row g's next ``new_len[g]`` tokens first; last: [G, V] float32 logits after
     each row's tokens so far. Returns (last logits [G, V] — updated for rows with new tokens —, cache),
@@ -156,17 +156,20 @@ def prefill_chunk(params, config: ZayaConfig, cache: KVCache, tokens: Array, new
 
 
 def load_prefix(cache: KVCache, store: KVCache, table: Array, count: Array) -> KVCache:
-    """Starts prefill rows from the prefix cache: row g of ``cache`` (a fresh [layers, G, S] prefill cache)
+    """Starts prefill rows from the prefix cache: row g of ``cache`` (a fresh prefill cache of G rows x S slots)
     gets the keys and values of store blocks ``table[g, :count[g]]`` in its first ``count[g] x P`` slots,
     and the CCA state at the end of the last of them.
 
-    store: [layers, N, P] blocks of P tokens, each with the state at its end (``conv``, ``v_prev``);
+    store: a cache of N rows, each a block of P tokens with the state at its end (``conv``, ``v_prev``);
     table: [G, S // P] int32 block ids (any id past ``count``); count: [G] int32.
     """
-    L, G, S = cache.k.shape[:3]
-    P = store.k.shape[2]
+    G, S, P = cache.lengths.shape[0], cache.max_len, store.max_len
     held = jnp.arange(S)[None, :] < (count * P)[:, None]  # [G, S]
-    tokens = lambda a, b: jnp.where(held[None, :, :, None, None], a[:, table].reshape(b.shape), b)  # noqa: E731
+
+    def tokens(a, b):  # a: [L, N, H, P, Dh] store blocks; b: [L, G, H, S, Dh]
+        blocks = a[:, table].transpose(0, 1, 3, 2, 4, 5)  # [L, G, H, S // P, P, Dh]
+        return jnp.where(held[None, :, None, :, None], blocks.reshape(b.shape), b)
+
     end = table[jnp.arange(G), jnp.maximum(count - 1, 0)]
     state = lambda a, b: jnp.where((count > 0).reshape((1, G) + (1,) * (b.ndim - 2)), a[:, end], b)  # noqa: E731
     return cache.replace(k=tokens(store.k, cache.k), v=tokens(store.v, cache.v), conv=state(store.conv, cache.conv),
@@ -181,11 +184,12 @@ def save_prefix(store: KVCache, cache: KVCache, states, row: Array, block: Array
 
     states: (conv [L, G, E, Kc, C], v_prev [L, G, E, kv_dim / 2]): ``prefill_chunk``'s, chunks joined.
     """
-    P = store.k.shape[2]
+    P = store.max_len
     slots = block[:, None] * P + jnp.arange(P)[None, :]  # [I, P]
     put = lambda a, v: a.at[:, dst].set(v, mode="drop")  # noqa: E731
+    taken = lambda a: a[:, row[:, None], :, slots].transpose(2, 0, 3, 1, 4)  # noqa: E731  [L, I, H, P, Dh]
     conv, v_prev = states
-    return store.replace(k=put(store.k, cache.k[:, row[:, None], slots]), v=put(store.v, cache.v[:, row[:, None], slots]),
+    return store.replace(k=put(store.k, taken(cache.k)), v=put(store.v, taken(cache.v)),
                          conv=put(store.conv, conv[:, row, block - since]),
                          v_prev=put(store.v_prev, v_prev[:, row, block - since]))
 
@@ -197,7 +201,7 @@ def insert(state: SlotState, cache: KVCache, logits: Array, src: Array, dst: Arr
     its first token from ``logits[src[i]]`` and stores its knobs, for ``i < count``; entries from
     ``count`` on are padding and must have ``dst[i] >= M``.
 
-    cache: [layers, G, S] with S <= T; logits: [G, V]; src, dst, max_new, limit: [I]; count: [] int32;
+    cache: G rows x S slots with S <= T; logits: [G, V]; src, dst, max_new, limit: [I]; count: [] int32;
     keys: [I] keys; sampling: [I] arrays; stop_ids: [I, K]; routes: [G, S, L] the prompts' routes (a
     recording pool only); penalties: [I] rows of knobs (a pool with penalties; None: none for these
     requests); mask: [I, W] int32 the tokens each first token may be (None: any); want_logprobs: [] bool,
@@ -205,7 +209,7 @@ def insert(state: SlotState, cache: KVCache, logits: Array, src: Array, dst: Arr
     group size of a (G, S) prefill. Returns (state, first tokens [I], reasons [I], their
     ``logprobs.Logprobs`` [I] — zeros unless wanted).
     """
-    S = cache.k.shape[2]
+    S = cache.max_len
     put = lambda a, v: a.at[dst].set(v, mode="drop")  # noqa: E731
     new_cache = _copy_rows(state.cache, cache, src, dst, count)
     new_cache = new_cache.replace(lengths=put(new_cache.lengths, cache.lengths[src]))
@@ -243,12 +247,13 @@ def _copy_rows(pool: KVCache, cache: KVCache, src: Array, dst: Array, count: Arr
     Elsewhere, one masked merge of the pool's first S positions: a dynamic row index into a pool whose rows
     are split over chips made the TPU compiler gather the whole pool (ZAYA1-8B, 64 x 8192 on v5e-8: 10 GiB
     of temporaries per chip, `zaya plan`), where a select over each chip's own rows stays local."""
-    S = cache.k.shape[2]
+    S = cache.max_len
     if backend.platform() == "cpu":
         def copy_row(i, c):
             put_row = lambda a, b, *ix: a.at[(slice(None), dst[i]) + ix].set(  # noqa: E731
                 to_bits(from_bits(b[:, src[i]], cache.dtype), c.dtype), mode="drop")
-            return c.replace(k=put_row(c.k, cache.k, slice(0, S)), v=put_row(c.v, cache.v, slice(0, S)),
+            heads_slots = (slice(None), slice(0, S))
+            return c.replace(k=put_row(c.k, cache.k, *heads_slots), v=put_row(c.v, cache.v, *heads_slots),
                              conv=put_row(c.conv, cache.conv), v_prev=put_row(c.v_prev, cache.v_prev))
 
         return jax.lax.fori_loop(0, count, copy_row, pool)
@@ -256,11 +261,11 @@ def _copy_rows(pool: KVCache, cache: KVCache, src: Array, dst: Array, count: Arr
     # The prefill row each slot takes, -1 for slots left as they are.
     row = jnp.full((M,), -1, jnp.int32).at[dst].set(jnp.where(jnp.arange(dst.shape[0]) < count, src, -1), mode="drop")
 
-    def merge(a, b):  # a: [layers, M, ...] of the pool (its first S positions for k, v); b: [layers, G, ...]
+    def merge(a, b):  # a: [layers, M, ...] of the pool (its first S slots for k, v); b: [layers, G, ...]
         taken = to_bits(from_bits(b[:, jnp.maximum(row, 0)], cache.dtype), pool.dtype)
         return jnp.where((row >= 0).reshape((1, M) + (1,) * (a.ndim - 2)), taken, a)
 
-    first = lambda a, b: a.at[:, :, :S].set(merge(a[:, :, :S], b))  # noqa: E731
+    first = lambda a, b: a.at[:, :, :, :S].set(merge(a[:, :, :, :S], b))  # noqa: E731
     return pool.replace(k=first(pool.k, cache.k), v=first(pool.v, cache.v), conv=merge(pool.conv, cache.conv),
                         v_prev=merge(pool.v_prev, cache.v_prev))
 
@@ -352,7 +357,7 @@ def _rows(state: SlotState, n: int, span: int | None = None) -> SlotState:
     """Slots ``[0, n)`` of the pool, their cache cut to its first ``span`` slots (default all; cache rows
     are axis 1 of the layer-stacked arrays)."""
     c = state.cache
-    cache = c.replace(k=c.k[:, :n, :span], v=c.v[:, :n, :span], conv=c.conv[:, :n], v_prev=c.v_prev[:, :n],
+    cache = c.replace(k=c.k[:, :n, :, :span], v=c.v[:, :n, :, :span], conv=c.conv[:, :n], v_prev=c.v_prev[:, :n],
                       lengths=c.lengths[:n])
     return state.replace(cache=cache, **{f: jax.tree.map(lambda a: a[:n], getattr(state, f)) for f in PER_SLOT})
 
@@ -362,7 +367,7 @@ def _put_rows(state: SlotState, window: SlotState) -> SlotState:
     place: the pool is donated)."""
     c, w = state.cache, window.cache
     n, span = w.lengths.shape[0], w.max_len
-    cache = c.replace(k=c.k.at[:, :n, :span].set(w.k), v=c.v.at[:, :n, :span].set(w.v), conv=c.conv.at[:, :n].set(w.conv),
+    cache = c.replace(k=c.k.at[:, :n, :, :span].set(w.k), v=c.v.at[:, :n, :, :span].set(w.v), conv=c.conv.at[:, :n].set(w.conv),
                       v_prev=c.v_prev.at[:, :n].set(w.v_prev), lengths=c.lengths.at[:n].set(w.lengths))
     put = lambda a, b: a.at[:n].set(b)  # noqa: E731
     return state.replace(cache=cache, **{f: jax.tree.map(put, getattr(state, f), getattr(window, f)) for f in PER_SLOT})

@@ -21,7 +21,7 @@ def tiny():
 def _attention_inputs(B, S, T, seed=0):
     r = np.random.default_rng(seed)
     q = jnp.asarray(r.standard_normal((B, S, 4, 16)), jnp.float32)
-    k, v = (jnp.asarray(r.standard_normal((B, T, 2, 16)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(r.standard_normal((B, 2, T, 16)), jnp.float32) for _ in range(2))  # heads first
     return q, k, v
 
 

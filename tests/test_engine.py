@@ -271,5 +271,5 @@ def test_insert_copies_the_same_rows_on_every_platform():
                                       np.asarray(jax.random.key_data(b) if jnp.issubdtype(b.dtype, jax.dtypes.prng_key)
                                                  else b))
     k = np.asarray(on_cpu[0].cache.k)
-    np.testing.assert_array_equal(k[:, 5, :S], np.asarray(cache.k)[:, 2])  # slot 5 holds prefill row 2
+    np.testing.assert_array_equal(k[:, 5, :, :S], np.asarray(cache.k)[:, 2])  # slot 5 holds prefill row 2
     assert not k[:, 2].any() and not k[:, 7].any()  # untouched slots

@@ -112,7 +112,7 @@ def test_kv_heads_fall_back_to_replication():
     cache = shd.cache_shardings(zaya_jax.init_cache(CONFIG, 2, 8), CONFIG, mesh)
     assert cache.k.spec == P(None, None, None, None, None)
     cache2 = shd.cache_shardings(zaya_jax.init_cache(CONFIG, 2, 8), CONFIG, shd.make_mesh(data=2, expert=2, tensor=2))
-    assert cache2.k.spec == P(None, "data", None, "tensor", None)
+    assert cache2.k.spec == P(None, "data", "tensor", None, None)
     assert cache2.lengths.spec == P("data")
 
 

@@ -30,7 +30,9 @@ from .config import ZayaConfig
 class KVCache:
     """Decode state of all layers.
 
-    k, v:    [layers, batch, max_len, kv_heads, head_dim]  keys after conv/norm/RoPE; values
+    k, v:    [layers, batch, kv_heads, max_len, head_dim]  keys after conv/norm/RoPE; values. Heads before
+             slots: the layout attention's batched matmuls read (over batch x heads), so a decode step reads
+             each layer's slice where it lies instead of copying it out transposed.
     conv:    [layers, batch, conv_state_len, conv_channels] last raw (pre-conv) q/k frames
     v_prev:  [layers, batch, kv_dim // 2]                   delayed-value projection of the last token
     lengths: [batch] int32  tokens held per row (its next slot to write)
@@ -47,7 +49,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     def layer_slices(self):
         """The per-layer part, scanned over by the model."""
@@ -79,8 +81,8 @@ def init_cache(config: ZayaConfig, batch: int, max_len: int, dtype=jnp.float32) 
     """An empty cache for ``batch`` rows of up to ``max_len`` tokens (prompt + generated) of ``dtype`` values."""
     layers, stored = config.num_hidden_layers, storage_dtype(dtype)  # zero bits are +0.0 in every float format
     return KVCache(
-        k=jnp.zeros((layers, batch, max_len, config.num_key_value_heads, config.head_dim), stored),
-        v=jnp.zeros((layers, batch, max_len, config.num_key_value_heads, config.head_dim), stored),
+        k=jnp.zeros((layers, batch, config.num_key_value_heads, max_len, config.head_dim), stored),
+        v=jnp.zeros((layers, batch, config.num_key_value_heads, max_len, config.head_dim), stored),
         conv=jnp.zeros((layers, batch, config.conv_state_len, config.conv_channels), stored),
         v_prev=jnp.zeros((layers, batch, config.kv_dim // 2), stored),
         lengths=jnp.zeros((batch,), jnp.int32),

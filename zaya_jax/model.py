@@ -241,17 +241,23 @@ class CCAttention(nn.Module):
 
         if cache is not None:
             # Each row writes its own slots; a write past the last slot is dropped (never wraps or shifts).
-            rows = jnp.arange(x.shape[0])[:, None]
+            # One head_dim row per (token, head), [B, S, Hkv] index arrays: written as one [Hkv, Dh] block
+            # per token instead, the TPU compiler kept the cache slots-before-heads inside the decode loop
+            # and copied the whole pool into and out of that layout at every call (docs/tpu.md).
+            rows = jnp.arange(x.shape[0])[:, None, None]
+            heads = jnp.arange(c.num_key_value_heads)[None, None, :]
+            slots = ctx.q_slot[:, :, None]
             new_cache = {
-                "k": cache["k"].at[layer, rows, ctx.q_slot].set(to_bits(k, cdt), mode="drop"),
-                "v": cache["v"].at[layer, rows, ctx.q_slot].set(to_bits(v, cdt), mode="drop"),
+                "k": cache["k"].at[layer, rows, heads, slots].set(to_bits(k, cdt), mode="drop"),
+                "v": cache["v"].at[layer, rows, heads, slots].set(to_bits(v, cdt), mode="drop"),
                 "conv": cache["conv"].at[layer].set(to_bits(conv_state, cdt)),
                 "v_prev": cache["v_prev"].at[layer].set(to_bits(v_prev, cdt)),
             }
             T = ctx.key_valid.shape[1]
-            k, v = (from_bits(new_cache[name][layer, :, :T], cdt).astype(dt) for name in ("k", "v"))
+            k, v = (from_bits(new_cache[name][layer, :, :, :T], cdt).astype(dt) for name in ("k", "v"))
         else:
             new_cache = None
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, S, Dh], the cache's layout
 
         out = causal_attention(q, k, v, ctx, window, cached=cache is not None)  # [B, S, Hq * Dh]
         return Dense(c.hidden_size, ("q_dim", "embed"), dt, _normal(c), name="o_proj")(out), new_cache, every
@@ -283,9 +289,9 @@ def causal_attention(q, k, v, ctx: AttentionContext, window, cached: bool):
     room for all S new tokens after its length (checked at run time; otherwise all T keys are read, as
     for short inputs). At S = T = 512 that skips 6 of the 16 query-by-key blocks (docs/benchmarks.md).
 
-    q: [B, S, Hq, Dh]; k, v: [B, T, Hkv, Dh]. Returns [B, S, Hq * Dh].
+    q: [B, S, Hq, Dh]; k, v: [B, Hkv, T, Dh]. Returns [B, S, Hq * Dh].
     """
-    S, T = q.shape[1], k.shape[1]
+    S, T = q.shape[1], k.shape[2]
     if S < 2 * ATTENTION_BLOCK or T < S:  # short, or more new tokens than cache slots: never exact
         return attention(q, k, v, ctx, window)
 
@@ -296,7 +302,7 @@ def causal_attention(q, k, v, ctx: AttentionContext, window, cached: bool):
             keys = T - S + end
             block = AttentionContext(positions=ctx.positions[:, start:end], token_valid=ctx.token_valid[:, start:end],
                                      q_slot=ctx.q_slot[:, start:end], key_valid=ctx.key_valid[:, :keys])
-            outs.append(attention(q[:, start:end], k[:, :keys], v[:, :keys], block, window))
+            outs.append(attention(q[:, start:end], k[:, :, :keys], v[:, :, :keys], block, window))
         return jnp.concatenate(outs, axis=1)
 
     if not cached:
@@ -308,25 +314,24 @@ def causal_attention(q, k, v, ctx: AttentionContext, window, cached: bool):
 def attention(q, k, v, ctx: AttentionContext, window):
     """Causal GQA with an optional sliding window; softmax in float32.
 
-    q: [B, S, Hq, Dh]; k, v: [B, T, Hkv, Dh]; window: [] int32 (keys within ``window`` slots of the
-    query, the query included). Returns [B, S, Hq * Dh].
+    q: [B, S, Hq, Dh]; k, v: [B, Hkv, T, Dh] (the cache's layout); window: [] int32 (keys within ``window``
+    slots of the query, the query included). Returns [B, S, Hq * Dh].
     """
     B, S, Hq, Dh = q.shape
-    T, Hkv = k.shape[1], k.shape[2]
+    Hkv, T = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    # Heads first, and each KV head's query heads x positions as one row axis: both matmuls are then
-    # plain [rows, Dh] x [T, Dh] batched over (B, Hkv), with keys the minor axis of the logits. (Left to
-    # itself, XLA:CPU put the keys major and transposed the logits twice: 2x slower at S = 512.)
+    # Each KV head's query heads x positions as one row axis: both matmuls are then plain [rows, Dh] x
+    # [T, Dh] batched over (B, Hkv), with keys the minor axis of the logits. (Left to itself, XLA:CPU put
+    # the keys major and transposed the logits twice: 2x slower at S = 512.)
     qg = q.reshape(B, S, Hkv, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * S, Dh)
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
-    logits = jnp.einsum("bkmd,bktd->bkmt", qg, kt, preferred_element_type=jnp.float32) / math.sqrt(Dh)
+    logits = jnp.einsum("bkmd,bktd->bkmt", qg, k, preferred_element_type=jnp.float32) / math.sqrt(Dh)
     distance = ctx.q_slot[:, :, None] - jnp.arange(T)[None, None, :]  # [B, S, T]
     allowed = (distance >= 0) & (distance < window)
     mask = allowed & ctx.key_valid[:, None, :]  # [B, S, T]
     # A fully masked row (a padding query) gets uniform weights rather than NaN.
     logits = jnp.where(mask[:, None, None], logits.reshape(B, Hkv, G, S, T), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(B, Hkv, G * S, T)
-    out = jnp.einsum("bkmt,bktd->bkmd", probs, vt).reshape(B, Hkv, G, S, Dh)
+    out = jnp.einsum("bkmt,bktd->bkmd", probs, v).reshape(B, Hkv, G, S, Dh)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, S, Hq * Dh)
 
 

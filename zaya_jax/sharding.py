@@ -176,8 +176,8 @@ def cache_shardings(cache, config: ZayaConfig, mesh: Mesh, rules: Rules = INFERE
     """NamedShardings for a ``KVCache`` (same pytree): rows over ``batch``, K/V heads like the KV rule."""
     rules = rules.for_model(config, mesh)
     logical = {
-        "k": (None, "batch", None, "cache_kv_heads", None),
-        "v": (None, "batch", None, "cache_kv_heads", None),
+        "k": (None, "batch", "cache_kv_heads", None, None),
+        "v": (None, "batch", "cache_kv_heads", None, None),
         "conv": (None, "batch", None, None),
         "v_prev": (None, "batch", None),
         "lengths": ("batch",),
