@@ -43,7 +43,8 @@ def greedy(params, workload):
     return result
 
 
-@pytest.mark.parametrize("slots", [1, 4, 16])
+# One slot (requests strictly one after another) and 16 (32 requests through 16 slots: refills mid-run).
+@pytest.mark.parametrize("slots", [1, 16])
 def test_greedy_equals_generate_at_any_slot_count(params, workload, greedy, slots):
     prompts, max_new = workload
     engine = Engine(params, CONFIG, slots=slots, max_len=MAX_LEN, decode_steps=8)
