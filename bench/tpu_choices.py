@@ -2,6 +2,7 @@
 
     python bench/tpu_choices.py moe [--topology v5e:2x4] [--mesh expert=8] [--tokens 64,512,4096,16384]
     python bench/tpu_choices.py cpu-choices [--topology v5e:2x4] [--mesh expert=8] [--slots 64] [--max-len 8192]
+    python bench/tpu_choices.py decode [--topologies v5e:2x2,v5e:2x4,v6e:2x4,v5p:2x2x2] [--shapes 64x8192,256x2048]
 
 ``moe``: ZAYA1-8B's prefill (and, at up to 64 tokens, its decode step) with each MoE implementation: the compiler's
 FLOPs, bytes accessed and roofline estimate per chip (``zaya_jax.aot``: 4- and 8-layer unrolled compiles,
@@ -14,7 +15,11 @@ motion, the bf16 cache held as uint16 bits, the row-blocked bf16 reads of ``narr
 (full-size compile) and cost per decode step.
 
 Each measurement runs in a child process: the TPU compiler can crash on a program (a SIGSEGV), and that is
-then a row of the table, not the end of the run. Needs the ``tpu`` extra (libtpu). Estimates, not runs.
+then a row of the table, not the end of the run.
+
+``decode``: the engine's decode step (``moe_impl="auto"``) at each ``SLOTSxMAX_LEN`` on each topology, on
+``zaya plan``'s default serving mesh: whether it fits, total HBM, the estimate per step, tokens/s and bytes
+accessed over the minimum (each chip's weight shard read once plus its share of the slot pool). Needs the ``tpu`` extra (libtpu). Estimates, not runs.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ def _one(spec: dict) -> dict:
     config = ZayaConfig()
     topo = aot.topology(spec["topology"])
     chip = aot.chip_of(topo.devices)
-    mesh = shd.make_mesh(**parse_mesh(spec["mesh"]), devices=topo.devices)
+    sizes = parse_mesh(spec["mesh"]) if spec["mesh"] else pl.default_mesh("serve", len(topo.devices), config)
+    mesh = shd.make_mesh(**sizes, devices=topo.devices)
     stack = contextlib.ExitStack()
     options = model.INFERENCE_COMPILER_OPTIONS
     if spec.get("choice") == "licm":  # XLA's default pass pipeline
@@ -52,7 +58,8 @@ def _one(spec: dict) -> dict:
     with stack:
         if spec["what"] == "decode":
             settings = pl.ServeSettings(slots=spec["slots"], max_len=spec["max_len"], moe_impl=spec["impl"])
-            programs = pl.serve_programs(config, mesh, settings, compiler_options=options)[0][:1]
+            programs, _, pool_bytes_at, _, params = pl.serve_programs(config, mesh, settings, compiler_options=options)
+            programs = programs[:1]
         else:
             rows, chunk = spec["rows"], spec["tokens"] // spec["rows"]
             settings = pl.ServeSettings(slots=64, max_len=max(chunk, 16), moe_impl=spec["impl"], prefill_chunk=chunk,
@@ -61,7 +68,10 @@ def _one(spec: dict) -> dict:
                         if p.name.startswith(f"prefill[rows={rows},bucket={max(chunk, 16)},")]
         report = aot.plan_program(programs[0], config, mesh, chip, capacity=chip.hbm_bytes - pl.RESERVED_BYTES,
                                   full=spec["what"] == "decode")
-    return report.as_json()
+    out = report.as_json()
+    if spec["what"] == "decode":
+        out.update(mesh=sizes, waste=pl.decode_waste(report, params, pool_bytes_at(spec["slots"])))
+    return out
 
 
 @contextlib.contextmanager
@@ -102,18 +112,21 @@ def main() -> None:
         print(json.dumps(_one(json.loads(sys.argv[2]))), flush=True)
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("moe", "cpu-choices"))
+    p.add_argument("what", choices=("moe", "cpu-choices", "decode"))
     p.add_argument("--topology", default="v5e:2x4")
     p.add_argument("--mesh", default="expert=8")
     p.add_argument("--tokens", default="64,512,4096,16384")
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--slots", type=int, default=64)
     p.add_argument("--max-len", type=int, default=8192)
+    p.add_argument("--topologies", default="v5e:2x2,v5e:2x4,v6e:2x4,v5p:2x2x2", help="decode: the topologies")
+    p.add_argument("--shapes", default="64x8192,256x2048", help="decode: SLOTSxMAX_LEN of each step")
     p.add_argument("--json", default=None, help="also write every row to this file")
     args = p.parse_args()
     base = {"topology": args.topology, "mesh": args.mesh}
     rows = []
-    print(f"ZAYA1-8B bf16 on {args.topology}, mesh {args.mesh}; per chip; compiler estimates, not runs", flush=True)
+    where = "zaya plan's serving mesh" if args.what == "decode" else f"{args.topology}, mesh {args.mesh}"
+    print(f"ZAYA1-8B bf16 on {where}; per chip; compiler estimates, not runs", flush=True)
     print(f"{'program':<34} {'impl/choice':<12} {'TFLOP':>10} {'GB acc':>9} {'est ms':>9} {'temps GiB':>9}", flush=True)
     if args.what == "moe":
         for tokens in map(int, args.tokens.split(",")):
@@ -128,6 +141,20 @@ def main() -> None:
                 r = _run(spec)
                 rows.append({"program": name, "impl": impl, **r})
                 print(f"{name:<34} {impl:<12} {_fmt(r)}", flush=True)
+    elif args.what == "decode":
+        for topology in args.topologies.split(","):
+            for shape in args.shapes.split(","):
+                slots, max_len = map(int, shape.split("x"))
+                spec = {"topology": topology, "mesh": None, "what": "decode", "impl": "auto", "slots": slots,
+                        "max_len": max_len}
+                r = _run(spec)
+                rows.append({"topology": topology, "slots": slots, "max_len": max_len, **r})
+                h, fits = r.get("hbm_bytes") or {}, r.get("fits")
+                name = f"{topology} decode {slots} x {max_len}"
+                extra = "" if r.get("flops") is None else (
+                    f"  fits {fits}, total {h.get('total', 0) / 2**30:.2f} GiB, {slots / r['estimate_seconds']:,.0f} "
+                    f"tokens/s, bytes / minimum {r['waste']:.2f}x")
+                print(f"{name:<34} {'auto':<12} {_fmt(r)}{extra}", flush=True)
     else:
         for choice in ("tpu-build", "licm", "bf16-cache", "row-blocks"):
             spec = {**base, "what": "decode", "impl": "auto", "slots": args.slots, "max_len": args.max_len,
