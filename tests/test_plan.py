@@ -22,6 +22,7 @@ from zaya_jax import plan as pl  # noqa: E402
 from zaya_jax import sharding as shd  # noqa: E402
 from zaya_jax.bench_configs import CONFIGS  # noqa: E402
 from zaya_jax.config import ZayaConfig  # noqa: E402
+from zaya_jax.train import loss  # noqa: E402
 
 TINY = ZayaConfig(**CONFIGS["tiny"])
 # Widths that are whole TPU tiles (bf16: 16 x 128), so per-chip bytes carry no padding.
@@ -109,16 +110,34 @@ def test_sharded_param_argument_bytes_follow_the_rules(topo):
         assert aot.per_chip_bytes(leaf) == whole // share
 
 
-def test_train_step_compiles_with_its_optimizer_state(topo):
+def test_train_step_compiles_with_its_optimizer_state_and_costs_its_loss_chunks(topo, monkeypatch):
+    """The train step fits, and its cost, with the loss-chunk loop rolled and costed by difference (7 chunks
+    of 40 tokens here: an odd count, so ``unroll=2`` leaves one inline), equals that of the whole step compiled
+    unrolled."""
+    monkeypatch.setattr(loss, "CHUNK_LOGITS", 40 * ALIGNED.vocab_size)
     mesh = shd.make_mesh(fsdp=4, devices=topo.devices)
     chip = aot.chip_of(topo.devices)
     program, tokens = pl.train_program(ALIGNED, mesh, pl.TrainSettings(batch_size=4, seq_len=64, remat="full"))
-    report = aot.plan_program(program, ALIGNED, mesh, chip, with_cost=False)
-    assert tokens == 256 and report.fits
+    assert tokens == 256 and program.loops == (("loss_chunks", 7),)
+    # The cost compiles only: a 2-layer model is compiled at its full size for its cost, so its HBM is the step's.
+    report = aot.plan_program(program, ALIGNED, mesh, chip, full=False)
+    assert report.hbm_bytes["total"] <= chip.hbm_bytes - pl.RESERVED_BYTES
     # float32 params + two Adam moments, split over fsdp along embed: arguments hold at least those.
     params = jax.eval_shape(lambda: model.init(ALIGNED, jax.random.key(0)))
     param_bytes = sum(math.prod(a.shape) * 4 for a in jax.tree.leaves(params))
     assert report.hbm_bytes["arguments"] >= 3 * param_bytes / 4
+    with backend.unrolled():
+        unrolled, _, _ = aot.compile_for(lambda: program.build(ALIGNED), mesh)
+    whole = aot.cost(unrolled)
+    # With the loop rolled and not costed by difference, the FLOPs counted were 8% short (379 against 412 M).
+    assert report.flops == pytest.approx(whole.flops, rel=0.01)
+    assert report.bytes_accessed == pytest.approx(whole.bytes_accessed, rel=0.05)
+
+
+def test_loop_copies_follow_the_scan_lowering():
+    """``lax.scan(unroll=u)`` over n trips: a loop of u copies and n % u inline; u >= n unrolls all n."""
+    assert [aot.loop_copies(7, u) for u in (1, 2, 3, 7, 8)] == [1, 3, 4, 7, 7]
+    assert [aot.loop_copies(n, 2) for n in (1, 2, 4)] == [1, 2, 2]
 
 
 def test_collectives_are_read_from_hlo():

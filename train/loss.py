@@ -46,7 +46,7 @@ def chunked_token_logprobs(hidden, head, targets, chunk: int):
         return None, (jnp.take_along_axis(logp, t[:, None], axis=-1)[:, 0], jax.lax.stop_gradient(entropy))
 
     _, (logprobs, entropy) = jax.lax.scan(one_chunk, None, (hidden.reshape(-1, chunk, d), targets.reshape(-1, chunk)),
-                                         unroll=backend.scan_unroll())
+                                         unroll=backend.scan_unroll("loss_chunks"))
     return logprobs.reshape(-1)[:n], entropy.reshape(-1)[:n]
 
 

@@ -16,6 +16,11 @@ MoE path and negative for another), and four layers average out what one layer's
 that are not the project's scans stay counted once: the decode loop (its cost is one step's) and the insert
 program's copy loop (one row's).
 
+A program names the scans whose unrolled copies would make those compiles too large (``Program.loops``: the
+train step's loss chunks, 129 of them at 8 x 4096 tokens of ZAYA1-8B's vocabulary, each a [chunk, vocabulary]
+matmul forward and backward). Those stay rolled in the layer compiles, and one more compile at 4 layers
+unrolls each by 2: a trip costs the difference, and ``trips - 1`` more are added.
+
 Every time derived from these is an estimate: ``max(flops / peak, bytes / HBM bandwidth)`` per chip, the
 roofline of a program whose FLOPs and bytes the compiler counted, on a chip from ``CHIPS``.
 """
@@ -117,11 +122,17 @@ class Cost:
     def extrapolate(self, later: Cost, gap: int, layers: int) -> Cost:
         """``self`` at some layer count and ``later`` at ``gap`` more -> the cost at ``layers`` more than
         ``later``'s count (each layer costing ``(later - self) / gap``)."""
-        lin = lambda a, b: b + layers * (b - a) / gap  # noqa: E731
-        kinds = set(self.collectives) | set(later.collectives)
+        return later.plus(self, later, layers / gap)
+
+    def plus(self, a: Cost, b: Cost, times: float) -> Cost:
+        """``self + times * (b - a)``: this cost and ``times`` more of what compile ``b`` has over compile ``a``
+        (``times`` layers, or loop trips, each costing ``b - a``)."""
+        lin = lambda x, y, z: x + times * (z - y)  # noqa: E731
+        kinds = set(self.collectives) | set(a.collectives) | set(b.collectives)
         zero = {"count": 0, "bytes": 0}
-        return Cost(lin(self.flops, later.flops), lin(self.bytes_accessed, later.bytes_accessed),
-                    {k: {f: max(0, round(lin(self.collectives.get(k, zero)[f], later.collectives.get(k, zero)[f])))
+        count = lambda c, k, f: c.collectives.get(k, zero)[f]  # noqa: E731
+        return Cost(lin(self.flops, a.flops, b.flops), lin(self.bytes_accessed, a.bytes_accessed, b.bytes_accessed),
+                    {k: {f: max(0, round(lin(count(self, k, f), count(a, k, f), count(b, k, f))))
                          for f in ("count", "bytes")} for k in sorted(kinds)})
 
 
@@ -219,6 +230,13 @@ class Program:
     build: Callable
     resident_bytes: int = 0
     note: str = ""
+    loops: tuple = ()  # ((name, trips), ...): scans costed by difference, not unrolled (``loop_copies``)
+
+
+def loop_copies(trips: int, unroll: int) -> int:
+    """Copies of a scan's body in its program, as ``jax.lax.scan`` lowers ``unroll``: a loop over ``unroll``
+    copies (counted once by XLA's cost analysis) and the ``trips % unroll`` left over, inline."""
+    return (unroll if trips >= unroll else 0) + trips % unroll
 
 
 def plan_program(program: Program, config, mesh, chip: Chip, *, with_cost: bool = True, full: bool = True,
@@ -238,20 +256,27 @@ def plan_program(program: Program, config, mesh, chip: Chip, *, with_cost: bool 
     if with_cost:
         L = config.num_hidden_layers
         counts = COST_LAYERS if L > COST_LAYERS[-1] else (L,)  # a small model is compiled unrolled whole
+        rolled = {name: 1 for name, _ in program.loops}
+        # (layers, loop factors): the layer counts with the named loops rolled, then each loop unrolled by 2.
+        variants = [(n, rolled) for n in counts] + [(counts[0], {**rolled, name: 2}) for name, _ in program.loops]
         costs = []
-        for layers in counts:
+        for layers, factors in variants:
             small = dataclasses.replace(config, num_hidden_layers=layers, layer_types=config.layer_types[:layers])
-            with backend.unrolled():
+            with backend.unrolled(**factors):
                 c, s, err = compile_for(functools.partial(program.build, small), mesh)
             report.compile_seconds += s
             if c is None:
                 report.note = (report.note + "; " if report.note else "") + f"cost not measured: {err}"
                 return report
             costs.append(cost(c))
-            if not full and layers == counts[-1]:
+            if not full and (layers, factors) == variants[len(counts) - 1]:
                 report.hbm_bytes = hbm(c)
                 report.note = (report.note + "; " if report.note else "") + f"HBM of the {layers}-layer program"
-        total = costs[0].extrapolate(costs[1], counts[1] - counts[0], L - counts[1]) if len(costs) == 2 else costs[0]
+        total = costs[0].extrapolate(costs[1], counts[1] - counts[0], L - counts[1]) if len(counts) == 2 else costs[0]
+        for (name, trips), by_two in zip(program.loops, costs[len(counts):]):
+            extra = loop_copies(trips, 2) - loop_copies(trips, 1)
+            if extra:  # each trip costs the difference per extra copy; the rolled compile counted one
+                total = total.plus(costs[0], by_two, (trips - 1) / extra)
         report.flops, report.bytes_accessed = total.flops, total.bytes_accessed
         report.collectives, report.estimate_seconds = total.collectives, estimate_seconds(total, chip)
     return report

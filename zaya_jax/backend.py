@@ -15,7 +15,7 @@ import contextvars
 
 import jax
 
-_UNROLL: contextvars.ContextVar[bool] = contextvars.ContextVar("zaya_unrolled", default=False)
+_UNROLL: contextvars.ContextVar[dict | None] = contextvars.ContextVar("zaya_unrolled", default=None)
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("zaya_target_platform", default=None)
 
 
@@ -34,18 +34,20 @@ def target(name: str):
         _TARGET.reset(token)
 
 
-def scan_unroll() -> int | bool:
-    """The ``unroll`` of the project's own scans (layers, loss chunks, gradient accumulation, MoE tiles): 1 but under
-    ``unrolled``."""
-    return True if _UNROLL.get() else 1
+def scan_unroll(loop: str = "") -> int | bool:
+    """The ``unroll`` of one of the project's own scans (layers, loss chunks, gradient accumulation, MoE tiles):
+    1, but under ``unrolled`` all of them, or the factor ``unrolled`` names for ``loop``."""
+    factors = _UNROLL.get()
+    return 1 if factors is None else factors.get(loop, True)
 
 
 @contextlib.contextmanager
-def unrolled():
-    """Traces inside this block unroll the project's scans. XLA's cost analysis counts a loop's body once, not
-    once per trip; the cost of an unrolled program is the whole cost (``zaya_jax.aot``). Compiling unrolled
-    takes longer and computes the same values."""
-    token = _UNROLL.set(True)
+def unrolled(**factors: int):
+    """Traces inside this block unroll the project's scans: whole, or by ``factors[loop]`` for the loops named
+    (``unrolled(loss_chunks=1)``). XLA's cost analysis counts a loop's body once, not once per trip; the cost
+    of an unrolled program is the whole cost, and a loop unrolled by 1 and by 2 gives its body's cost by
+    difference (``zaya_jax.aot``). Compiling unrolled takes longer and computes the same values."""
+    token = _UNROLL.set(dict(factors))
     try:
         yield
     finally:

@@ -231,6 +231,7 @@ def max_slots(split: int, s: ServeSettings, decode_total, pool_bytes_at, prefill
 def train_program(config: ZayaConfig, mesh, t: TrainSettings, *, objective=None, name: str = "train_step"):
     """The train step (AdamW, float32 master weights, ``t.compute_dtype`` compute), state and batch sharded by
     the TRAINING rules, the state donated: what ``zaya train`` compiles."""
+    from .train import loss
     from .train import step as train_step_mod
 
     tcfg = train_step_mod.TrainConfig(remat_policy=t.remat, grad_accum=t.grad_accum, compute_dtype=t.compute_dtype,
@@ -256,8 +257,10 @@ def train_program(config: ZayaConfig, mesh, t: TrainSettings, *, objective=None,
         return fn, (aot.with_shardings(state, shardings), batch), {}
 
     tokens = t.batch_size * t.seq_len
+    micro = tokens // t.grad_accum  # the tokens of one micro-batch's loss, in chunks of the default size
+    loss_chunks = -(-micro // loss.default_chunk(micro, config.vocab_size))
     return Program(f"{name}[batch={t.batch_size},seq={t.seq_len},remat={t.remat},accum={t.grad_accum}]", build,
-                   note="AdamW, float32 master weights"), tokens
+                   note="AdamW, float32 master weights", loops=(("loss_chunks", loss_chunks),)), tokens
 
 
 # ------------------------------------------------------------------------------------------------ plan
