@@ -160,8 +160,8 @@ def test_auto_choice():
     assert moe.auto_impl(1, "tpu", num_experts=2) == "dense"  # 2 <= 3 x 1 touched
     assert moe.auto_impl(1, "tpu", num_experts=16) == "gather"  # all 16 read for 1 touched: no
     assert moe.auto_impl(8, "tpu", num_experts=16) == "dense"  # 6.4 touched, x 3 > 16
-    assert moe.auto_impl(128, "tpu", num_experts=16) == "dense"
-    assert moe.auto_impl(129, "tpu", num_experts=16) == "grouped"  # past the ridge point: compute-bound
+    assert moe.auto_impl(256, "tpu", num_experts=16) == "dense"
+    assert moe.auto_impl(257, "tpu", num_experts=16) == "grouped"  # toward GROUPED_READS x the ridge point
     assert moe.auto_impl(64, "tpu", training=True, num_experts=2) == "grouped"
     assert moe.auto_impl(64, "tpu") == "grouped"  # expert count unknown
     assert moe.auto_impl(64, "gpu", num_experts=2) == "grouped"

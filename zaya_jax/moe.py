@@ -47,9 +47,12 @@ LOOP_MAX_TOKENS_CPU = 4
 TRAIN_LOOP_MAX_TOKENS_CPU = 16
 GATHER_MAX_TOKENS = 8
 # TPU: ``dense`` up to this many tokens per call. Its arithmetic intensity is the token count in FLOPs per
-# weight byte, so below every TPU's ridge point (v5p 166, v4 224, v5e 240, v6e 560 FLOP/byte) it stays
-# bound by reading the weights once.
-DENSE_MAX_TOKENS = 128
+# weight byte: up to a chip's ridge point (v5p 166, v4 224, v5e 240, v6e 560 FLOP/byte) it is bound by
+# reading each weight once, and past it its time grows with the tokens; ``grouped`` reads the touched
+# experts' weights GROUPED_READS times. So ``dense`` is the faster below GROUPED_READS x the ridge (v5p: 498
+# tokens), and 256 keeps a factor of 2 from that on every chip. ZAYA1-8B's decode step at 256 slots x 2048
+# (docs/tpu.md): 12.6 ms against grouped's 23.2 on v5e-8, 4.0 against 8.3 on v5p-8.
+DENSE_MAX_TOKENS = 256
 # What ``grouped`` reads of each touched expert's weights, in a layer scan: the copy out of the stack
 # (read + write), then the grouped matmul's read (the TPU program's HLO; docs/tpu.md).
 GROUPED_READS = 3
