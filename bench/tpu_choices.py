@@ -3,6 +3,7 @@
     python bench/tpu_choices.py moe [--topology v5e:2x4] [--mesh expert=8] [--tokens 64,512,4096,16384]
     python bench/tpu_choices.py cpu-choices [--topology v5e:2x4] [--mesh expert=8] [--slots 64] [--max-len 8192]
     python bench/tpu_choices.py decode [--topologies v5e:2x2,v5e:2x4,v6e:2x4,v5p:2x2x2] [--shapes 64x8192,256x2048]
+                                       [--impls auto]
 
 ``moe``: ZAYA1-8B's prefill (and, at up to 64 tokens, its decode step) with each MoE implementation: the compiler's
 FLOPs, bytes accessed and roofline estimate per chip (``zaya_jax.aot``: 4- and 8-layer unrolled compiles,
@@ -17,7 +18,7 @@ motion, the bf16 cache held as uint16 bits, the row-blocked bf16 reads of ``narr
 Each measurement runs in a child process: the TPU compiler can crash on a program (a SIGSEGV), and that is
 then a row of the table, not the end of the run.
 
-``decode``: the engine's decode step (``moe_impl="auto"``) at each ``SLOTSxMAX_LEN`` on each topology, on
+``decode``: the engine's decode step (``moe_impl="auto"``, or each of ``--impls``) at each ``SLOTSxMAX_LEN`` on each topology, on
 ``zaya plan``'s default serving mesh: whether it fits, total HBM, the estimate per step, tokens/s and bytes
 accessed over the minimum (each chip's weight shard read once plus its share of the slot pool). Needs the ``tpu`` extra (libtpu). Estimates, not runs.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import subprocess
 import sys
@@ -116,13 +118,14 @@ def main() -> None:
     p.add_argument("--topology", default="v5e:2x4")
     p.add_argument("--mesh", default="expert=8")
     p.add_argument("--tokens", default="64,512,4096,16384")
-    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--impls", default=None, help=f"MoE paths (moe: {','.join(IMPLS)}; decode: auto)")
     p.add_argument("--slots", type=int, default=64)
     p.add_argument("--max-len", type=int, default=8192)
     p.add_argument("--topologies", default="v5e:2x2,v5e:2x4,v6e:2x4,v5p:2x2x2", help="decode: the topologies")
     p.add_argument("--shapes", default="64x8192,256x2048", help="decode: SLOTSxMAX_LEN of each step")
     p.add_argument("--json", default=None, help="also write every row to this file")
     args = p.parse_args()
+    impls = (args.impls or (",".join(IMPLS) if args.what == "moe" else "auto")).split(",")
     base = {"topology": args.topology, "mesh": args.mesh}
     rows = []
     where = "zaya plan's serving mesh" if args.what == "decode" else f"{args.topology}, mesh {args.mesh}"
@@ -130,7 +133,7 @@ def main() -> None:
     print(f"{'program':<34} {'impl/choice':<12} {'TFLOP':>10} {'GB acc':>9} {'est ms':>9} {'temps GiB':>9}", flush=True)
     if args.what == "moe":
         for tokens in map(int, args.tokens.split(",")):
-            for impl in args.impls.split(","):
+            for impl in impls:
                 if tokens <= 64:
                     spec = {**base, "what": "decode", "impl": impl, "slots": tokens, "max_len": 1024}
                     name = f"decode step, {tokens} slots x 1024"
@@ -143,18 +146,18 @@ def main() -> None:
                 print(f"{name:<34} {impl:<12} {_fmt(r)}", flush=True)
     elif args.what == "decode":
         for topology in args.topologies.split(","):
-            for shape in args.shapes.split(","):
+            for shape, impl in itertools.product(args.shapes.split(","), impls):
                 slots, max_len = map(int, shape.split("x"))
-                spec = {"topology": topology, "mesh": None, "what": "decode", "impl": "auto", "slots": slots,
+                spec = {"topology": topology, "mesh": None, "what": "decode", "impl": impl, "slots": slots,
                         "max_len": max_len}
                 r = _run(spec)
-                rows.append({"topology": topology, "slots": slots, "max_len": max_len, **r})
+                rows.append({"topology": topology, "slots": slots, "max_len": max_len, "impl": impl, **r})
                 h, fits = r.get("hbm_bytes") or {}, r.get("fits")
                 name = f"{topology} decode {slots} x {max_len}"
                 extra = "" if r.get("flops") is None else (
                     f"  fits {fits}, total {h.get('total', 0) / 2**30:.2f} GiB, {slots / r['estimate_seconds']:,.0f} "
                     f"tokens/s, bytes / minimum {r['waste']:.2f}x")
-                print(f"{name:<34} {'auto':<12} {_fmt(r)}{extra}", flush=True)
+                print(f"{name:<34} {impl:<12} {_fmt(r)}{extra}", flush=True)
     else:
         for choice in ("tpu-build", "licm", "bf16-cache", "row-blocks"):
             spec = {**base, "what": "decode", "impl": "auto", "slots": args.slots, "max_len": args.max_len,
