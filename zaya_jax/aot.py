@@ -260,7 +260,7 @@ def plan_program(program: Program, config, mesh, chip: Chip, *, with_cost: bool 
         # (layers, loop factors): the layer counts with the named loops rolled, then each loop unrolled by 2.
         variants = [(n, rolled) for n in counts] + [(counts[0], {**rolled, name: 2}) for name, _ in program.loops]
         costs = []
-        for layers, factors in variants:
+        for i, (layers, factors) in enumerate(variants):
             small = dataclasses.replace(config, num_hidden_layers=layers, layer_types=config.layer_types[:layers])
             with backend.unrolled(**factors):
                 c, s, err = compile_for(functools.partial(program.build, small), mesh)
@@ -269,7 +269,7 @@ def plan_program(program: Program, config, mesh, chip: Chip, *, with_cost: bool 
                 report.note = (report.note + "; " if report.note else "") + f"cost not measured: {err}"
                 return report
             costs.append(cost(c))
-            if not full and (layers, factors) == variants[len(counts) - 1]:
+            if not full and i == len(counts) - 1:  # the most layers, loops rolled
                 report.hbm_bytes = hbm(c)
                 report.note = (report.note + "; " if report.note else "") + f"HBM of the {layers}-layer program"
         total = costs[0].extrapolate(costs[1], counts[1] - counts[0], L - counts[1]) if len(counts) == 2 else costs[0]
