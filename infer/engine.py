@@ -284,7 +284,12 @@ class Engine:
                      prompt_logprobs: int | None = None) -> list[Request]:
         """Queues ``prompts`` as requests ``0 .. n-1`` (keyed as ``generate``'s rows); every knob is a scalar
         or one value per prompt (``logit_bias``, ``grammar``, ``logprobs`` and ``prompt_logprobs``: one for
-        all). All are validated before any is queued."""
+        all). All are validated before any is queued.
+
+        The batch is queued longest budget first (``min(max_new_tokens, max_len - prompt length)``, ties in
+        input order): a request's tokens do not depend on its slot or company, so only the order in which
+        requests finish changes, and the longest ones no longer start last and run on in a nearly empty
+        pool (bench-124M, 256 prompts with 8-256 new tokens: see docs/benchmarks.md)."""
         prompts = [self.check_prompt(p, f"prompt {i}") for i, p in enumerate(check_prompt_list(prompts))]
         n = len(prompts)
         knobs = check_knobs(n, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
@@ -304,10 +309,13 @@ class Engine:
                    for m in np.broadcast_to(max_new, (n,))]
         self.stop_id_row(stop_token_ids)
         keys = request_keys(seed, np.arange(n))
-        return [self.submit(p, max_new_tokens=max_new[i], stop_token_ids=stop_token_ids, key=keys[i],
-                            on_update=on_update, presence_penalty=presence[i], frequency_penalty=frequency[i],
-                            logit_bias=logit_bias, grammar=grammar, **reports, **{k: v[i] for k, v in knobs.items()})
-                for i, p in enumerate(prompts)]
+        budget = [min(m, self.max_len - len(p)) for m, p in zip(max_new, prompts)]
+        requests = {i: self.submit(prompts[i], max_new_tokens=max_new[i], stop_token_ids=stop_token_ids, key=keys[i],
+                                   on_update=on_update, presence_penalty=presence[i], frequency_penalty=frequency[i],
+                                   logit_bias=logit_bias, grammar=grammar, **reports,
+                                   **{k: v[i] for k, v in knobs.items()})
+                    for i in sorted(range(n), key=lambda i: -budget[i])}
+        return [requests[i] for i in range(n)]
 
     def stream(self, prompts, **kwargs) -> Iterator[tuple[int, list[int], str]]:
         """Yields ``(index, tokens, stop_reason)`` for each prompt as it finishes; arguments as

@@ -114,7 +114,7 @@ def test_non_finite_logits_stop_the_row_without_tokens(params):
 
 
 def test_stream_yields_as_requests_finish_and_cancels_the_rest(params):
-    engine = Engine(params, CONFIG, slots=2, max_len=MAX_LEN, decode_steps=4)
+    engine = Engine(params, CONFIG, slots=4, max_len=MAX_LEN, decode_steps=4)
     prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
     seen = list(engine.stream(prompts, max_new_tokens=[40, 3, 20, 6], stop_token_ids=[]))
     assert sorted(i for i, _, _ in seen) == [0, 1, 2, 3] and seen[0][0] == 1  # the 3-token request ends first
@@ -125,6 +125,17 @@ def test_stream_yields_as_requests_finish_and_cancels_the_rest(params):
     request = engine.submit([1, 2], max_new_tokens=5)
     engine.cancel(request)
     assert request.stop_reason == "cancelled" and not engine.busy
+
+
+def test_a_batch_is_admitted_longest_budget_first(params):
+    """One slot, so requests finish in the order they are admitted: by budget, max_new_tokens or the room the
+    cache leaves after the prompt (request 2: min(40, 64 - 50) = 14), ties in input order."""
+    engine = Engine(params, CONFIG, slots=1, max_len=64, decode_steps=4)
+    prompts = [[1, 2, 3], [4, 5], [6] * 50, [7, 8]]
+    seen = list(engine.stream(prompts, max_new_tokens=[5, 9, 40, 5], stop_token_ids=[]))
+    assert [i for i, _, _ in seen] == [2, 1, 0, 3]
+    assert {i: (len(t), reason) for i, t, reason in seen} == {
+        0: (5, "max_new_tokens"), 1: (9, "max_new_tokens"), 2: (14, "cache_full"), 3: (5, "max_new_tokens")}
 
 
 def test_cancel_and_callbacks_touch_only_their_own_request(params):
