@@ -2,17 +2,16 @@
 max_len, the prefix cache's time to first token, memory against workload size, and Markov RSA over
 many problems.
 
-    python bench/engine_bench.py throughput [--repeats 3] [--prompts 256] [--slots 64]  # bench-124M float32
+    python bench/engine_bench.py throughput [--repeats 3] [--prompts 256] [--slots 16]  # bench-124M float32
     python bench/engine_bench.py sweep [--repeats 3]        # the same engine at max_len 512 .. 8192
     python bench/engine_bench.py ttft [--repeats 3]         # a 1,024-token prefix cached vs not
     python bench/engine_bench.py rss                         # peak RSS, 1,000 vs 10,000 prompts (demo model)
     python bench/engine_bench.py rsa [--slots 128]           # Markov RSA, 64 demo problems, N=16, T=2
 
 throughput: prompts of 16-128 tokens, max_new_tokens uniform in 8..256 (no stop tokens), on the engine
-with 16 slots (``--slots``: another count; 64 is the engine's default) and the default max_len (the
-context, 8,192) against ``generate`` over consecutive chunks of 16 (static batches: a chunk runs until its
-longest request ends; ``generate`` fits max_len to the chunk). New tokens/s as medians over repeats after
-a warm-up, and slot utilisation = real new tokens / (slots x decode steps run). sweep: 32 prompts of
+with its defaults (64 slots; ``--slots``: another count; max_len the context, 8,192) against ``generate``
+over consecutive chunks of 16 (static batches: a chunk runs until its longest request ends; ``generate``
+fits max_len to the chunk). New tokens/s as medians over repeats after a warm-up, and slot utilisation = real new tokens / (slots x decode steps run). sweep: 32 prompts of
 16-128 tokens, 8-128 new tokens, 16 slots, the same workload at each max_len, runs alternating; new tokens per second of wall time and per CPU second of
 the process, each relative to max_len 512. ttft: one request of a 1,024-token prefix and 32 tokens of
 its own, max_new_tokens 1, on an engine whose prefix cache holds the prefix (an earlier request's)
@@ -47,7 +46,7 @@ def bench_model(context: int = 8192):
     return config, zaya_jax.init(config, jax.random.key(0))
 
 
-def throughput(repeats: int, count: int, engine_slots: int) -> None:
+def throughput(repeats: int, count: int, engine_slots: int | None) -> None:
     from zaya_jax.infer import Engine, generate
 
     config, params = bench_model()
@@ -57,9 +56,9 @@ def throughput(repeats: int, count: int, engine_slots: int) -> None:
     slots = 16
 
     def engine_run():
-        engine = Engine(params, config, slots=engine_slots)
+        engine = Engine(params, config, **({} if engine_slots is None else {"slots": engine_slots}))
         out = engine.generate(prompts, max_new_tokens=max_new)
-        return out, engine.stats()["slot_utilisation"]
+        return out, engine.stats()["slot_utilisation"], engine.slots
 
     def static_run():
         tokens, steps = [], 0
@@ -70,7 +69,7 @@ def throughput(repeats: int, count: int, engine_slots: int) -> None:
         useful = sum(len(t) - 1 for t in tokens)
         return tokens, useful / (slots * steps)
 
-    engine_out, engine_util = engine_run()  # warm-up: compiles
+    engine_out, engine_util, pool_slots = engine_run()  # warm-up: compiles
     static_tokens, static_util = static_run()
     agree = np.mean([a == b for a, b in zip(engine_out.tokens, static_tokens)])
     total = sum(len(t) for t in static_tokens)
@@ -82,12 +81,12 @@ def throughput(repeats: int, count: int, engine_slots: int) -> None:
             rates[name].append(total / (time.perf_counter() - t))
     engine_rate, static_rate = statistics.median(rates["engine"]), statistics.median(rates["static"])
     print(f"bench-124M float32, {count} prompts (16-128 tokens), max_new_tokens 8..256, chunks of {slots}, "
-          f"engine {engine_slots} slots, max_len {config.max_position_embeddings}, {jax.device_count()} device(s), "
+          f"engine {pool_slots} slots, max_len {config.max_position_embeddings}, {jax.device_count()} device(s), "
           f"median of {repeats}")
     print("| | new tokens/s | slot utilisation |")
     print("| --- | ---: | ---: |")
     print(f"| generate, static chunks of {slots} | {static_rate:,.0f} | {static_util:.0%} |")
-    print(f"| Engine, {engine_slots} slots, default max_len | {engine_rate:,.0f} | {engine_util:.0%} |")
+    print(f"| Engine, {pool_slots} slots, default max_len | {engine_rate:,.0f} | {engine_util:.0%} |")
     print(f"| ratio | {engine_rate / static_rate:.2f}x | |")
     print(f"requests whose greedy tokens are identical in both: {agree:.0%}")
 
@@ -248,12 +247,12 @@ def main() -> None:
     parser.add_argument("part", choices=("throughput", "sweep", "ttft", "rss", "rsa"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--slots", type=int, default=None,
-                        help="engine slots (throughput: default 16; rsa: default not passed)")
+                        help="engine slots (default: the engine's own, 64; rsa: not passed)")
     parser.add_argument("--problems", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=256, help="throughput: prompts")
     args = parser.parse_args()
     if args.part == "throughput":
-        throughput(args.repeats, args.prompts, args.slots or 16)
+        throughput(args.repeats, args.prompts, args.slots)
     elif args.part == "sweep":
         sweep(args.repeats)
     elif args.part == "ttft":
