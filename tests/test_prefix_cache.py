@@ -89,11 +89,11 @@ def test_stats_count_what_the_engine_did():
     params = zaya_jax.init(config, jax.random.key(4))
     engine = Engine(params, config, slots=2, max_len=64, decode_steps=4, prefix_cache=False)
     prompts = [[3, 4, 5]] * 2 + [[7] * 10]
-    out = engine.generate(prompts, max_new_tokens=[6, 6, 9], stop_token_ids=[])
+    out = engine.generate(prompts, max_new_tokens=[9, 9, 6], stop_token_ids=[])  # longest first: input order
     stats = engine.stats()
     assert stats["requests"] == 3 and stats["prompt_tokens"] == 16
     assert stats["prefill_tokens"] == 13 and stats["prefill_rows"] == 2  # the repeated prompt is prefilled once
     assert stats["decode_tokens"] == sum(len(t) for t in out.tokens) - 3  # each first token comes from its prefill
-    # Two requests run steps 1-5 together; the third then runs 8 steps (at least) with one slot busy.
+    # The two repeated prompts run steps 1-8 together; the third then runs 5 steps with one slot busy.
     assert stats["decode_steps"] == 13
     assert stats["slot_utilisation"] == stats["decode_tokens"] / (2 * stats["decode_steps"])
