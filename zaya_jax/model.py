@@ -526,12 +526,13 @@ def head_logits(h: Array, head, tied: bool) -> Array:
     """Logits ``[..., V]`` float32 of final hidden states ``h [..., D]`` (in the compute dtype). ``head``: the
     embedding ``[V, D]`` when ``tied``, else the LM head ``[D, V]``; float or quantized.
 
-    A quantized embedding on CPU is read in blocks of its rows (``narrow.blocked_matmul_t``): a whole
-    dequantized copy would be written and read back at every step. Under a mesh the vocabulary is split
-    and the plain product runs.
+    A quantized head on CPU is read in blocks of the vocabulary (``narrow.blocked_logits``): whole, XLA:CPU
+    writes a float32 copy of it and reads it back at every call (ZAYA1-8B's int8 embedding at 4-64 decode
+    rows: 0.43-0.67 s whole, 0.11-0.46 s in blocks; bench/head_bench.py). A bfloat16 head keeps XLA:CPU's
+    own dot, faster than the blocks there. Under a mesh the vocabulary is split and the plain product runs.
     """
-    if quant.is_quantized(head) and tied and backend.platform() == "cpu" and active_mesh() is None:
-        return narrow.blocked_matmul_t(h, head)
+    if quant.is_quantized(head) and backend.platform() == "cpu" and active_mesh() is None:
+        return narrow.blocked_logits(h, head, tied)
     w = head.T if tied else head
     return quant.matmul(h, quant.astype(w, h.dtype), preferred_element_type=jnp.float32)
 

@@ -5,7 +5,8 @@ step), writing the float32 copy of a whole weight costs more than the dot's own 
 weight in row blocks of at most ``CONVERT_BLOCK_BYTES`` float32 bytes instead keeps each converted block
 in cache (ZAYA1-8B's experts: 3.2x faster per expert at batch 1; docs/benchmarks.md). Products are
 accumulated in float32. Quantized weights (``zaya_jax.quant``) are read the same way: each block's integers
-are converted in cache, per-channel scales multiply the sum, grouped scales each block's rows.
+are converted in cache, per-channel scales multiply the sum, grouped scales each block's rows. The LM head
+is read in blocks of its vocabulary (``blocked_logits``), each giving a block of the logits.
 """
 
 from __future__ import annotations
@@ -25,13 +26,19 @@ def use_blocks(weights, rows: int) -> bool:
     return weights.dtype.itemsize < 4 and rows <= MAX_ROWS and backend.platform() == "cpu"
 
 
+def fitting_rows(cols: int) -> int:
+    """The most rows of ``cols`` columns, a power of two, whose float32 block fits ``CONVERT_BLOCK_BYTES``
+    (at least 1)."""
+    rows = 1
+    while 2 * rows * cols * 4 <= CONVERT_BLOCK_BYTES:
+        rows *= 2
+    return rows
+
+
 def row_block(rows: int, cols: int) -> int:
     """Rows per block of a ``[rows, cols]`` weight: the largest power of two dividing ``rows`` whose float32
     block fits ``CONVERT_BLOCK_BYTES`` (at least 1)."""
-    block = rows & -rows
-    while block > 1 and block * cols * 4 > CONVERT_BLOCK_BYTES:
-        block //= 2
-    return block
+    return min(rows & -rows, fitting_rows(cols))
 
 
 def _block_scales(scales, lead: tuple, start, block: int, rows: int):
@@ -75,16 +82,29 @@ def blocked_matmul(x, weights, lead: tuple = ()):
     return y
 
 
-def blocked_matmul_t(x, weights):
-    """``x [..., K] @ weights.T -> [..., N]`` float32 for a quantized ``weights [N, K]`` (the tied LM head:
-    the embedding), reading ``weights`` in blocks of its rows, each giving a block of the output columns."""
-    N, K = weights.shape
-    block = row_block(N, K)
-    xf = x.astype(jnp.float32)
+def blocked_logits(x, head, tied: bool):
+    """``x [..., K] @ head -> [..., V]`` float32 for a quantized LM head: the embedding ``[V, K]`` when ``tied``,
+    else ``[K, V]``, read in blocks of the vocabulary, each giving a block of the output columns.
+
+    The blocks need not divide ``V``: the entries past the last whole block are one shorter block. (ZAYA1-8B's
+    vocabulary, 262,272 = 2^7 x 2,049, would otherwise be read 128 entries at a time, and the loop's own
+    cost per block would outweigh the products.)
+    """
+    axis = 0 if tied else 1
+    V, K = head.shape[axis], head.shape[1 - axis]
+    block = min(V, fitting_rows(K))
+    whole, rest = divmod(V, block)
+    # A 2-D product: XLA:CPU runs ``[1, 1, K]`` against a block 2.5x slower than ``[1, K]``.
+    xf = x.astype(jnp.float32).reshape(-1, K)
+
+    def product(start, size):
+        part = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis), head)
+        return jnp.einsum("rk,vk->rv" if tied else "rk,kv->rv", xf, quant.dequantize(part, jnp.float32))
 
     def one_block(i, out):
-        rows = weights.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i * block, block))
-        y = jnp.einsum("...k,nk->...n", xf, quant.dequantize(rows, jnp.float32))
-        return jax.lax.dynamic_update_slice_in_dim(out, y, i * block, axis=out.ndim - 1)
+        return jax.lax.dynamic_update_slice_in_dim(out, product(i * block, block), i * block, axis=1)
 
-    return jax.lax.fori_loop(0, N // block, one_block, jnp.zeros((*x.shape[:-1], N), jnp.float32))
+    out = jax.lax.fori_loop(0, whole, one_block, jnp.zeros((xf.shape[0], V), jnp.float32))
+    if rest:
+        out = out.at[:, whole * block :].set(product(whole * block, rest))
+    return out.reshape(*x.shape[:-1], V)
