@@ -86,7 +86,7 @@ def test_shipped_model_matches_transformers():
     config, params = zaya_jax.load(DEFAULT_MODEL_DIR)
     ref = transformers.ZayaForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).eval()
     with torch.no_grad():  # from_pretrained resets the skip-route bias; put the stored values back
-        for layer, biases in zip(ref.model.layers, np.asarray(params["layers"]["router"]["balancing_biases"])):
+        for layer, biases in zip(ref.model.layers, np.array(params["layers"]["router"]["balancing_biases"])):
             layer.mlp.gate.balancing_biases.copy_(torch.as_tensor(biases))
     ids = np.array([[2, 3, 20, 21, 9, 22, 23, 4], [2, 3, 24, 19, 9, 20, 20, 4]])
     with torch.no_grad():
