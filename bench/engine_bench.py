@@ -12,8 +12,9 @@ throughput: prompts of 16-128 tokens, max_new_tokens uniform in 8..256 (no stop 
 with its defaults (64 slots; ``--slots``: another count; max_len the context, 8,192) against ``generate``
 over consecutive chunks of 16 (static batches: a chunk runs until its longest request ends; ``generate``
 fits max_len to the chunk). New tokens/s as medians over repeats after a warm-up, and slot utilisation =
-real new tokens / (slots x decode steps run). sweep: 32 prompts of 16-128 tokens, 8-128 new tokens, 16 slots, the same workload at each max_len, runs alternating; new tokens per second of wall time and per CPU second of
-the process, each relative to max_len 512. ttft: one request of a 1,024-token prefix and 32 tokens of
+real new tokens / (slots x decode steps run). sweep: 32 prompts of 16-128 tokens, 8-128 new tokens,
+16 slots, the same workload at each max_len, runs alternating; new tokens per second of wall time and
+per CPU second of the process, each relative to max_len 512. ttft: one request of a 1,024-token prefix and 32 tokens of
 its own, max_new_tokens 1, on an engine whose prefix cache holds the prefix (an earlier request's)
 against one without a prefix cache; runs alternate. rss: ``zaya generate --prompts-file`` in a fresh
 process per size, peak RSS (VmHWM). rsa: generated tokens/s and accuracy with the prefix cache on and

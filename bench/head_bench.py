@@ -5,7 +5,7 @@
 Logits of ``rows`` final hidden states (bfloat16) against ZAYA1-8B's tied embedding ``[vocab, hidden]``,
 bfloat16 or int8 (per-row scales), compiled as the inference programs are (``INFERENCE_COMPILER_OPTIONS``):
 
-- ``whole``:  one dot against the whole weight (``quant.matmul``: XLA:CPU converts it to float32 first);
+- ``whole``:  one dot against the whole weight (``model.whole_head_logits``: XLA:CPU converts it to float32 first);
 - ``blocks``: ``narrow.blocked_logits``, the weight read in blocks of 1,024 vocabulary entries, each
   converted in cache (what ``model.head_logits`` runs on CPU for a quantized head; a bf16 head keeps
   ``whole``).
@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from zaya_jax import narrow, quant
-from zaya_jax.model import INFERENCE_COMPILER_OPTIONS
+from zaya_jax.model import INFERENCE_COMPILER_OPTIONS, whole_head_logits
 
 
 def whole(h, head):
-    return quant.matmul(h, quant.astype(head.T, h.dtype), preferred_element_type=jnp.float32)
+    return whole_head_logits(h, head, True)
 
 
 def blocks(h, head):

@@ -533,6 +533,12 @@ def head_logits(h: Array, head, tied: bool) -> Array:
     """
     if quant.is_quantized(head) and backend.platform() == "cpu" and active_mesh() is None:
         return narrow.blocked_logits(h, head, tied)
+    return whole_head_logits(h, head, tied)
+
+
+def whole_head_logits(h: Array, head, tied: bool) -> Array:
+    """``head_logits`` as one product against the whole head (what runs off CPU, under a mesh, and for a
+    float head)."""
     w = head.T if tied else head
     return quant.matmul(h, quant.astype(w, h.dtype), preferred_element_type=jnp.float32)
 
